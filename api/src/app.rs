@@ -1,0 +1,320 @@
+//! Start-up: turns [`Settings`] into a running gateway (zero2prod's `Application::build`).
+//! In dev mode it also generates keys, starts the sandbox in-process and seeds demo data.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::auth::TokenVerifier;
+use crate::config::{Mode, Settings};
+use crate::crypto::SecretBox;
+use crate::domain::integrations::{IntegrationService, IntegrationSettings};
+use crate::events::EventBus;
+use crate::graphql::{Limits, Services, build_schema};
+use crate::http::{CorsPolicy, HttpState, router};
+use crate::providers::{ProviderEndpoints, Providers};
+use crate::store::Store;
+use crate::{dev, workers};
+
+/// A built gateway, bound to its port, not yet serving.
+pub struct App {
+    listener: TcpListener,
+    router: axum::Router,
+    store: Store,
+    shutdown: watch::Sender<bool>,
+    workers: Vec<tokio::task::JoinHandle<()>>,
+    sandbox: Option<smd_sandbox::SandboxHandle>,
+    banner: Option<String>,
+}
+
+impl App {
+    /// Validates settings, opens and migrates the database, wires services, binds the port.
+    pub async fn build(mut settings: Settings) -> anyhow::Result<Self> {
+        crate::install_crypto_provider();
+        settings.validate()?;
+        let mut sandbox = None;
+        let mut dev_keys = None;
+        if settings.mode == Mode::Dev {
+            let keys = dev::ensure_dev_keys(&settings.data_dir)?;
+            let jwt = &mut settings.jwt;
+            if jwt.hs256_secret.is_none()
+                && jwt.public_key_files.is_empty()
+                && jwt.jwks_file.is_none()
+            {
+                jwt.hs256_secret = Some(keys.signing_secret.clone());
+            }
+            jwt.issuer.get_or_insert_with(|| dev::DEV_ISSUER.to_owned());
+            jwt.audience
+                .get_or_insert_with(|| dev::DEV_AUDIENCE.to_owned());
+            settings
+                .encryption_key
+                .get_or_insert_with(|| keys.encryption_key.clone());
+            if settings.providers.argus_base_url.is_none()
+                || settings.providers.referralnet_base_url.is_none()
+            {
+                let handle = smd_sandbox::spawn(settings.sandbox_listen, smd_sandbox::SandboxConfig::default())
+                    .await
+                    .map_err(|error| {
+                        anyhow::anyhow!(
+                            "cannot start the embedded sandbox on {}: {error} (set SMD_SANDBOX_LISTEN to a free address)",
+                            settings.sandbox_listen
+                        )
+                    })?;
+                settings
+                    .providers
+                    .argus_base_url
+                    .get_or_insert_with(|| handle.base_url());
+                settings
+                    .providers
+                    .referralnet_base_url
+                    .get_or_insert_with(|| handle.base_url());
+                sandbox = Some(handle);
+            }
+            dev_keys = Some(keys);
+        }
+
+        let database_url = settings.effective_database_url();
+        let store = Store::connect(&database_url).await.map_err(|error| {
+            anyhow::anyhow!(
+                "cannot open the database ({}): {error:?}",
+                redact_url(&database_url)
+            )
+        })?;
+        store
+            .migrate()
+            .await
+            .map_err(|error| anyhow::anyhow!("migrations failed: {error:?}"))?;
+
+        let secrets =
+            SecretBox::from_base64_key(settings.encryption_key.as_deref().unwrap_or_default())
+                .map_err(|error| anyhow::anyhow!("SMD_ENCRYPTION_KEY: {error}"))?;
+        let verifier = Arc::new(TokenVerifier::from_settings(&settings.jwt)?);
+        let providers = Providers::http(&ProviderEndpoints {
+            argus_base_url: settings
+                .providers
+                .argus_base_url
+                .clone()
+                .unwrap_or_default(),
+            referralnet_base_url: settings
+                .providers
+                .referralnet_base_url
+                .clone()
+                .unwrap_or_default(),
+            request_timeout: Duration::from_millis(settings.providers.timeout_ms),
+        })?;
+        let events = EventBus::new();
+        let poll_interval = settings.approval_poll_interval();
+        let integrations = IntegrationService::new(
+            store.clone(),
+            providers,
+            secrets,
+            events.clone(),
+            IntegrationSettings {
+                approval_poll_interval: poll_interval,
+                approval_poll_max_backoff: Duration::from_secs(30 * 60).max(poll_interval),
+                validate_login_per_minute: settings.validate_login_per_minute,
+            },
+        );
+        let schema = build_schema(
+            Services {
+                integrations: integrations.clone(),
+                store: store.clone(),
+                events,
+                subscription_refresh: poll_interval
+                    .max(Duration::from_secs(1))
+                    .min(Duration::from_secs(10)),
+            },
+            Limits {
+                max_depth: settings.graphql.max_depth,
+                max_complexity: settings.graphql.max_complexity,
+                introspection: settings.introspection_enabled(),
+            },
+        );
+
+        let (shutdown, shutdown_receiver) = watch::channel(false);
+        let workers = vec![workers::spawn_approval_watcher(
+            integrations,
+            poll_interval,
+            shutdown_receiver,
+        )];
+
+        let listener = TcpListener::bind(settings.listen).await.map_err(|error| {
+            anyhow::anyhow!(
+                "cannot listen on {}: {error} (set SMD_LISTEN to a free address)",
+                settings.listen
+            )
+        })?;
+        let address = listener.local_addr()?;
+
+        let mut banner = None;
+        if let Some(keys) = dev_keys {
+            if settings.seed_demo_data {
+                dev::seed_demo_practice(&store).await?;
+            }
+            if settings.print_banner {
+                let sandbox_url = sandbox.as_ref().map_or_else(
+                    || {
+                        settings
+                            .providers
+                            .argus_base_url
+                            .clone()
+                            .unwrap_or_default()
+                    },
+                    smd_sandbox::SandboxHandle::base_url,
+                );
+                let database = if database_url.starts_with("sqlite:") {
+                    database_url.clone()
+                } else {
+                    redact_url(&database_url)
+                };
+                banner = Some(dev::banner(
+                    &keys,
+                    &format!("http://{address}/graphql"),
+                    &sandbox_url,
+                    &database,
+                )?);
+            }
+        }
+
+        let cors = if settings.cors_allowed_origins.is_empty() && settings.mode == Mode::Dev {
+            CorsPolicy::Localhost
+        } else {
+            CorsPolicy::List(settings.cors_allowed_origins.clone())
+        };
+        let router = router(
+            HttpState {
+                schema,
+                verifier,
+                store: store.clone(),
+                playground: settings.playground_enabled(),
+                max_aliases: settings.graphql.max_aliases,
+            },
+            cors,
+            settings.graphql.max_body_bytes,
+        );
+        Ok(Self {
+            listener,
+            router,
+            store,
+            shutdown,
+            workers,
+            sandbox,
+            banner,
+        })
+    }
+
+    /// The port the gateway listens on (useful with port 0).
+    pub fn port(&self) -> u16 {
+        self.address().port()
+    }
+
+    /// The address the gateway listens on.
+    pub fn address(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// The embedded sandbox's URL, in dev mode.
+    pub fn sandbox_url(&self) -> Option<String> {
+        self.sandbox
+            .as_ref()
+            .map(smd_sandbox::SandboxHandle::base_url)
+    }
+
+    /// The dev-mode banner (URLs, demo credentials, tokens).
+    pub fn banner(&self) -> Option<&str> {
+        self.banner.as_deref()
+    }
+
+    /// A handle on the database (tests inspect what was stored).
+    pub fn store(&self) -> Store {
+        self.store.clone()
+    }
+
+    /// Serves until Ctrl-C / SIGTERM, then stops workers and the sandbox.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        self.run_until(shutdown_signal()).await
+    }
+
+    /// Serves until `stop` completes.
+    pub async fn run_until(
+        self,
+        stop: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let Self {
+            listener,
+            router,
+            store: _,
+            shutdown,
+            workers,
+            sandbox,
+            banner: _,
+        } = self;
+        axum::serve(listener, router)
+            .with_graceful_shutdown(stop)
+            .await?;
+        let _ = shutdown.send(true);
+        for worker in workers {
+            let _ = worker.await;
+        }
+        if let Some(sandbox) = sandbox {
+            sandbox.shutdown().await;
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+}
+
+/// Hides a password in a database URL before it is printed.
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let credentials = &url[scheme_end + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn database_passwords_are_hidden_in_messages() {
+        assert_eq!(
+            super::redact_url("postgres://app:s3cret@db:5432/smd"),
+            "postgres://app:***@db:5432/smd"
+        );
+        assert_eq!(
+            super::redact_url("sqlite://./data/x.db"),
+            "sqlite://./data/x.db"
+        );
+    }
+}

@@ -1,0 +1,498 @@
+//! Typed settings: defaults, then an optional TOML file, then environment variables, then
+//! validation for the chosen mode. This is the only module that reads the environment.
+//!
+//! | variable | meaning | default |
+//! |---|---|---|
+//! | `SMD_CONFIG` | TOML file with any of the settings below | none |
+//! | `SMD_MODE` | `dev` or `production` | `dev` |
+//! | `SMD_LISTEN` | gateway address | `127.0.0.1:8080` |
+//! | `SMD_SANDBOX_LISTEN` | embedded sandbox address (dev) | `127.0.0.1:8081` |
+//! | `SMD_DATA_DIR` | dev keys and the SQLite file | `./data` |
+//! | `DATABASE_URL` | `sqlite://…` or `postgres://…` | SQLite in the data dir |
+//! | `SMD_JWT_ISSUER`, `SMD_JWT_AUDIENCE` | required `iss` / `aud` | dev: `smd-gateway-dev` / `smd-gateway` |
+//! | `SMD_JWT_HS256_SECRET` | HS256 secret, ≥ 32 bytes | dev: generated |
+//! | `SMD_JWT_PUBLIC_KEY_FILES` | comma-separated PEM files (RS256 / ES256) | none |
+//! | `SMD_JWT_JWKS_FILE` | a JWKS file | none |
+//! | `SMD_JWT_LEEWAY_SECONDS` | clock skew allowed on `exp`/`nbf` | 30 |
+//! | `SMD_ENCRYPTION_KEY` | base64 32-byte data-encryption key | dev: generated |
+//! | `SMD_ARGUS_BASE_URL`, `SMD_REFERRALNET_BASE_URL` | provider endpoints | dev: embedded sandbox |
+//! | `SMD_PROVIDER_TIMEOUT_MS` | per provider call | 10000 |
+//! | `SMD_APPROVAL_POLL_INTERVAL_MS` | registration approval checks | dev 2000, production 60000 |
+//! | `SMD_PLAYGROUND`, `SMD_INTROSPECTION` | `true`/`false` | dev on, production off |
+//! | `SMD_CORS_ALLOWED_ORIGINS` | comma-separated origins | dev: any localhost origin |
+//! | `SMD_VALIDATE_LOGIN_PER_MINUTE` | per user | 5 |
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// How the gateway runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Local development: generated keys, embedded sandbox, demo data, playground.
+    Dev,
+    /// Real deployment: everything must be configured explicitly.
+    Production,
+}
+
+/// JWT verification settings.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JwtSettings {
+    /// Required `iss`.
+    pub issuer: Option<String>,
+    /// Required `aud`.
+    pub audience: Option<String>,
+    /// HS256 shared secret (at least 32 bytes).
+    pub hs256_secret: Option<String>,
+    /// PEM public keys (RSA → RS256, EC P-256 → ES256).
+    pub public_key_files: Vec<PathBuf>,
+    /// A JWKS document on disk.
+    pub jwks_file: Option<PathBuf>,
+    /// Allowed clock skew in seconds.
+    pub leeway_seconds: u64,
+}
+
+/// Provider endpoints.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProviderSettings {
+    /// Argus base URL.
+    pub argus_base_url: Option<String>,
+    /// ReferralNet base URL.
+    pub referralnet_base_url: Option<String>,
+    /// Whole-request timeout per provider call, in milliseconds.
+    pub timeout_ms: u64,
+}
+
+impl Default for ProviderSettings {
+    fn default() -> Self {
+        Self {
+            argus_base_url: None,
+            referralnet_base_url: None,
+            timeout_ms: 10_000,
+        }
+    }
+}
+
+/// GraphQL endpoint limits and tools.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GraphqlSettings {
+    /// Serve GraphiQL on `GET /graphql` (default: dev only).
+    pub playground: Option<bool>,
+    /// Answer introspection queries (default: dev only).
+    pub introspection: Option<bool>,
+    /// Maximum selection depth.
+    pub max_depth: usize,
+    /// Maximum query complexity.
+    pub max_complexity: usize,
+    /// Maximum aliased fields in one document.
+    pub max_aliases: usize,
+    /// Maximum request body in bytes.
+    pub max_body_bytes: usize,
+}
+
+impl Default for GraphqlSettings {
+    fn default() -> Self {
+        Self {
+            playground: None,
+            introspection: None,
+            max_depth: 12,
+            max_complexity: 2000,
+            max_aliases: 30,
+            max_body_bytes: 256 * 1024,
+        }
+    }
+}
+
+/// Everything the gateway can be told.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// dev or production.
+    pub mode: Mode,
+    /// Gateway listen address.
+    pub listen: SocketAddr,
+    /// Embedded sandbox listen address (dev mode).
+    pub sandbox_listen: SocketAddr,
+    /// Where dev keys and the default SQLite file live.
+    pub data_dir: PathBuf,
+    /// Database URL; default SQLite under the data dir.
+    pub database_url: Option<String>,
+    /// Token verification.
+    pub jwt: JwtSettings,
+    /// Base64 32-byte key that encrypts provider passwords.
+    pub encryption_key: Option<String>,
+    /// Provider endpoints.
+    pub providers: ProviderSettings,
+    /// Approval checks interval, milliseconds.
+    pub approval_poll_interval_ms: Option<u64>,
+    /// GraphQL endpoint.
+    pub graphql: GraphqlSettings,
+    /// Allowed browser origins.
+    pub cors_allowed_origins: Vec<String>,
+    /// `validateLogin` calls per user per minute.
+    pub validate_login_per_minute: u32,
+    /// Seed the demo practice (dev mode).
+    pub seed_demo_data: bool,
+    /// Print the dev banner with tokens (dev mode).
+    pub print_banner: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            mode: Mode::Dev,
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            sandbox_listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
+            data_dir: PathBuf::from("./data"),
+            database_url: None,
+            jwt: JwtSettings {
+                leeway_seconds: 30,
+                ..JwtSettings::default()
+            },
+            encryption_key: None,
+            providers: ProviderSettings::default(),
+            approval_poll_interval_ms: None,
+            graphql: GraphqlSettings::default(),
+            cors_allowed_origins: Vec::new(),
+            validate_login_per_minute: 5,
+            seed_demo_data: true,
+            print_banner: true,
+        }
+    }
+}
+
+/// A setting that could not be used; the message says which and how to fix it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+impl Settings {
+    /// Defaults, then the file named by `config_file` or `SMD_CONFIG`, then the environment.
+    pub fn load(config_file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_from(config_file, |name| std::env::var(name).ok())
+    }
+
+    /// Like [`Settings::load`], reading variables through `lookup` (tests pass a map).
+    pub fn load_from(
+        config_file: Option<&Path>,
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let file = config_file
+            .map(Path::to_path_buf)
+            .or_else(|| lookup("SMD_CONFIG").map(PathBuf::from));
+        let mut settings = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(&path).map_err(|error| {
+                    ConfigError(format!(
+                        "cannot read config file {}: {error}",
+                        path.display()
+                    ))
+                })?;
+                toml::from_str(&text).map_err(|error| {
+                    ConfigError(format!(
+                        "config file {} is invalid: {error}",
+                        path.display()
+                    ))
+                })?
+            }
+            None => Settings::default(),
+        };
+        settings.apply_environment(&lookup)?;
+        Ok(settings)
+    }
+
+    fn apply_environment(
+        &mut self,
+        lookup: &impl Fn(&str) -> Option<String>,
+    ) -> Result<(), ConfigError> {
+        let get = |name: &str| {
+            lookup(name)
+                .map(|value| value.trim().to_owned())
+                .filter(|value| !value.is_empty())
+        };
+        if let Some(mode) = get("SMD_MODE") {
+            self.mode = match mode.as_str() {
+                "dev" => Mode::Dev,
+                "production" => Mode::Production,
+                other => {
+                    return Err(ConfigError(format!(
+                        "SMD_MODE must be dev or production, not {other:?}"
+                    )));
+                }
+            };
+        }
+        if let Some(listen) = get("SMD_LISTEN") {
+            self.listen = parse_addr("SMD_LISTEN", &listen)?;
+        }
+        if let Some(listen) = get("SMD_SANDBOX_LISTEN") {
+            self.sandbox_listen = parse_addr("SMD_SANDBOX_LISTEN", &listen)?;
+        }
+        if let Some(dir) = get("SMD_DATA_DIR") {
+            self.data_dir = PathBuf::from(dir);
+        }
+        if let Some(url) = get("DATABASE_URL") {
+            self.database_url = Some(url);
+        }
+        set_opt(&mut self.jwt.issuer, get("SMD_JWT_ISSUER"));
+        set_opt(&mut self.jwt.audience, get("SMD_JWT_AUDIENCE"));
+        set_opt(&mut self.jwt.hs256_secret, get("SMD_JWT_HS256_SECRET"));
+        if let Some(files) = get("SMD_JWT_PUBLIC_KEY_FILES") {
+            self.jwt.public_key_files = split_list(&files).map(PathBuf::from).collect();
+        }
+        if let Some(file) = get("SMD_JWT_JWKS_FILE") {
+            self.jwt.jwks_file = Some(PathBuf::from(file));
+        }
+        if let Some(leeway) = get("SMD_JWT_LEEWAY_SECONDS") {
+            self.jwt.leeway_seconds = parse_number("SMD_JWT_LEEWAY_SECONDS", &leeway)?;
+        }
+        set_opt(&mut self.encryption_key, get("SMD_ENCRYPTION_KEY"));
+        set_opt(
+            &mut self.providers.argus_base_url,
+            get("SMD_ARGUS_BASE_URL"),
+        );
+        set_opt(
+            &mut self.providers.referralnet_base_url,
+            get("SMD_REFERRALNET_BASE_URL"),
+        );
+        if let Some(timeout) = get("SMD_PROVIDER_TIMEOUT_MS") {
+            self.providers.timeout_ms = parse_number("SMD_PROVIDER_TIMEOUT_MS", &timeout)?;
+        }
+        if let Some(interval) = get("SMD_APPROVAL_POLL_INTERVAL_MS") {
+            self.approval_poll_interval_ms =
+                Some(parse_number("SMD_APPROVAL_POLL_INTERVAL_MS", &interval)?);
+        }
+        if let Some(flag) = get("SMD_PLAYGROUND") {
+            self.graphql.playground = Some(parse_bool("SMD_PLAYGROUND", &flag)?);
+        }
+        if let Some(flag) = get("SMD_INTROSPECTION") {
+            self.graphql.introspection = Some(parse_bool("SMD_INTROSPECTION", &flag)?);
+        }
+        if let Some(origins) = get("SMD_CORS_ALLOWED_ORIGINS") {
+            self.cors_allowed_origins = split_list(&origins).map(str::to_owned).collect();
+        }
+        if let Some(limit) = get("SMD_VALIDATE_LOGIN_PER_MINUTE") {
+            self.validate_login_per_minute = parse_number("SMD_VALIDATE_LOGIN_PER_MINUTE", &limit)?;
+        }
+        Ok(())
+    }
+
+    /// Checks what the mode requires. Production refuses to start with anything missing, and
+    /// says everything that is missing at once.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        if self.mode == Mode::Production {
+            let has_key = self.jwt.hs256_secret.is_some()
+                || !self.jwt.public_key_files.is_empty()
+                || self.jwt.jwks_file.is_some();
+            if !has_key {
+                problems.push("a JWT verification key (SMD_JWT_PUBLIC_KEY_FILES, SMD_JWT_JWKS_FILE or SMD_JWT_HS256_SECRET)");
+            }
+            if self.jwt.issuer.is_none() {
+                problems.push("the JWT issuer (SMD_JWT_ISSUER)");
+            }
+            if self.jwt.audience.is_none() {
+                problems.push("the JWT audience (SMD_JWT_AUDIENCE)");
+            }
+            if self.encryption_key.is_none() {
+                problems.push(
+                    "the data-encryption key (SMD_ENCRYPTION_KEY, base64 of 32 random bytes)",
+                );
+            }
+            if self.providers.argus_base_url.is_none() {
+                problems.push("the Argus base URL (SMD_ARGUS_BASE_URL)");
+            }
+            if self.providers.referralnet_base_url.is_none() {
+                problems.push("the ReferralNet base URL (SMD_REFERRALNET_BASE_URL)");
+            }
+        }
+        if !problems.is_empty() {
+            return Err(ConfigError(format!(
+                "production mode needs explicit settings; missing: {}",
+                problems.join("; ")
+            )));
+        }
+        if let Some(secret) = &self.jwt.hs256_secret
+            && secret.len() < 32
+        {
+            return Err(ConfigError(
+                "SMD_JWT_HS256_SECRET must be at least 32 bytes".into(),
+            ));
+        }
+        for url in [
+            &self.providers.argus_base_url,
+            &self.providers.referralnet_base_url,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(ConfigError(format!(
+                    "provider base URL {url:?} must start with http:// or https://"
+                )));
+            }
+        }
+        if self.providers.timeout_ms == 0 {
+            return Err(ConfigError(
+                "SMD_PROVIDER_TIMEOUT_MS must be more than 0".into(),
+            ));
+        }
+        if self.approval_poll_interval_ms == Some(0) {
+            return Err(ConfigError(
+                "SMD_APPROVAL_POLL_INTERVAL_MS must be more than 0".into(),
+            ));
+        }
+        if self.validate_login_per_minute == 0 {
+            return Err(ConfigError(
+                "SMD_VALIDATE_LOGIN_PER_MINUTE must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether GraphiQL is served.
+    pub fn playground_enabled(&self) -> bool {
+        self.graphql.playground.unwrap_or(self.mode == Mode::Dev)
+    }
+
+    /// Whether introspection is answered.
+    pub fn introspection_enabled(&self) -> bool {
+        self.graphql.introspection.unwrap_or(self.mode == Mode::Dev)
+    }
+
+    /// The approval watcher's interval.
+    pub fn approval_poll_interval(&self) -> std::time::Duration {
+        let default = if self.mode == Mode::Dev {
+            2_000
+        } else {
+            60_000
+        };
+        std::time::Duration::from_millis(self.approval_poll_interval_ms.unwrap_or(default))
+    }
+
+    /// The database URL in effect.
+    pub fn effective_database_url(&self) -> String {
+        self.database_url.clone().unwrap_or_else(|| {
+            format!(
+                "sqlite://{}?mode=rwc",
+                self.data_dir.join("smd-gateway.db").display()
+            )
+        })
+    }
+}
+
+fn set_opt(target: &mut Option<String>, value: Option<String>) {
+    if value.is_some() {
+        *target = value;
+    }
+}
+
+fn split_list(value: &str) -> impl Iterator<Item = &str> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+}
+
+fn parse_addr(name: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value.parse().map_err(|_| {
+        ConfigError(format!(
+            "{name} must be an address like 127.0.0.1:8080, not {value:?}"
+        ))
+    })
+}
+
+fn parse_number<T: std::str::FromStr>(name: &str, value: &str) -> Result<T, ConfigError> {
+    value
+        .parse()
+        .map_err(|_| ConfigError(format!("{name} must be a whole number, not {value:?}")))
+}
+
+fn parse_bool(name: &str, value: &str) -> Result<bool, ConfigError> {
+    match value {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        other => Err(ConfigError(format!(
+            "{name} must be true or false, not {other:?}"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn load(vars: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Settings::load_from(None, |name| map.get(name).cloned())
+    }
+
+    #[test]
+    fn dev_mode_needs_nothing() {
+        let settings = load(&[]).unwrap();
+        assert_eq!(settings.mode, Mode::Dev);
+        settings.validate().unwrap();
+        assert!(settings.playground_enabled());
+    }
+
+    #[test]
+    fn production_lists_everything_missing() {
+        let error = load(&[("SMD_MODE", "production")])
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .0;
+        for needed in [
+            "SMD_JWT_ISSUER",
+            "SMD_JWT_AUDIENCE",
+            "SMD_ENCRYPTION_KEY",
+            "SMD_ARGUS_BASE_URL",
+            "verification key",
+        ] {
+            assert!(error.contains(needed), "{error} should mention {needed}");
+        }
+    }
+
+    #[test]
+    fn production_turns_the_playground_off_unless_asked() {
+        let settings = load(&[("SMD_MODE", "production")]).unwrap();
+        assert!(!settings.playground_enabled());
+        assert!(!settings.introspection_enabled());
+        let settings = load(&[("SMD_MODE", "production"), ("SMD_PLAYGROUND", "true")]).unwrap();
+        assert!(settings.playground_enabled());
+    }
+
+    #[test]
+    fn a_short_hs256_secret_is_refused() {
+        let error = load(&[("SMD_JWT_HS256_SECRET", "short")])
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(error.0.contains("32 bytes"));
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        assert!(
+            load(&[("SMD_LISTEN", "nowhere")])
+                .unwrap_err()
+                .0
+                .contains("SMD_LISTEN")
+        );
+        assert!(
+            load(&[("SMD_MODE", "prod")])
+                .unwrap_err()
+                .0
+                .contains("SMD_MODE")
+        );
+    }
+}

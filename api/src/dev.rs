@@ -1,0 +1,132 @@
+//! Dev mode: keys generated once and kept under the data dir, the demo practice, and the
+//! start-up banner with ready-to-paste tokens. Nothing here runs in production mode.
+
+use std::path::Path;
+
+use crate::auth::{TokenRequest, mint_hs256};
+use crate::crypto::SecretBox;
+use crate::domain::types::Role;
+use crate::store::Store;
+
+/// The issuer dev tokens carry.
+pub const DEV_ISSUER: &str = "smd-gateway-dev";
+/// The audience dev tokens carry.
+pub const DEV_AUDIENCE: &str = "smd-gateway";
+/// The demo practice's group id.
+pub const DEMO_GROUP: &str = "demo-practice";
+
+/// The demo users: (sub, role, name).
+pub const DEMO_USERS: [(&str, Role, &str); 3] = [
+    (
+        "demo-admin",
+        Role::Administrator,
+        "Alex Morgan (practice manager)",
+    ),
+    ("dr-chen", Role::Practitioner, "Dr Mei Chen"),
+    ("dr-patel", Role::Practitioner, "Dr Raj Patel"),
+];
+
+/// Keys that dev mode generates once and then reuses.
+#[derive(Clone)]
+pub struct DevKeys {
+    /// HS256 signing secret for dev tokens.
+    pub signing_secret: String,
+    /// Base64 data-encryption key.
+    pub encryption_key: String,
+}
+
+/// Reads the dev keys from `data_dir`, creating them (mode 0600) on first use.
+pub fn ensure_dev_keys(data_dir: &Path) -> anyhow::Result<DevKeys> {
+    std::fs::create_dir_all(data_dir).map_err(|error| {
+        anyhow::anyhow!(
+            "cannot create the data directory {}: {error}",
+            data_dir.display()
+        )
+    })?;
+    let signing_secret = read_or_create(&data_dir.join("dev-signing-key"), || {
+        use rand::RngCore;
+        let mut bytes = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut bytes);
+        bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+    })?;
+    let encryption_key = read_or_create(
+        &data_dir.join("dev-encryption-key"),
+        SecretBox::generate_key,
+    )?;
+    Ok(DevKeys {
+        signing_secret,
+        encryption_key,
+    })
+}
+
+fn read_or_create(path: &Path, make: impl FnOnce() -> String) -> anyhow::Result<String> {
+    if let Ok(existing) = std::fs::read_to_string(path) {
+        let existing = existing.trim().to_owned();
+        if !existing.is_empty() {
+            return Ok(existing);
+        }
+    }
+    let value = make();
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    use std::io::Write;
+    let mut file = options
+        .open(path)
+        .map_err(|error| anyhow::anyhow!("cannot write {}: {error}", path.display()))?;
+    writeln!(file, "{value}")?;
+    Ok(value)
+}
+
+/// Provisions the demo practice's users (idempotent).
+pub async fn seed_demo_practice(store: &Store) -> anyhow::Result<()> {
+    for (subject, role, name) in DEMO_USERS {
+        store
+            .provision_user(DEMO_GROUP, subject, role, name)
+            .await?;
+    }
+    Ok(())
+}
+
+/// The banner printed when dev mode starts.
+pub fn banner(
+    keys: &DevKeys,
+    playground_url: &str,
+    sandbox_url: &str,
+    database: &str,
+) -> anyhow::Result<String> {
+    let mut text = String::new();
+    text.push_str("\nSMD Gateway — dev mode\n");
+    text.push_str(&format!("  playground (GraphiQL): {playground_url}\n"));
+    text.push_str(&format!(
+        "  sandbox:               {sandbox_url}   (control API under /_sandbox)\n"
+    ));
+    text.push_str(&format!("  database:              {database}\n"));
+    text.push_str("  demo provider accounts:\n");
+    text.push_str("    Argus        username demo.argus        password argus-sandbox-pw\n");
+    text.push_str("    ReferralNet  username demo.referralnet  password rn-sandbox-pw\n");
+    text.push_str("  demo tokens for the practice \"demo-practice\" (valid 24 hours; in GraphiQL open Headers and paste\n");
+    text.push_str(
+        "  {\"Authorization\": \"Bearer <token>\"}; mint more with `smd-gateway token --help`):\n",
+    );
+    for (subject, role, name) in DEMO_USERS {
+        let token = mint_hs256(
+            &keys.signing_secret,
+            DEV_ISSUER,
+            DEV_AUDIENCE,
+            &TokenRequest {
+                subject: subject.to_owned(),
+                group_id: DEMO_GROUP.to_owned(),
+                role,
+                name: Some(name.to_owned()),
+                ttl_seconds: 86_400,
+            },
+        )?;
+        text.push_str(&format!("    {:<13} {name}\n      {token}\n", role.code()));
+    }
+    Ok(text)
+}

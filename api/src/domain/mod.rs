@@ -1,0 +1,10 @@
+//! The product's rules, free of frameworks: the values users hand us (parsed once into types
+//! that cannot hold bad data), the errors users can see, and the services that apply the seed
+//! article's flow. Nothing here knows async-graphql, sea-orm or reqwest.
+
+pub mod audit;
+pub mod error;
+pub mod integrations;
+pub mod types;
+
+pub use error::GatewayError;

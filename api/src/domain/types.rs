@@ -1,0 +1,326 @@
+//! Values with rules, parsed once at the edge (parse, don't validate). A value of one of these
+//! types is valid by construction; the `parse` error text is shown to users as is.
+
+use std::fmt;
+
+/// The SMD providers the gateway speaks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Provider {
+    /// Argus (Telstra Health).
+    Argus,
+    /// ReferralNet.
+    ReferralNet,
+}
+
+impl Provider {
+    /// Every provider, in display order.
+    pub const ALL: [Provider; 2] = [Provider::Argus, Provider::ReferralNet];
+
+    /// The stable storage code.
+    pub fn code(self) -> &'static str {
+        match self {
+            Provider::Argus => "ARGUS",
+            Provider::ReferralNet => "REFERRALNET",
+        }
+    }
+
+    /// Parses a storage code.
+    pub fn from_code(code: &str) -> Option<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|provider| provider.code() == code)
+    }
+
+    /// The name people know it by.
+    pub fn display_name(self) -> &'static str {
+        match self {
+            Provider::Argus => "Argus",
+            Provider::ReferralNet => "ReferralNet",
+        }
+    }
+}
+
+impl fmt::Display for Provider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.display_name())
+    }
+}
+
+/// What a user may do in their group; comes from the verified token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Sees patients, sends secure messages.
+    Practitioner,
+    /// Manages the practice; cannot send secure messages.
+    Administrator,
+}
+
+impl Role {
+    /// The claim and storage code.
+    pub fn code(self) -> &'static str {
+        match self {
+            Role::Practitioner => "practitioner",
+            Role::Administrator => "administrator",
+        }
+    }
+
+    /// Parses the `role` claim.
+    pub fn from_code(code: &str) -> Option<Self> {
+        match code {
+            "practitioner" => Some(Role::Practitioner),
+            "administrator" => Some(Role::Administrator),
+            _ => None,
+        }
+    }
+}
+
+/// The state of a connection to a provider, for the group or for one practitioner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectionStatus {
+    /// Nothing linked.
+    NotConnected,
+    /// Registered with the provider, which has not decided yet.
+    WaitingForApproval,
+    /// Usable.
+    Active,
+    /// The provider turned the registration down.
+    Rejected,
+}
+
+impl ConnectionStatus {
+    /// The stable storage code.
+    pub fn code(self) -> &'static str {
+        match self {
+            ConnectionStatus::NotConnected => "NOT_CONNECTED",
+            ConnectionStatus::WaitingForApproval => "WAITING_FOR_APPROVAL",
+            ConnectionStatus::Active => "ACTIVE",
+            ConnectionStatus::Rejected => "REJECTED",
+        }
+    }
+
+    /// Parses a storage code.
+    pub fn from_code(code: &str) -> Option<Self> {
+        [
+            ConnectionStatus::NotConnected,
+            ConnectionStatus::WaitingForApproval,
+            ConnectionStatus::Active,
+            ConnectionStatus::Rejected,
+        ]
+        .into_iter()
+        .find(|status| status.code() == code)
+    }
+}
+
+/// A provider login name: 3–64 characters of letters, digits, `.`, `_` or `-`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProviderUsername(String);
+
+impl ProviderUsername {
+    /// Parses a username typed by a user (surrounding spaces are dropped).
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        let trimmed = raw.trim();
+        if trimmed.len() < 3 || trimmed.len() > 64 {
+            return Err("username must be 3 to 64 characters long".into());
+        }
+        if !trimmed
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        {
+            return Err("username may contain only letters, digits, '.', '_' and '-'".into());
+        }
+        Ok(Self(trimmed.to_owned()))
+    }
+
+    /// The username as the provider expects it.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A provider password. Its `Debug` never shows the secret, so it cannot end up in a log.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ProviderPassword(String);
+
+impl ProviderPassword {
+    /// Parses a password: 8–256 characters, kept exactly as typed.
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        let length = raw.chars().count();
+        if length < 8 {
+            return Err("password must be at least 8 characters long".into());
+        }
+        if length > 256 {
+            return Err("password must be at most 256 characters long".into());
+        }
+        Ok(Self(raw.to_owned()))
+    }
+
+    /// The secret itself; only adapters and the cipher call this.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Compares two passwords in time independent of where they differ.
+    pub fn matches(&self, other: &ProviderPassword) -> bool {
+        use subtle::ConstantTimeEq;
+        self.0.len() == other.0.len() && bool::from(self.0.as_bytes().ct_eq(other.0.as_bytes()))
+    }
+}
+
+impl fmt::Debug for ProviderPassword {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ProviderPassword(<redacted>)")
+    }
+}
+
+/// A username and password for one provider account.
+#[derive(Debug, Clone)]
+pub struct ProviderCredentials {
+    /// The login name.
+    pub username: ProviderUsername,
+    /// The secret.
+    pub password: ProviderPassword,
+}
+
+/// A promotional code for a new provider registration: 3–64 visible ASCII characters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PromoCode(String);
+
+impl PromoCode {
+    /// Parses a promo code (surrounding spaces dropped, case kept).
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        let trimmed = raw.trim();
+        if trimmed.len() < 3 || trimmed.len() > 64 || !trimmed.chars().all(|c| c.is_ascii_graphic())
+        {
+            return Err(
+                "promo code must be 3 to 64 letters, digits or symbols without spaces".into(),
+            );
+        }
+        Ok(Self(trimmed.to_owned()))
+    }
+
+    /// The code as typed.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The practice's name as registered with a provider: 2–200 characters, no control characters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PracticeName(String);
+
+impl PracticeName {
+    /// Parses a practice name.
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        let trimmed = raw.trim();
+        let length = trimmed.chars().count();
+        if !(2..=200).contains(&length) || trimmed.chars().any(char::is_control) {
+            return Err(
+                "practice name must be 2 to 200 characters without control characters".into(),
+            );
+        }
+        Ok(Self(trimmed.to_owned()))
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// An email address the provider can reach the practice at (a pragmatic check: one `@`, a dot
+/// in the domain, no spaces, at most 254 characters).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContactEmail(String);
+
+impl ContactEmail {
+    /// Parses an email address.
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        let trimmed = raw.trim();
+        let valid = trimmed.len() <= 254
+            && !trimmed.chars().any(|c| c.is_whitespace() || c.is_control())
+            && match trimmed.split_once('@') {
+                Some((local, domain)) => {
+                    !local.is_empty()
+                        && !domain.contains('@')
+                        && domain.contains('.')
+                        && !domain.starts_with('.')
+                        && !domain.ends_with('.')
+                }
+                None => false,
+            };
+        if !valid {
+            return Err("contact email must be an address like reception@example.com.au".into());
+        }
+        Ok(Self(trimmed.to_owned()))
+    }
+
+    /// The address.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Everything a provider needs to register a new account.
+#[derive(Debug, Clone)]
+pub struct Registration {
+    /// The login to create.
+    pub credentials: ProviderCredentials,
+    /// The promo code the practice was given.
+    pub promo_code: PromoCode,
+    /// The practice's name.
+    pub practice_name: PracticeName,
+    /// Where the provider can reach the practice.
+    pub contact_email: ContactEmail,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usernames_are_trimmed_and_restricted_to_safe_characters() {
+        assert_eq!(
+            ProviderUsername::parse("  demo.argus ").unwrap().as_str(),
+            "demo.argus"
+        );
+        assert!(ProviderUsername::parse("ab").is_err());
+        assert!(ProviderUsername::parse("bad name").is_err());
+        assert!(ProviderUsername::parse("drop;table").is_err());
+    }
+
+    #[test]
+    fn a_password_never_shows_in_debug_output() {
+        let password = ProviderPassword::parse("argus-sandbox-pw").unwrap();
+        assert!(!format!("{password:?}").contains("argus"));
+        assert!(ProviderPassword::parse("short").is_err());
+    }
+
+    #[test]
+    fn passwords_match_only_when_equal() {
+        let a = ProviderPassword::parse("argus-sandbox-pw").unwrap();
+        assert!(a.matches(&ProviderPassword::parse("argus-sandbox-pw").unwrap()));
+        assert!(!a.matches(&ProviderPassword::parse("argus-sandbox-px").unwrap()));
+        assert!(!a.matches(&ProviderPassword::parse("argus-sandbox-pw2").unwrap()));
+    }
+
+    #[test]
+    fn contact_emails_need_a_domain_with_a_dot() {
+        assert!(ContactEmail::parse("reception@clinic.com.au").is_ok());
+        assert!(ContactEmail::parse("reception@clinic").is_err());
+        assert!(ContactEmail::parse("reception clinic.com.au").is_err());
+        assert!(ContactEmail::parse("a@b@c.com").is_err());
+    }
+
+    #[test]
+    fn codes_round_trip() {
+        for provider in Provider::ALL {
+            assert_eq!(Provider::from_code(provider.code()), Some(provider));
+        }
+        assert_eq!(
+            ConnectionStatus::from_code("WAITING_FOR_APPROVAL"),
+            Some(ConnectionStatus::WaitingForApproval)
+        );
+        assert_eq!(Role::from_code("administrator"), Some(Role::Administrator));
+        assert_eq!(Role::from_code("root"), None);
+    }
+}

@@ -1,0 +1,83 @@
+//! The group's audit trail, for administrators.
+
+use async_graphql::connection::{Connection, Edge};
+use async_graphql::{Context, Object, SimpleObject};
+use chrono::{DateTime, Utc};
+
+use super::error::ApiError;
+use super::{principal, services};
+use crate::domain::GatewayError;
+use crate::domain::types::Role;
+
+/// One audited action. Never contains passwords or clinical content.
+#[derive(SimpleObject, Clone)]
+pub struct AuditEvent {
+    /// Event id (time-ordered).
+    pub id: String,
+    /// Who acted: a user's `sub`, or `gateway` for the gateway's own background work.
+    pub actor: String,
+    /// What was done, e.g. `LINK_GROUP_ACCOUNT`, `VALIDATE_LOGIN`.
+    pub action: String,
+    /// What it was done to, e.g. `provider:ARGUS`.
+    pub target: String,
+    /// `SUCCESS`, `FAILURE` or `DENIED`.
+    pub outcome: String,
+    /// A short, safe explanation such as a provider error word or the new status.
+    pub detail: Option<String>,
+    /// The request id, to correlate with logs.
+    pub request_id: String,
+    /// When it happened.
+    pub occurred_at: DateTime<Utc>,
+}
+
+#[derive(Default)]
+pub struct AuditQuery;
+
+#[Object]
+impl AuditQuery {
+    /// The practice's audit events, newest first (administrators only).
+    async fn audit_events(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(desc = "How many events to return (1–100, default 20).")] first: Option<i32>,
+        #[graphql(desc = "Return events after this cursor (from `pageInfo.endCursor`).")]
+        after: Option<String>,
+    ) -> Result<Connection<String, AuditEvent>, ApiError> {
+        let principal = principal(ctx)?;
+        if principal.role != Role::Administrator {
+            return Err(GatewayError::Forbidden(
+                "only administrators can read the practice's audit trail".into(),
+            )
+            .into());
+        }
+        let first = first.unwrap_or(20);
+        if !(1..=100).contains(&first) {
+            return Err(ApiError::bad_input("first must be between 1 and 100"));
+        }
+        let rows = services(ctx)
+            .store
+            .list_audit(&principal.group_id, after.as_deref(), first as u64 + 1)
+            .await
+            .map_err(GatewayError::from)?;
+        let has_next = rows.len() > first as usize;
+        let mut connection = Connection::new(after.is_some(), has_next);
+        connection
+            .edges
+            .extend(rows.into_iter().take(first as usize).map(|row| {
+                Edge::new(
+                    row.id.clone(),
+                    AuditEvent {
+                        id: row.id,
+                        actor: row.entry.actor_subject,
+                        action: row.entry.action,
+                        target: row.entry.target,
+                        outcome: row.entry.outcome.code().to_owned(),
+                        detail: row.entry.detail,
+                        request_id: row.entry.request_id,
+                        occurred_at: row.created_at,
+                    },
+                )
+            }));
+        Ok(connection)
+    }
+}

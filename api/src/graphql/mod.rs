@@ -1,0 +1,108 @@
+//! The GraphQL API: schema assembly and thin resolvers. The only module that knows
+//! async-graphql. Resolvers take the principal, parse input into domain types, call a service
+//! and map the result; errors leave only through [`error::ApiError`].
+
+mod audit;
+pub mod error;
+mod integrations;
+mod me;
+mod types;
+
+use std::time::Duration;
+
+use async_graphql::{Context, MergedObject, MergedSubscription, Schema, SchemaBuilder};
+
+use crate::domain::audit::Principal;
+use crate::domain::integrations::IntegrationService;
+use crate::events::EventBus;
+use crate::store::Store;
+use error::ApiError;
+
+/// The executable schema.
+pub type AppSchema = Schema<Query, Mutation, Subscription>;
+
+/// Read operations.
+#[derive(MergedObject, Default)]
+pub struct Query(
+    me::MeQuery,
+    integrations::IntegrationQuery,
+    audit::AuditQuery,
+);
+
+/// Write operations.
+#[derive(MergedObject, Default)]
+pub struct Mutation(integrations::IntegrationMutation);
+
+/// Live updates over WebSocket (graphql-transport-ws; send the token in `connection_init`).
+#[derive(MergedSubscription, Default)]
+pub struct Subscription(integrations::IntegrationSubscription);
+
+/// The schema's shape without any data attached: enough to export the SDL.
+pub fn schema_builder() -> SchemaBuilder<Query, Mutation, Subscription> {
+    Schema::build(
+        Query::default(),
+        Mutation::default(),
+        Subscription::default(),
+    )
+}
+
+/// The SDL, as checked in at `schema.graphql`.
+pub fn sdl() -> String {
+    schema_builder().finish().sdl()
+}
+
+/// What resolvers need.
+#[derive(Clone)]
+pub struct Services {
+    /// Integration rules.
+    pub integrations: IntegrationService,
+    /// Storage (for read models such as the audit trail).
+    pub store: Store,
+    /// Change notifications.
+    pub events: EventBus,
+    /// How often a subscription re-reads the database even without a notification (changes
+    /// made by other gateway nodes arrive this way).
+    pub subscription_refresh: Duration,
+}
+
+/// Limits applied to every operation.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Maximum depth.
+    pub max_depth: usize,
+    /// Maximum complexity.
+    pub max_complexity: usize,
+    /// Whether introspection is answered.
+    pub introspection: bool,
+}
+
+/// The schema with services and limits.
+pub fn build_schema(services: Services, limits: Limits) -> AppSchema {
+    let mut builder = schema_builder()
+        .data(services.integrations.clone())
+        .data(services)
+        .limit_depth(limits.max_depth)
+        .limit_complexity(limits.max_complexity)
+        .limit_recursive_depth(32)
+        .limit_directives(10);
+    if !limits.introspection {
+        builder = builder.disable_introspection().disable_suggestions();
+    }
+    builder.finish()
+}
+
+/// The caller of one request, attached by the HTTP layer after verifying the token.
+#[derive(Clone, Debug)]
+pub struct Caller(pub Option<Principal>);
+
+/// The authenticated caller, or `UNAUTHENTICATED`.
+pub(crate) fn principal<'a>(ctx: &'a Context<'_>) -> Result<&'a Principal, ApiError> {
+    match ctx.data_opt::<Caller>() {
+        Some(Caller(Some(principal))) => Ok(principal),
+        _ => Err(ApiError::unauthenticated()),
+    }
+}
+
+pub(crate) fn services<'a>(ctx: &'a Context<'_>) -> &'a Services {
+    ctx.data_unchecked::<Services>()
+}

@@ -1,0 +1,297 @@
+//! The HTTP surface: `/graphql` (POST; GET for queries and GraphiQL), `/graphql/ws`
+//! (graphql-transport-ws), `/healthz`, `/readyz`; CORS and the body-size limit.
+
+use std::sync::Arc;
+
+use async_graphql::http::{ALL_WEBSOCKET_PROTOCOLS, GraphiQLSource};
+use async_graphql::parser::types::{ExecutableDocument, OperationType, Selection, SelectionSet};
+use async_graphql::{Data, ServerError};
+use async_graphql_axum::{GraphQLProtocol, GraphQLRequest, GraphQLResponse, GraphQLWebSocket};
+use axum::Router;
+use axum::extract::{State, WebSocketUpgrade};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::limit::RequestBodyLimitLayer;
+use tracing::Instrument;
+
+use crate::auth::TokenVerifier;
+use crate::domain::audit::Principal;
+use crate::graphql::error::ApiError;
+use crate::graphql::{AppSchema, Caller};
+use crate::store::Store;
+
+/// What the handlers share.
+#[derive(Clone)]
+pub(crate) struct HttpState {
+    pub schema: AppSchema,
+    pub verifier: Arc<TokenVerifier>,
+    pub store: Store,
+    pub playground: bool,
+    pub max_aliases: usize,
+}
+
+/// Which browser origins may call the API.
+#[derive(Debug, Clone)]
+pub(crate) enum CorsPolicy {
+    /// Any `http://localhost:*` or `http://127.0.0.1:*` origin (dev mode).
+    Localhost,
+    /// Exactly these origins.
+    List(Vec<String>),
+}
+
+pub(crate) fn router(state: HttpState, cors: CorsPolicy, max_body_bytes: usize) -> Router {
+    let allow_origin = match cors {
+        CorsPolicy::Localhost => AllowOrigin::predicate(|origin: &HeaderValue, _| {
+            origin.to_str().is_ok_and(|origin| {
+                ["http://localhost", "http://127.0.0.1", "http://[::1]"]
+                    .iter()
+                    .any(|prefix| {
+                        origin
+                            .strip_prefix(prefix)
+                            .is_some_and(|rest| rest.is_empty() || rest.starts_with(':'))
+                    })
+            })
+        }),
+        CorsPolicy::List(origins) => AllowOrigin::list(
+            origins
+                .iter()
+                .filter_map(|origin| HeaderValue::from_str(origin).ok()),
+        ),
+    };
+    // Credentials travel only in the Authorization header, never cookies.
+    let cors = CorsLayer::new()
+        .allow_origin(allow_origin)
+        .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+        .allow_credentials(false);
+    Router::new()
+        .route("/graphql", get(graphql_get).post(graphql_post))
+        .route("/graphql/ws", get(graphql_ws))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .layer(RequestBodyLimitLayer::new(max_body_bytes))
+        .layer(cors)
+        .with_state(state)
+}
+
+fn request_id(headers: &HeaderMap) -> String {
+    headers
+        .get("x-request-id")
+        .and_then(|value| value.to_str().ok())
+        .filter(|value| {
+            value.len() <= 64 && value.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
+        .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned)
+}
+
+fn error_response(error: ApiError) -> GraphQLResponse {
+    let mut server_error: ServerError =
+        async_graphql::Error::from(error).into_server_error(Default::default());
+    server_error.locations.clear();
+    async_graphql::Response::from_errors(vec![server_error]).into()
+}
+
+impl HttpState {
+    /// Turns a bearer token into a provisioned principal. No token → `None` (only the
+    /// schema's public parts answer); a bad token → `UNAUTHENTICATED`, never anonymous.
+    async fn authenticate(
+        &self,
+        authorization: Option<&str>,
+        request_id: String,
+    ) -> Result<Option<Principal>, ApiError> {
+        let Some(authorization) = authorization else {
+            return Ok(None);
+        };
+        let token = authorization
+            .strip_prefix("Bearer ")
+            .or_else(|| authorization.strip_prefix("bearer "))
+            .ok_or_else(ApiError::unauthenticated)?;
+        let identity = self
+            .verifier
+            .verify(token.trim())
+            .map_err(|error| ApiError::new("UNAUTHENTICATED", error.0))?;
+        let user = self
+            .store
+            .provision_user(
+                &identity.group_id,
+                &identity.subject,
+                identity.role,
+                &identity.name,
+            )
+            .await
+            .map_err(|error| ApiError::from(crate::domain::GatewayError::from(error)))?;
+        Ok(Some(Principal {
+            user_id: user.id,
+            subject: user.subject,
+            group_id: user.group_id,
+            role: user.role,
+            name: user.name,
+            request_id,
+        }))
+    }
+
+    async fn execute(
+        &self,
+        headers: &HeaderMap,
+        request: async_graphql::Request,
+    ) -> GraphQLResponse {
+        let request_id = request_id(headers);
+        let authorization = headers
+            .get(header::AUTHORIZATION)
+            .map(|value| value.to_str().unwrap_or(""));
+        let principal = match self.authenticate(authorization, request_id.clone()).await {
+            Ok(principal) => principal,
+            Err(error) => return error_response(error),
+        };
+        if let Ok(document) = async_graphql::parser::parse_query(&request.query) {
+            let aliases = count_aliases(&document);
+            if aliases > self.max_aliases {
+                return error_response(ApiError::bad_input(format!(
+                    "the document uses {aliases} aliases; at most {} are allowed",
+                    self.max_aliases
+                )));
+            }
+        }
+        let span = tracing::info_span!("graphql", request_id = %request_id);
+        self.schema
+            .execute(request.data(Caller(principal)))
+            .instrument(span)
+            .await
+            .into()
+    }
+}
+
+async fn graphql_post(
+    State(state): State<HttpState>,
+    headers: HeaderMap,
+    request: GraphQLRequest,
+) -> GraphQLResponse {
+    state.execute(&headers, request.into_inner()).await
+}
+
+/// `GET /graphql?query=…` runs a query (never a mutation); a bare GET serves GraphiQL.
+async fn graphql_get(State(state): State<HttpState>, headers: HeaderMap, uri: Uri) -> Response {
+    let query_string = uri.query().unwrap_or_default();
+    if !query_string
+        .split('&')
+        .any(|pair| pair.starts_with("query="))
+    {
+        if state.playground {
+            return Html(
+                GraphiQLSource::build()
+                    .endpoint("/graphql")
+                    .subscription_endpoint("/graphql/ws")
+                    .title("SMD Gateway")
+                    .finish(),
+            )
+            .into_response();
+        }
+        return (
+            StatusCode::NOT_FOUND,
+            "the playground is disabled; POST GraphQL requests to /graphql",
+        )
+            .into_response();
+    }
+    let request = match async_graphql::http::parse_query_string(query_string) {
+        Ok(request) => request,
+        Err(_) => {
+            return error_response(ApiError::bad_input(
+                "the query string is not a GraphQL request",
+            ))
+            .into_response();
+        }
+    };
+    if let Ok(document) = async_graphql::parser::parse_query(&request.query) {
+        let is_query = document
+            .operations
+            .iter()
+            .all(|(_, operation)| operation.node.ty == OperationType::Query);
+        if !is_query {
+            return (
+                StatusCode::METHOD_NOT_ALLOWED,
+                error_response(ApiError::bad_input(
+                    "mutations and subscriptions must be sent with POST",
+                )),
+            )
+                .into_response();
+        }
+    }
+    state.execute(&headers, request).await.into_response()
+}
+
+async fn graphql_ws(
+    State(state): State<HttpState>,
+    headers: HeaderMap,
+    protocol: GraphQLProtocol,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    let request_id = request_id(&headers);
+    upgrade
+        .protocols(ALL_WEBSOCKET_PROTOCOLS)
+        .on_upgrade(move |stream| {
+            let schema = state.schema.clone();
+            GraphQLWebSocket::new(stream, schema, protocol)
+                .on_connection_init(move |payload| async move {
+                    let authorization = ["Authorization", "authorization"]
+                        .iter()
+                        .find_map(|key| {
+                            payload
+                                .get(key)
+                                .and_then(|value| value.as_str())
+                                .map(str::to_owned)
+                        })
+                        .or_else(|| {
+                            payload
+                                .get("token")
+                                .and_then(|value| value.as_str())
+                                .map(|token| format!("Bearer {token}"))
+                        });
+                    let principal = state
+                        .authenticate(authorization.as_deref(), request_id)
+                        .await
+                        .map_err(async_graphql::Error::from)?
+                        .ok_or_else(|| async_graphql::Error::from(ApiError::unauthenticated()))?;
+                    let mut data = Data::default();
+                    data.insert(Caller(Some(principal)));
+                    Ok(data)
+                })
+                .serve()
+        })
+}
+
+async fn readyz(State(state): State<HttpState>) -> Response {
+    match state.store.ping().await {
+        Ok(()) => (StatusCode::OK, "ready").into_response(),
+        Err(error) => {
+            tracing::warn!(error = ?error, "readiness check failed");
+            (StatusCode::SERVICE_UNAVAILABLE, "database unavailable").into_response()
+        }
+    }
+}
+
+fn count_aliases(document: &ExecutableDocument) -> usize {
+    fn in_set(set: &SelectionSet) -> usize {
+        set.items
+            .iter()
+            .map(|item| match &item.node {
+                Selection::Field(field) => {
+                    usize::from(field.node.alias.is_some()) + in_set(&field.node.selection_set.node)
+                }
+                Selection::InlineFragment(fragment) => in_set(&fragment.node.selection_set.node),
+                Selection::FragmentSpread(_) => 0,
+            })
+            .sum()
+    }
+    document
+        .operations
+        .iter()
+        .map(|(_, operation)| in_set(&operation.node.selection_set.node))
+        .sum::<usize>()
+        + document
+            .fragments
+            .values()
+            .map(|fragment| in_set(&fragment.node.selection_set.node))
+            .sum::<usize>()
+}

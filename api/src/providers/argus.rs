@@ -1,0 +1,305 @@
+//! Argus: JSON over HTTPS with HTTP Basic auth on every request.
+//! Errors come as `{"error":{"code","message"}}` in the SMD standard's vocabulary.
+
+use async_trait::async_trait;
+use reqwest::StatusCode;
+use serde::{Deserialize, Serialize};
+
+use super::http::{endpoint, read_json, transport_failure, unavailable_status};
+use super::{AccountState, ProviderClient, ProviderError};
+use crate::domain::types::{Provider, ProviderCredentials, Registration};
+
+/// The Argus adapter.
+pub struct ArgusClient {
+    client: reqwest::Client,
+    base_url: String,
+}
+
+#[derive(Deserialize)]
+struct AccountBody {
+    status: String,
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(Deserialize)]
+struct ErrorDetail {
+    code: String,
+    #[serde(default)]
+    message: String,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct RegistrationBody<'a> {
+    username: &'a str,
+    password: &'a str,
+    promo_code: &'a str,
+    practice_name: &'a str,
+    contact_email: &'a str,
+}
+
+impl ArgusClient {
+    /// An adapter for the Argus API at `base_url`.
+    pub fn new(client: reqwest::Client, base_url: &str) -> Self {
+        Self {
+            client,
+            base_url: base_url.to_owned(),
+        }
+    }
+}
+
+fn state_from_word(status: &str) -> Result<AccountState, ProviderError> {
+    match status {
+        "ACTIVE" => Ok(AccountState::Active),
+        "PENDING" => Ok(AccountState::Pending),
+        "REJECTED" => Ok(AccountState::Rejected),
+        other => Err(ProviderError::Unavailable {
+            reason: format!("unknown account status {other:?}"),
+            retry_after: None,
+        }),
+    }
+}
+
+async fn refusal(response: reqwest::Response) -> ProviderError {
+    match read_json::<ErrorBody>(response).await {
+        Ok(body) => ProviderError::Refused {
+            code: body.error.code,
+            message: body.error.message,
+        },
+        Err(error) => error,
+    }
+}
+
+#[async_trait]
+impl ProviderClient for ArgusClient {
+    fn provider(&self) -> Provider {
+        Provider::Argus
+    }
+
+    async fn account_state(
+        &self,
+        credentials: &ProviderCredentials,
+    ) -> Result<AccountState, ProviderError> {
+        let response = self
+            .client
+            .get(endpoint(&self.base_url, "/argus/v1/account"))
+            .basic_auth(
+                credentials.username.as_str(),
+                Some(credentials.password.expose()),
+            )
+            .send()
+            .await
+            .map_err(transport_failure)?;
+        if let Some(error) = unavailable_status(&response) {
+            return Err(error);
+        }
+        match response.status() {
+            StatusCode::OK => state_from_word(&read_json::<AccountBody>(response).await?.status),
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+                Err(ProviderError::InvalidCredentials)
+            }
+            _ => Err(refusal(response).await),
+        }
+    }
+
+    async fn register(&self, registration: &Registration) -> Result<AccountState, ProviderError> {
+        let body = RegistrationBody {
+            username: registration.credentials.username.as_str(),
+            password: registration.credentials.password.expose(),
+            promo_code: registration.promo_code.as_str(),
+            practice_name: registration.practice_name.as_str(),
+            contact_email: registration.contact_email.as_str(),
+        };
+        let response = self
+            .client
+            .post(endpoint(&self.base_url, "/argus/v1/registrations"))
+            .json(&body)
+            .send()
+            .await
+            .map_err(transport_failure)?;
+        if let Some(error) = unavailable_status(&response) {
+            return Err(error);
+        }
+        match response.status() {
+            StatusCode::CREATED | StatusCode::OK => {
+                state_from_word(&read_json::<AccountBody>(response).await?.status)
+            }
+            StatusCode::CONFLICT => Err(ProviderError::Duplicate),
+            _ => Err(refusal(response).await),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use wiremock::matchers::{body_json, header, method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    use super::*;
+    use crate::domain::types::{
+        ContactEmail, PracticeName, PromoCode, ProviderPassword, ProviderUsername,
+    };
+
+    fn adapter(server: &MockServer, timeout: Duration) -> ArgusClient {
+        crate::install_crypto_provider();
+        ArgusClient::new(
+            super::super::http::build_client(timeout).unwrap(),
+            &server.uri(),
+        )
+    }
+
+    fn credentials() -> ProviderCredentials {
+        ProviderCredentials {
+            username: ProviderUsername::parse("demo.argus").unwrap(),
+            password: ProviderPassword::parse("argus-sandbox-pw").unwrap(),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_account_check_sends_basic_auth_and_reads_the_status() {
+        let server = MockServer::start().await;
+        Mock::given(method("GET"))
+            .and(path("/argus/v1/account"))
+            // base64("demo.argus:argus-sandbox-pw")
+            .and(header(
+                "authorization",
+                "Basic ZGVtby5hcmd1czphcmd1cy1zYW5kYm94LXB3",
+            ))
+            .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({
+                "username": "demo.argus", "status": "PENDING"
+            })))
+            .expect(1)
+            .mount(&server)
+            .await;
+        let state = adapter(&server, Duration::from_secs(2))
+            .account_state(&credentials())
+            .await;
+        assert_eq!(state.unwrap(), AccountState::Pending);
+    }
+
+    #[tokio::test]
+    async fn a_401_means_invalid_credentials() {
+        let server = MockServer::start().await;
+        Mock::given(path("/argus/v1/account"))
+            .respond_with(ResponseTemplate::new(401).set_body_json(serde_json::json!({
+                "error": {"code": "invalidCredentials", "message": "no"}
+            })))
+            .mount(&server)
+            .await;
+        let error = adapter(&server, Duration::from_secs(2))
+            .account_state(&credentials())
+            .await
+            .unwrap_err();
+        assert!(matches!(error, ProviderError::InvalidCredentials));
+    }
+
+    #[tokio::test]
+    async fn a_5xx_is_unavailable_and_keeps_retry_after() {
+        let server = MockServer::start().await;
+        Mock::given(path("/argus/v1/account"))
+            .respond_with(ResponseTemplate::new(503).insert_header("retry-after", "7"))
+            .mount(&server)
+            .await;
+        let error = adapter(&server, Duration::from_secs(2))
+            .account_state(&credentials())
+            .await
+            .unwrap_err();
+        assert!(matches!(
+            error,
+            ProviderError::Unavailable { retry_after: Some(delay), .. } if delay == Duration::from_secs(7)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_slow_provider_times_out_as_unavailable() {
+        let server = MockServer::start().await;
+        Mock::given(path("/argus/v1/account"))
+            .respond_with(ResponseTemplate::new(200).set_delay(Duration::from_secs(5)))
+            .mount(&server)
+            .await;
+        let error = adapter(&server, Duration::from_millis(200))
+            .account_state(&credentials())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(error, ProviderError::Unavailable { ref reason, .. } if reason == "timed out")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_malformed_body_is_unavailable() {
+        let server = MockServer::start().await;
+        Mock::given(path("/argus/v1/account"))
+            .respond_with(ResponseTemplate::new(200).set_body_string("{\"status\":"))
+            .mount(&server)
+            .await;
+        let error = adapter(&server, Duration::from_secs(2))
+            .account_state(&credentials())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(error, ProviderError::Unavailable { ref reason, .. } if reason.starts_with("malformed"))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_registration_posts_the_documented_json() {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .and(path("/argus/v1/registrations"))
+            .and(body_json(serde_json::json!({
+                "username": "new.clinic", "password": "a-long-password", "promoCode": "SANDBOX-PROMO",
+                "practiceName": "Bondi Clinic", "contactEmail": "reception@bondi.example.au"
+            })))
+            .respond_with(ResponseTemplate::new(201).set_body_json(serde_json::json!({
+                "username": "new.clinic", "status": "PENDING"
+            })))
+            .expect(1)
+            .mount(&server)
+            .await;
+        let registration = Registration {
+            credentials: ProviderCredentials {
+                username: ProviderUsername::parse("new.clinic").unwrap(),
+                password: ProviderPassword::parse("a-long-password").unwrap(),
+            },
+            promo_code: PromoCode::parse("SANDBOX-PROMO").unwrap(),
+            practice_name: PracticeName::parse("Bondi Clinic").unwrap(),
+            contact_email: ContactEmail::parse("reception@bondi.example.au").unwrap(),
+        };
+        let state = adapter(&server, Duration::from_secs(2))
+            .register(&registration)
+            .await
+            .unwrap();
+        assert_eq!(state, AccountState::Pending);
+    }
+
+    #[tokio::test]
+    async fn a_refused_promo_code_keeps_the_providers_word() {
+        let server = MockServer::start().await;
+        Mock::given(path("/argus/v1/registrations"))
+            .respond_with(ResponseTemplate::new(400).set_body_json(serde_json::json!({
+                "error": {"code": "invalidPromoCode", "message": "unknown promo code"}
+            })))
+            .mount(&server)
+            .await;
+        let registration = Registration {
+            credentials: credentials(),
+            promo_code: PromoCode::parse("NOPE-123").unwrap(),
+            practice_name: PracticeName::parse("Bondi Clinic").unwrap(),
+            contact_email: ContactEmail::parse("reception@bondi.example.au").unwrap(),
+        };
+        let error = adapter(&server, Duration::from_secs(2))
+            .register(&registration)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(error, ProviderError::Refused { ref code, .. } if code == "invalidPromoCode")
+        );
+    }
+}

@@ -1,0 +1,66 @@
+//! What both adapters share: the client with its timeouts, and the classification of
+//! transport failures, throttling and unreadable bodies.
+
+use std::time::Duration;
+
+use reqwest::{Response, StatusCode};
+use serde::de::DeserializeOwned;
+
+use super::ProviderError;
+
+/// One pooled client for all provider calls; no call can hang longer than `timeout`.
+pub(super) fn build_client(timeout: Duration) -> anyhow::Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(timeout.min(Duration::from_secs(5)))
+        .user_agent(concat!("smd-gateway/", env!("CARGO_PKG_VERSION")))
+        .build()?)
+}
+
+/// Joins a configured base URL and a path without doubling slashes.
+pub(super) fn endpoint(base_url: &str, path: &str) -> String {
+    format!("{}{}", base_url.trim_end_matches('/'), path)
+}
+
+/// A request that never got an HTTP answer.
+pub(super) fn transport_failure(error: reqwest::Error) -> ProviderError {
+    let reason = if error.is_timeout() {
+        "timed out".to_owned()
+    } else if error.is_connect() {
+        "could not connect".to_owned()
+    } else {
+        format!("transport error: {error}")
+    };
+    ProviderError::Unavailable {
+        reason,
+        retry_after: None,
+    }
+}
+
+/// 429 and 5xx: the provider is overloaded or down, try later.
+pub(super) fn unavailable_status(response: &Response) -> Option<ProviderError> {
+    let status = response.status();
+    if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        return Some(ProviderError::Unavailable {
+            reason: format!("HTTP {status}"),
+            retry_after,
+        });
+    }
+    None
+}
+
+/// Reads a JSON body; an unreadable one means the provider is not answering usefully.
+pub(super) async fn read_json<T: DeserializeOwned>(response: Response) -> Result<T, ProviderError> {
+    let status = response.status();
+    let bytes = response.bytes().await.map_err(transport_failure)?;
+    serde_json::from_slice(&bytes).map_err(|error| ProviderError::Unavailable {
+        reason: format!("malformed body with HTTP {status}: {error}"),
+        retry_after: None,
+    })
+}

@@ -1,0 +1,111 @@
+//! Provider adapters: one per SMD provider, all behind [`ProviderClient`]. The only module that
+//! knows reqwest. Every call has a timeout; every failure is classified into a
+//! [`ProviderError`] whose text is for logs, never for clients.
+
+mod argus;
+mod http;
+mod referralnet;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+pub use argus::ArgusClient;
+pub use referralnet::ReferralNetClient;
+
+use crate::domain::types::{Provider, ProviderCredentials, Registration};
+
+/// An account's state as the provider reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccountState {
+    /// Usable.
+    Active,
+    /// Registered, not yet decided.
+    Pending,
+    /// Registration turned down.
+    Rejected,
+}
+
+/// Why a provider call did not give an answer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ProviderError {
+    /// The provider does not accept this username and password.
+    #[error("invalid credentials")]
+    InvalidCredentials,
+    /// The provider understood and refused (`badParam`, `invalidPromoCode`, …).
+    #[error("refused with {code}")]
+    Refused {
+        /// The provider's error word (ATS 5822 vocabulary).
+        code: String,
+        /// The provider's explanation (logged, not shown).
+        message: String,
+    },
+    /// The username is already registered.
+    #[error("username already registered")]
+    Duplicate,
+    /// No usable answer: 5xx, 429, timeout, connection failure or malformed body.
+    #[error("unavailable: {reason}")]
+    Unavailable {
+        /// What happened, for logs.
+        reason: String,
+        /// When the provider asked us to come back, if it said.
+        retry_after: Option<Duration>,
+    },
+}
+
+/// What the gateway needs from every SMD provider (accounts; messaging comes later).
+#[async_trait]
+pub trait ProviderClient: Send + Sync + 'static {
+    /// Which provider this adapter speaks to.
+    fn provider(&self) -> Provider;
+
+    /// Checks the credentials and returns the account's state.
+    async fn account_state(
+        &self,
+        credentials: &ProviderCredentials,
+    ) -> Result<AccountState, ProviderError>;
+
+    /// Registers a new account with a promo code; returns its initial state.
+    async fn register(&self, registration: &Registration) -> Result<AccountState, ProviderError>;
+}
+
+/// Where and how to reach the providers.
+#[derive(Debug, Clone)]
+pub struct ProviderEndpoints {
+    /// Argus base URL (without the `/argus/v1` path).
+    pub argus_base_url: String,
+    /// ReferralNet base URL (without the `/referralnet/api` path).
+    pub referralnet_base_url: String,
+    /// Whole-request timeout for every provider call.
+    pub request_timeout: Duration,
+}
+
+/// The adapters in use, one per provider.
+#[derive(Clone)]
+pub struct Providers {
+    argus: Arc<dyn ProviderClient>,
+    referralnet: Arc<dyn ProviderClient>,
+}
+
+impl Providers {
+    /// Real HTTP adapters for the given endpoints.
+    pub fn http(endpoints: &ProviderEndpoints) -> anyhow::Result<Self> {
+        let client = http::build_client(endpoints.request_timeout)?;
+        Ok(Self {
+            argus: Arc::new(ArgusClient::new(client.clone(), &endpoints.argus_base_url)),
+            referralnet: Arc::new(ReferralNetClient::new(
+                client,
+                &endpoints.referralnet_base_url,
+            )),
+        })
+    }
+
+    /// The adapter for one provider.
+    pub fn get(&self, provider: Provider) -> &dyn ProviderClient {
+        match provider {
+            Provider::Argus => self.argus.as_ref(),
+            Provider::ReferralNet => self.referralnet.as_ref(),
+        }
+    }
+}

@@ -1,0 +1,326 @@
+//! ReferralNet: a session login returns a bearer token that expires; later calls carry it.
+//! Errors come as `{"fault":{"faultCode","faultString"}}`.
+//!
+//! Account checks log in afresh each time: a login *is* the credential check, and approval
+//! polling is infrequent enough that caching sessions would buy nothing yet.
+
+use async_trait::async_trait;
+use reqwest::StatusCode;
+use serde::{Deserialize, Serialize};
+
+use super::http::{endpoint, read_json, transport_failure, unavailable_status};
+use super::{AccountState, ProviderClient, ProviderError};
+use crate::domain::types::{Provider, ProviderCredentials, Registration};
+
+/// The ReferralNet adapter.
+pub struct ReferralNetClient {
+    client: reqwest::Client,
+    base_url: String,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct SessionRequest<'a> {
+    user_id: &'a str,
+    password: &'a str,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SessionBody {
+    session_token: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct AccountBody {
+    enrolment_state: String,
+}
+
+#[derive(Deserialize)]
+struct FaultBody {
+    fault: Fault,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Fault {
+    fault_code: String,
+    #[serde(default)]
+    fault_string: String,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct EnrolmentRequest<'a> {
+    user_id: &'a str,
+    password: &'a str,
+    promotion_code: &'a str,
+    organisation_name: &'a str,
+    email: &'a str,
+}
+
+#[derive(Deserialize)]
+struct EnrolmentBody {
+    state: String,
+}
+
+impl ReferralNetClient {
+    /// An adapter for the ReferralNet API at `base_url`.
+    pub fn new(client: reqwest::Client, base_url: &str) -> Self {
+        Self {
+            client,
+            base_url: base_url.to_owned(),
+        }
+    }
+
+    async fn login(&self, credentials: &ProviderCredentials) -> Result<String, ProviderError> {
+        let response = self
+            .client
+            .post(endpoint(&self.base_url, "/referralnet/api/sessions"))
+            .json(&SessionRequest {
+                user_id: credentials.username.as_str(),
+                password: credentials.password.expose(),
+            })
+            .send()
+            .await
+            .map_err(transport_failure)?;
+        if let Some(error) = unavailable_status(&response) {
+            return Err(error);
+        }
+        match response.status() {
+            StatusCode::OK => Ok(read_json::<SessionBody>(response).await?.session_token),
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+                Err(ProviderError::InvalidCredentials)
+            }
+            _ => Err(fault(response).await),
+        }
+    }
+}
+
+fn state_from_word(state: &str) -> Result<AccountState, ProviderError> {
+    match state {
+        "APPROVED" => Ok(AccountState::Active),
+        "PENDING" => Ok(AccountState::Pending),
+        "DECLINED" => Ok(AccountState::Rejected),
+        other => Err(ProviderError::Unavailable {
+            reason: format!("unknown enrolment state {other:?}"),
+            retry_after: None,
+        }),
+    }
+}
+
+async fn fault(response: reqwest::Response) -> ProviderError {
+    match read_json::<FaultBody>(response).await {
+        Ok(body) => ProviderError::Refused {
+            code: body.fault.fault_code,
+            message: body.fault.fault_string,
+        },
+        Err(error) => error,
+    }
+}
+
+#[async_trait]
+impl ProviderClient for ReferralNetClient {
+    fn provider(&self) -> Provider {
+        Provider::ReferralNet
+    }
+
+    async fn account_state(
+        &self,
+        credentials: &ProviderCredentials,
+    ) -> Result<AccountState, ProviderError> {
+        let token = self.login(credentials).await?;
+        let response = self
+            .client
+            .get(endpoint(&self.base_url, "/referralnet/api/account"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .map_err(transport_failure)?;
+        if let Some(error) = unavailable_status(&response) {
+            return Err(error);
+        }
+        match response.status() {
+            StatusCode::OK => {
+                state_from_word(&read_json::<AccountBody>(response).await?.enrolment_state)
+            }
+            // A token that expired between login and use: the provider is misbehaving; retry later.
+            StatusCode::UNAUTHORIZED => Err(ProviderError::Unavailable {
+                reason: "fresh session token refused".into(),
+                retry_after: None,
+            }),
+            _ => Err(fault(response).await),
+        }
+    }
+
+    async fn register(&self, registration: &Registration) -> Result<AccountState, ProviderError> {
+        let response = self
+            .client
+            .post(endpoint(&self.base_url, "/referralnet/api/enrolments"))
+            .json(&EnrolmentRequest {
+                user_id: registration.credentials.username.as_str(),
+                password: registration.credentials.password.expose(),
+                promotion_code: registration.promo_code.as_str(),
+                organisation_name: registration.practice_name.as_str(),
+                email: registration.contact_email.as_str(),
+            })
+            .send()
+            .await
+            .map_err(transport_failure)?;
+        if let Some(error) = unavailable_status(&response) {
+            return Err(error);
+        }
+        match response.status() {
+            StatusCode::ACCEPTED | StatusCode::CREATED | StatusCode::OK => {
+                state_from_word(&read_json::<EnrolmentBody>(response).await?.state)
+            }
+            StatusCode::CONFLICT => Err(ProviderError::Duplicate),
+            _ => Err(fault(response).await),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use wiremock::matchers::{body_json, header, method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    use super::*;
+    use crate::domain::types::{ProviderPassword, ProviderUsername};
+
+    fn adapter(server: &MockServer, timeout: Duration) -> ReferralNetClient {
+        crate::install_crypto_provider();
+        ReferralNetClient::new(
+            super::super::http::build_client(timeout).unwrap(),
+            &server.uri(),
+        )
+    }
+
+    fn credentials() -> ProviderCredentials {
+        ProviderCredentials {
+            username: ProviderUsername::parse("demo.referralnet").unwrap(),
+            password: ProviderPassword::parse("rn-sandbox-pw").unwrap(),
+        }
+    }
+
+    async fn mount_login(server: &MockServer) {
+        Mock::given(method("POST"))
+            .and(path("/referralnet/api/sessions"))
+            .and(body_json(
+                serde_json::json!({"userId": "demo.referralnet", "password": "rn-sandbox-pw"}),
+            ))
+            .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({
+                "sessionToken": "tok-1", "expiresAt": "2026-11-24T21:00:00Z"
+            })))
+            .mount(server)
+            .await;
+    }
+
+    #[tokio::test]
+    async fn an_account_check_logs_in_then_sends_the_bearer_token() {
+        let server = MockServer::start().await;
+        mount_login(&server).await;
+        Mock::given(method("GET"))
+            .and(path("/referralnet/api/account"))
+            .and(header("authorization", "Bearer tok-1"))
+            .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({
+                "userId": "demo.referralnet", "enrolmentState": "APPROVED"
+            })))
+            .expect(1)
+            .mount(&server)
+            .await;
+        let state = adapter(&server, Duration::from_secs(2))
+            .account_state(&credentials())
+            .await;
+        assert_eq!(state.unwrap(), AccountState::Active);
+    }
+
+    #[tokio::test]
+    async fn a_refused_login_means_invalid_credentials() {
+        let server = MockServer::start().await;
+        Mock::given(path("/referralnet/api/sessions"))
+            .respond_with(ResponseTemplate::new(401).set_body_json(serde_json::json!({
+                "fault": {"faultCode": "invalidCredentials", "faultString": "no"}
+            })))
+            .mount(&server)
+            .await;
+        let error = adapter(&server, Duration::from_secs(2))
+            .account_state(&credentials())
+            .await
+            .unwrap_err();
+        assert!(matches!(error, ProviderError::InvalidCredentials));
+    }
+
+    #[tokio::test]
+    async fn a_5xx_on_the_account_call_is_unavailable() {
+        let server = MockServer::start().await;
+        mount_login(&server).await;
+        Mock::given(path("/referralnet/api/account"))
+            .respond_with(ResponseTemplate::new(502))
+            .mount(&server)
+            .await;
+        let error = adapter(&server, Duration::from_secs(2))
+            .account_state(&credentials())
+            .await
+            .unwrap_err();
+        assert!(matches!(error, ProviderError::Unavailable { .. }));
+    }
+
+    #[tokio::test]
+    async fn a_slow_login_times_out_as_unavailable() {
+        let server = MockServer::start().await;
+        Mock::given(path("/referralnet/api/sessions"))
+            .respond_with(ResponseTemplate::new(200).set_delay(Duration::from_secs(5)))
+            .mount(&server)
+            .await;
+        let error = adapter(&server, Duration::from_millis(200))
+            .account_state(&credentials())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(error, ProviderError::Unavailable { ref reason, .. } if reason == "timed out")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_malformed_session_body_is_unavailable() {
+        let server = MockServer::start().await;
+        Mock::given(path("/referralnet/api/sessions"))
+            .respond_with(ResponseTemplate::new(200).set_body_string("<html>oops"))
+            .mount(&server)
+            .await;
+        let error = adapter(&server, Duration::from_secs(2))
+            .account_state(&credentials())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(error, ProviderError::Unavailable { ref reason, .. } if reason.starts_with("malformed"))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_duplicate_enrolment_is_reported_as_such() {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .and(path("/referralnet/api/enrolments"))
+            .respond_with(ResponseTemplate::new(409).set_body_json(serde_json::json!({
+                "fault": {"faultCode": "duplicate", "faultString": "taken"}
+            })))
+            .mount(&server)
+            .await;
+        let registration = Registration {
+            credentials: credentials(),
+            promo_code: crate::domain::types::PromoCode::parse("SANDBOX-PROMO").unwrap(),
+            practice_name: crate::domain::types::PracticeName::parse("Clinic").unwrap(),
+            contact_email: crate::domain::types::ContactEmail::parse("a@b.com.au").unwrap(),
+        };
+        let error = adapter(&server, Duration::from_secs(2))
+            .register(&registration)
+            .await
+            .unwrap_err();
+        assert!(matches!(error, ProviderError::Duplicate));
+    }
+}

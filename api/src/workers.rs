@@ -1,0 +1,39 @@
+//! Background work. For now: the approval watcher, which asks providers about registrations
+//! waiting for approval. Its schedule lives in the database (`next_check_at`), so it survives
+//! restarts, backs off per account on provider errors, and several nodes share it safely.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::domain::integrations::IntegrationService;
+
+/// Starts the watcher; it stops when `shutdown` turns true.
+pub(crate) fn spawn_approval_watcher(
+    service: IntegrationService,
+    interval: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    // Wake at twice the check rate so a due check waits at most half an interval.
+    let tick = (interval / 2).clamp(Duration::from_millis(50), Duration::from_secs(5));
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(tick) => {}
+                _ = shutdown.changed() => break,
+            }
+            if *shutdown.borrow() {
+                break;
+            }
+            match service.check_due_registrations(Utc::now()).await {
+                Ok(0) => {}
+                Ok(checked) => tracing::debug!(checked, "approval checks done"),
+                Err(error) => {
+                    tracing::error!(error = ?error, "approval watcher pass failed; retrying next tick")
+                }
+            }
+        }
+    })
+}

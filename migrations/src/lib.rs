@@ -1,0 +1,17 @@
+//! The gateway's schema history: one list of migrations that runs unchanged on SQLite and
+//! PostgreSQL. Timestamps are BIGINT milliseconds since the Unix epoch and money or credits are
+//! BIGINT, so both backends compare and sum them the same way.
+
+pub use sea_orm_migration::prelude::*;
+
+mod m20261124_000001_accounts;
+
+/// Applies the gateway's migrations, in order.
+pub struct Migrator;
+
+#[sea_orm_migration::async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(m20261124_000001_accounts::Migration)]
+    }
+}

@@ -1,0 +1,396 @@
+//! Groups, users, provider accounts (group level), individual links, and the audit trail.
+
+use sea_orm_migration::prelude::*;
+
+#[derive(DeriveMigrationName)]
+pub struct Migration;
+
+#[derive(DeriveIden)]
+enum Groups {
+    Table,
+    Id,
+    CreatedAt,
+}
+
+#[derive(DeriveIden)]
+enum Users {
+    Table,
+    Id,
+    GroupId,
+    Subject,
+    Role,
+    Name,
+    CreatedAt,
+    UpdatedAt,
+}
+
+#[derive(DeriveIden)]
+enum ProviderAccounts {
+    Table,
+    Id,
+    GroupId,
+    Provider,
+    Username,
+    PasswordCiphertext,
+    Status,
+    Origin,
+    PracticeName,
+    ContactEmail,
+    CreatedByUserId,
+    CreatedAt,
+    StatusChangedAt,
+    LastCheckedAt,
+    NextCheckAt,
+    CheckFailures,
+}
+
+#[derive(DeriveIden)]
+enum ProviderLinks {
+    Table,
+    Id,
+    GroupId,
+    UserId,
+    Provider,
+    AccountId,
+    CreatedAt,
+}
+
+#[derive(DeriveIden)]
+enum AuditEvents {
+    Table,
+    Id,
+    GroupId,
+    ActorUserId,
+    ActorSubject,
+    Action,
+    Target,
+    Outcome,
+    Detail,
+    RequestId,
+    CreatedAt,
+}
+
+#[sea_orm_migration::async_trait::async_trait]
+impl MigrationTrait for Migration {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_table(
+                Table::create()
+                    .table(Groups::Table)
+                    .col(
+                        ColumnDef::new(Groups::Id)
+                            .string_len(128)
+                            .not_null()
+                            .primary_key(),
+                    )
+                    .col(ColumnDef::new(Groups::CreatedAt).big_integer().not_null())
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(Users::Table)
+                    .col(
+                        ColumnDef::new(Users::Id)
+                            .string_len(36)
+                            .not_null()
+                            .primary_key(),
+                    )
+                    .col(ColumnDef::new(Users::GroupId).string_len(128).not_null())
+                    .col(ColumnDef::new(Users::Subject).string_len(256).not_null())
+                    .col(ColumnDef::new(Users::Role).string_len(32).not_null())
+                    .col(ColumnDef::new(Users::Name).string_len(256).not_null())
+                    .col(ColumnDef::new(Users::CreatedAt).big_integer().not_null())
+                    .col(ColumnDef::new(Users::UpdatedAt).big_integer().not_null())
+                    .foreign_key(
+                        ForeignKey::create()
+                            .from(Users::Table, Users::GroupId)
+                            .to(Groups::Table, Groups::Id),
+                    )
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("ux_users_group_subject")
+                    .table(Users::Table)
+                    .col(Users::GroupId)
+                    .col(Users::Subject)
+                    .unique()
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(ProviderAccounts::Table)
+                    .col(
+                        ColumnDef::new(ProviderAccounts::Id)
+                            .string_len(36)
+                            .not_null()
+                            .primary_key(),
+                    )
+                    .col(
+                        ColumnDef::new(ProviderAccounts::GroupId)
+                            .string_len(128)
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(ProviderAccounts::Provider)
+                            .string_len(32)
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(ProviderAccounts::Username)
+                            .string_len(128)
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(ProviderAccounts::PasswordCiphertext)
+                            .text()
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(ProviderAccounts::Status)
+                            .string_len(32)
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(ProviderAccounts::Origin)
+                            .string_len(32)
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(ProviderAccounts::PracticeName)
+                            .string_len(256)
+                            .null(),
+                    )
+                    .col(
+                        ColumnDef::new(ProviderAccounts::ContactEmail)
+                            .string_len(256)
+                            .null(),
+                    )
+                    .col(
+                        ColumnDef::new(ProviderAccounts::CreatedByUserId)
+                            .string_len(36)
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(ProviderAccounts::CreatedAt)
+                            .big_integer()
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(ProviderAccounts::StatusChangedAt)
+                            .big_integer()
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(ProviderAccounts::LastCheckedAt)
+                            .big_integer()
+                            .null(),
+                    )
+                    .col(
+                        ColumnDef::new(ProviderAccounts::NextCheckAt)
+                            .big_integer()
+                            .null(),
+                    )
+                    .col(
+                        ColumnDef::new(ProviderAccounts::CheckFailures)
+                            .integer()
+                            .not_null()
+                            .default(0),
+                    )
+                    .foreign_key(
+                        ForeignKey::create()
+                            .from(ProviderAccounts::Table, ProviderAccounts::GroupId)
+                            .to(Groups::Table, Groups::Id),
+                    )
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("ux_provider_accounts_group_provider")
+                    .table(ProviderAccounts::Table)
+                    .col(ProviderAccounts::GroupId)
+                    .col(ProviderAccounts::Provider)
+                    .unique()
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("ix_provider_accounts_due")
+                    .table(ProviderAccounts::Table)
+                    .col(ProviderAccounts::Status)
+                    .col(ProviderAccounts::NextCheckAt)
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(ProviderLinks::Table)
+                    .col(
+                        ColumnDef::new(ProviderLinks::Id)
+                            .string_len(36)
+                            .not_null()
+                            .primary_key(),
+                    )
+                    .col(
+                        ColumnDef::new(ProviderLinks::GroupId)
+                            .string_len(128)
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(ProviderLinks::UserId)
+                            .string_len(36)
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(ProviderLinks::Provider)
+                            .string_len(32)
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(ProviderLinks::AccountId)
+                            .string_len(36)
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(ProviderLinks::CreatedAt)
+                            .big_integer()
+                            .not_null(),
+                    )
+                    .foreign_key(
+                        ForeignKey::create()
+                            .from(ProviderLinks::Table, ProviderLinks::AccountId)
+                            .to(ProviderAccounts::Table, ProviderAccounts::Id)
+                            .on_delete(ForeignKeyAction::Cascade),
+                    )
+                    .foreign_key(
+                        ForeignKey::create()
+                            .from(ProviderLinks::Table, ProviderLinks::UserId)
+                            .to(Users::Table, Users::Id),
+                    )
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("ux_provider_links_user_provider")
+                    .table(ProviderLinks::Table)
+                    .col(ProviderLinks::UserId)
+                    .col(ProviderLinks::Provider)
+                    .unique()
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("ix_provider_links_account")
+                    .table(ProviderLinks::Table)
+                    .col(ProviderLinks::AccountId)
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(AuditEvents::Table)
+                    .col(
+                        ColumnDef::new(AuditEvents::Id)
+                            .string_len(36)
+                            .not_null()
+                            .primary_key(),
+                    )
+                    .col(
+                        ColumnDef::new(AuditEvents::GroupId)
+                            .string_len(128)
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(AuditEvents::ActorUserId)
+                            .string_len(36)
+                            .null(),
+                    )
+                    .col(
+                        ColumnDef::new(AuditEvents::ActorSubject)
+                            .string_len(256)
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(AuditEvents::Action)
+                            .string_len(64)
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(AuditEvents::Target)
+                            .string_len(256)
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(AuditEvents::Outcome)
+                            .string_len(32)
+                            .not_null(),
+                    )
+                    .col(ColumnDef::new(AuditEvents::Detail).string_len(512).null())
+                    .col(
+                        ColumnDef::new(AuditEvents::RequestId)
+                            .string_len(64)
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(AuditEvents::CreatedAt)
+                            .big_integer()
+                            .not_null(),
+                    )
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("ix_audit_events_group_id")
+                    .table(AuditEvents::Table)
+                    .col(AuditEvents::GroupId)
+                    .col(AuditEvents::Id)
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("ix_audit_events_actor_action")
+                    .table(AuditEvents::Table)
+                    .col(AuditEvents::ActorUserId)
+                    .col(AuditEvents::Action)
+                    .col(AuditEvents::CreatedAt)
+                    .to_owned(),
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        for table in [
+            AuditEvents::Table.into_iden(),
+            ProviderLinks::Table.into_iden(),
+            ProviderAccounts::Table.into_iden(),
+            Users::Table.into_iden(),
+            Groups::Table.into_iden(),
+        ] {
+            manager
+                .drop_table(Table::drop().table(table).to_owned())
+                .await?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,270 @@
+//! The control API under `/_sandbox`, scoped to the request's namespace like everything else:
+//! read, set and advance the clock; list registrations and decide them early; inject, list and
+//! clear faults; reset the namespace. Errors are `{"error":"…"}`.
+
+use axum::body::Bytes;
+use axum::extract::Path;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::{DateTime, Duration, SubsecRound, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::accounts::{Account, AccountStatus, Decision, EarlyDecisionError};
+use crate::clock::validate_clock_speed;
+use crate::faults::{Fault, FaultRequest};
+use crate::namespace::{CurrentNamespace, NamespaceState, SandboxState};
+use crate::provider::Provider;
+
+/// The control routes.
+pub(crate) fn routes() -> Router<SandboxState> {
+    Router::new()
+        .route("/_sandbox/clock", get(read_clock).post(set_clock))
+        .route("/_sandbox/clock/advance", post(advance_clock))
+        .route("/_sandbox/registrations", get(list_registrations))
+        .route(
+            "/_sandbox/registrations/{provider}/{username}/approve",
+            post(approve_registration),
+        )
+        .route(
+            "/_sandbox/registrations/{provider}/{username}/reject",
+            post(reject_registration),
+        )
+        .route(
+            "/_sandbox/faults",
+            get(list_faults).post(add_fault).delete(clear_faults),
+        )
+        .route("/_sandbox/reset", post(reset_namespace))
+}
+
+/// Why a control call was refused.
+#[derive(Debug, thiserror::Error)]
+enum ControlError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+}
+
+impl IntoResponse for ControlError {
+    fn into_response(self) -> Response {
+        let status = match self {
+            ControlError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ControlError::NotFound(_) => StatusCode::NOT_FOUND,
+            ControlError::Conflict(_) => StatusCode::CONFLICT,
+        };
+        (status, Json(json!({ "error": self.to_string() }))).into_response()
+    }
+}
+
+fn parse_body<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, ControlError> {
+    serde_json::from_slice(body).map_err(|error| {
+        ControlError::BadRequest(format!("body is not the expected JSON: {error}"))
+    })
+}
+
+#[derive(Serialize)]
+struct ClockView {
+    now: DateTime<Utc>,
+    speed: f64,
+}
+
+fn clock_view(state: &NamespaceState) -> Json<ClockView> {
+    Json(ClockView {
+        now: state.clock.now().trunc_subsecs(3),
+        speed: state.clock.speed(),
+    })
+}
+
+/// `GET /_sandbox/clock`.
+async fn read_clock(namespace: CurrentNamespace) -> Json<ClockView> {
+    namespace.with_state(|state| clock_view(state))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetClockBody {
+    now: Option<DateTime<Utc>>,
+    speed: Option<f64>,
+}
+
+/// `POST /_sandbox/clock`: sets sandbox now, speed, or both.
+async fn set_clock(
+    namespace: CurrentNamespace,
+    body: Bytes,
+) -> Result<Json<ClockView>, ControlError> {
+    let change: SetClockBody = parse_body(&body)?;
+    let speed = change
+        .speed
+        .map(validate_clock_speed)
+        .transpose()
+        .map_err(|error| ControlError::BadRequest(error.to_string()))?;
+    namespace.with_state(|state| {
+        if let Some(now) = change.now {
+            state
+                .clock
+                .set_now(now)
+                .map_err(|error| ControlError::BadRequest(error.to_string()))?;
+        }
+        if let Some(speed) = speed {
+            state.clock.set_speed(speed);
+        }
+        tracing::info!(namespace = namespace.name(), now = %state.clock.now(), speed = state.clock.speed(), "sandbox clock set");
+        Ok(clock_view(state))
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdvanceClockBody {
+    seconds: i64,
+}
+
+/// `POST /_sandbox/clock/advance`: moves sandbox time forward at once.
+async fn advance_clock(
+    namespace: CurrentNamespace,
+    body: Bytes,
+) -> Result<Json<ClockView>, ControlError> {
+    let advance: AdvanceClockBody = parse_body(&body)?;
+    if advance.seconds < 0 {
+        return Err(ControlError::BadRequest(format!(
+            "seconds must not be negative, got {}",
+            advance.seconds
+        )));
+    }
+    let out_of_range = || ControlError::BadRequest("seconds is too large".to_owned());
+    let by = Duration::try_seconds(advance.seconds).ok_or_else(out_of_range)?;
+    namespace.with_state(|state| {
+        state.clock.advance(by).map_err(|_| out_of_range())?;
+        tracing::info!(
+            namespace = namespace.name(),
+            seconds = advance.seconds,
+            "sandbox clock advanced"
+        );
+        Ok(clock_view(state))
+    })
+}
+
+/// One registration as the control API lists it.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct RegistrationView {
+    provider: Provider,
+    username: String,
+    status: AccountStatus,
+    registered_at: DateTime<Utc>,
+    /// When the scheduled decision falls (or fell) due.
+    decides_at: DateTime<Utc>,
+    /// When it was actually decided: `decidesAt`, or earlier through control; null while pending.
+    decided_at: Option<DateTime<Utc>>,
+}
+
+impl RegistrationView {
+    fn of(provider: Provider, account: &Account, now: DateTime<Utc>) -> RegistrationView {
+        RegistrationView {
+            provider,
+            username: account.username.clone(),
+            status: account.status_at(now),
+            registered_at: account.registered_at,
+            decides_at: account.decides_at,
+            decided_at: account.decided_at(now),
+        }
+    }
+}
+
+/// `GET /_sandbox/registrations`: registrations at both providers, oldest first.
+async fn list_registrations(namespace: CurrentNamespace) -> Json<Vec<RegistrationView>> {
+    namespace.with_state(|state| {
+        let now = state.clock.now();
+        let mut registrations: Vec<RegistrationView> = [Provider::Argus, Provider::ReferralNet]
+            .into_iter()
+            .flat_map(|provider| {
+                state
+                    .accounts(provider)
+                    .registrations()
+                    .into_iter()
+                    .map(move |account| RegistrationView::of(provider, account, now))
+            })
+            .collect();
+        // A stable sort keeps each provider's own order among equal timestamps.
+        registrations.sort_by_key(|registration| registration.registered_at);
+        Json(registrations)
+    })
+}
+
+async fn approve_registration(
+    namespace: CurrentNamespace,
+    Path((provider, username)): Path<(String, String)>,
+) -> Result<Json<RegistrationView>, ControlError> {
+    decide_registration(namespace, &provider, &username, Decision::Approve)
+}
+
+async fn reject_registration(
+    namespace: CurrentNamespace,
+    Path((provider, username)): Path<(String, String)>,
+) -> Result<Json<RegistrationView>, ControlError> {
+    decide_registration(namespace, &provider, &username, Decision::Reject)
+}
+
+/// `POST /_sandbox/registrations/{provider}/{username}/approve|reject`: decides now.
+fn decide_registration(
+    namespace: CurrentNamespace,
+    provider_name: &str,
+    username: &str,
+    decision: Decision,
+) -> Result<Json<RegistrationView>, ControlError> {
+    let provider = Provider::parse(provider_name).ok_or_else(|| {
+        ControlError::NotFound(format!(
+            "unknown provider {provider_name:?}: use argus or referralnet"
+        ))
+    })?;
+    namespace.with_state(|state| {
+        let now = state.clock.now();
+        let account = state
+            .accounts_mut(provider)
+            .decide_early(username, decision, now)
+            .map_err(|error| match error {
+                EarlyDecisionError::UnknownAccount(_) => ControlError::NotFound(error.to_string()),
+                EarlyDecisionError::AlreadyDecided(_) => ControlError::Conflict(error.to_string()),
+            })?;
+        tracing::info!(
+            namespace = namespace.name(),
+            provider = provider.as_str(),
+            username,
+            ?decision,
+            "registration decided early"
+        );
+        Ok(Json(RegistrationView::of(provider, account, now)))
+    })
+}
+
+/// `POST /_sandbox/faults`: queues a fault for the next matching provider calls.
+async fn add_fault(namespace: CurrentNamespace, body: Bytes) -> Result<Response, ControlError> {
+    let request: FaultRequest = parse_body(&body)?;
+    let fault = Fault::from_request(request).map_err(ControlError::BadRequest)?;
+    namespace.with_state(|state| state.faults.add(fault.clone()));
+    tracing::info!(namespace = namespace.name(), ?fault, "fault injected");
+    Ok((StatusCode::CREATED, Json(fault)).into_response())
+}
+
+/// `GET /_sandbox/faults`: the faults still waiting, oldest first.
+async fn list_faults(namespace: CurrentNamespace) -> Json<Vec<Fault>> {
+    namespace.with_state(|state| Json(state.faults.remaining().to_vec()))
+}
+
+/// `DELETE /_sandbox/faults`: removes every waiting fault.
+async fn clear_faults(namespace: CurrentNamespace) -> StatusCode {
+    namespace.with_state(|state| state.faults.clear());
+    StatusCode::NO_CONTENT
+}
+
+/// `POST /_sandbox/reset`: the namespace back to its initial state.
+async fn reset_namespace(namespace: CurrentNamespace) -> StatusCode {
+    namespace.with_state(|state| state.reset());
+    tracing::info!(namespace = namespace.name(), "namespace reset");
+    StatusCode::NO_CONTENT
+}

@@ -1,0 +1,86 @@
+//! The `smd-sandbox` binary: serves the sandbox on its own, for CI pipelines and frontend teams.
+//!
+//! Prints `ready http://ADDR` on stdout once it accepts connections; logs go to stderr
+//! (`RUST_LOG` filters them, default `info`). Ctrl-C (or SIGTERM) stops it gracefully.
+
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use clap::Parser;
+use smd_sandbox::{SandboxConfig, validate_clock_speed};
+use tracing_subscriber::EnvFilter;
+
+/// Emulators of the Argus and ReferralNet SMD providers, for building and testing against.
+#[derive(Debug, Parser)]
+#[command(name = "smd-sandbox", version)]
+struct Arguments {
+    /// Address to listen on.
+    #[arg(long, env = "SMD_SANDBOX_LISTEN", default_value = "127.0.0.1:8081")]
+    listen: SocketAddr,
+    /// Seed for every random draw that should repeat between runs, such as decision times.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Sandbox seconds per real second for new namespaces' clocks.
+    #[arg(long, default_value_t = 1.0, value_parser = parse_clock_speed, allow_negative_numbers = true)]
+    clock_speed: f64,
+}
+
+fn parse_clock_speed(text: &str) -> Result<f64, String> {
+    let speed: f64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number"))?;
+    validate_clock_speed(speed).map_err(|error| error.to_string())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let arguments = Arguments::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+
+    let config = SandboxConfig {
+        seed: arguments.seed,
+        clock_speed: arguments.clock_speed,
+    };
+    let sandbox = smd_sandbox::spawn(arguments.listen, config)
+        .await
+        .with_context(|| format!("could not listen on {}", arguments.listen))?;
+    println!("ready http://{}", sandbox.addr());
+
+    stop_requested().await;
+    tracing::info!("stopping");
+    sandbox.shutdown().await;
+    Ok(())
+}
+
+/// Waits for Ctrl-C, or SIGTERM where there is one (container runtimes and CI send it).
+async fn stop_requested() {
+    let interrupted = async {
+        if let Err(error) = tokio::signal::ctrl_c().await {
+            tracing::error!(%error, "cannot listen for ctrl-c");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminated) => {
+                tokio::select! {
+                    () = interrupted => {}
+                    _ = terminated.recv() => {}
+                }
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM");
+                interrupted.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    interrupted.await;
+}

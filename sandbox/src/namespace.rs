@@ -1,0 +1,330 @@
+//! Namespaces: which namespace a request belongs to (path prefix `/ns/{name}/…`, else the
+//! `X-Sandbox-Namespace` header, else `default`), the registry of every namespace's state, and
+//! the extractor handlers use to reach the state of theirs.
+//!
+//! The path prefix is stripped before routing, so the provider and control routers never see it.
+//! A namespace's state sits behind its own std mutex; handlers reach it only through
+//! [`CurrentNamespace::with_state`], whose closure cannot await, so the lock is never held
+//! across an await.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+use tower::ServiceExt;
+
+use crate::SandboxConfig;
+use crate::accounts::{
+    ARGUS_DEMO_ACCOUNT, Account, AccountBook, DecisionSeed, NewRegistration,
+    REFERRALNET_DEMO_ACCOUNT, RegistrationError,
+};
+use crate::clock::SandboxClock;
+use crate::faults::{FaultQueue, FaultRoute, TriggeredFault};
+use crate::provider::Provider;
+use crate::referralnet::SessionBook;
+
+/// The header naming the namespace when the path has no `/ns/{name}` prefix.
+pub(crate) const NAMESPACE_HEADER: &str = "x-sandbox-namespace";
+
+/// The namespace of requests that name none.
+const DEFAULT_NAMESPACE: &str = "default";
+
+/// The path prefix that names a namespace, followed by the name.
+const NAMESPACE_PATH_PREFIX: &str = "/ns/";
+
+/// A namespace name: 1 to 64 of `a-z`, `0-9`, `_` and `-`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct NamespaceName(String);
+
+impl NamespaceName {
+    pub(crate) fn parse(name: &str) -> Result<NamespaceName, String> {
+        let is_valid = (1..=64).contains(&name.len())
+            && name.bytes().all(|byte| {
+                byte.is_ascii_lowercase() || byte.is_ascii_digit() || byte == b'_' || byte == b'-'
+            });
+        if is_valid {
+            Ok(NamespaceName(name.to_owned()))
+        } else {
+            Err(format!(
+                "invalid namespace name {name:?}: use 1 to 64 of a-z, 0-9, '_' and '-'"
+            ))
+        }
+    }
+
+    pub(crate) fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Everything one namespace holds. Later areas (directory, messaging, payments) add their
+/// state here as further fields.
+#[derive(Debug)]
+pub(crate) struct NamespaceState {
+    name: NamespaceName,
+    config: SandboxConfig,
+    pub(crate) clock: SandboxClock,
+    argus_accounts: AccountBook,
+    referralnet_accounts: AccountBook,
+    pub(crate) referralnet_sessions: SessionBook,
+    pub(crate) faults: FaultQueue,
+}
+
+impl NamespaceState {
+    /// A fresh namespace: demo accounts only, clock at real now and the configured speed.
+    fn new(name: NamespaceName, config: SandboxConfig) -> NamespaceState {
+        let clock = SandboxClock::starting_now(config.clock_speed);
+        let now = clock.now();
+        NamespaceState {
+            name,
+            config,
+            clock,
+            argus_accounts: AccountBook::with_demo_account(&ARGUS_DEMO_ACCOUNT, now),
+            referralnet_accounts: AccountBook::with_demo_account(&REFERRALNET_DEMO_ACCOUNT, now),
+            referralnet_sessions: SessionBook::default(),
+            faults: FaultQueue::default(),
+        }
+    }
+
+    /// Puts the namespace back to how it was when first used.
+    pub(crate) fn reset(&mut self) {
+        *self = NamespaceState::new(self.name.clone(), self.config);
+    }
+
+    /// The accounts of one provider.
+    pub(crate) fn accounts(&self, provider: Provider) -> &AccountBook {
+        match provider {
+            Provider::Argus => &self.argus_accounts,
+            Provider::ReferralNet => &self.referralnet_accounts,
+        }
+    }
+
+    /// The accounts of one provider, to change.
+    pub(crate) fn accounts_mut(&mut self, provider: Provider) -> &mut AccountBook {
+        match provider {
+            Provider::Argus => &mut self.argus_accounts,
+            Provider::ReferralNet => &mut self.referralnet_accounts,
+        }
+    }
+
+    /// Registers a new account with `provider` at the current sandbox time.
+    pub(crate) fn register(
+        &mut self,
+        provider: Provider,
+        registration: NewRegistration,
+    ) -> Result<Account, RegistrationError> {
+        let now = self.clock.now();
+        let seed = DecisionSeed {
+            sandbox_seed: self.config.seed,
+            namespace: self.name.as_str(),
+            provider,
+        };
+        let accounts = match provider {
+            Provider::Argus => &mut self.argus_accounts,
+            Provider::ReferralNet => &mut self.referralnet_accounts,
+        };
+        accounts.register(registration, &seed, now).cloned()
+    }
+}
+
+/// The application state: every namespace, created on first use.
+#[derive(Clone, Debug)]
+pub(crate) struct SandboxState {
+    registry: Arc<NamespaceRegistry>,
+}
+
+#[derive(Debug)]
+struct NamespaceRegistry {
+    config: SandboxConfig,
+    namespaces: Mutex<HashMap<NamespaceName, Arc<Mutex<NamespaceState>>>>,
+}
+
+impl SandboxState {
+    pub(crate) fn new(config: SandboxConfig) -> SandboxState {
+        SandboxState {
+            registry: Arc::new(NamespaceRegistry {
+                config,
+                namespaces: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    fn namespace(&self, name: &NamespaceName) -> Arc<Mutex<NamespaceState>> {
+        let mut namespaces = lock(&self.registry.namespaces);
+        namespaces
+            .entry(name.clone())
+            .or_insert_with(|| {
+                tracing::info!(namespace = name.as_str(), "namespace created");
+                Arc::new(Mutex::new(NamespaceState::new(
+                    name.clone(),
+                    self.registry.config,
+                )))
+            })
+            .clone()
+    }
+}
+
+/// Locks a mutex, carrying on after a panic elsewhere: every change to namespace state is
+/// made whole or not at all, so a poisoned lock still guards consistent state.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The namespace of the request being handled.
+#[derive(Debug)]
+pub(crate) struct CurrentNamespace {
+    name: NamespaceName,
+    state: Arc<Mutex<NamespaceState>>,
+}
+
+impl CurrentNamespace {
+    pub(crate) fn name(&self) -> &str {
+        self.name.as_str()
+    }
+
+    /// Runs `change` with the namespace locked. The closure is synchronous on purpose.
+    pub(crate) fn with_state<R>(&self, change: impl FnOnce(&mut NamespaceState) -> R) -> R {
+        change(&mut lock(&self.state))
+    }
+
+    /// Uses up one hit of the oldest fault waiting for this provider call, if any.
+    pub(crate) fn take_fault(
+        &self,
+        provider: Provider,
+        route: FaultRoute,
+    ) -> Option<TriggeredFault> {
+        self.with_state(|state| state.faults.take_matching(provider, route))
+    }
+}
+
+impl FromRequestParts<SandboxState> for CurrentNamespace {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &SandboxState,
+    ) -> Result<CurrentNamespace, Infallible> {
+        let name = parts
+            .extensions
+            .get::<NamespaceName>()
+            .cloned()
+            .unwrap_or_else(|| NamespaceName(DEFAULT_NAMESPACE.to_owned()));
+        let namespace_state = state.namespace(&name);
+        Ok(CurrentNamespace {
+            name,
+            state: namespace_state,
+        })
+    }
+}
+
+/// Wraps `inner` so every request is assigned its namespace, and has any `/ns/{name}` prefix
+/// stripped, before `inner` routes it.
+pub(crate) fn with_namespace_routing(inner: Router) -> Router {
+    let assign_then_route = tower::service_fn(move |request: Request| {
+        let inner = inner.clone();
+        async move {
+            match assign_namespace(request) {
+                Ok(request) => inner.oneshot(request).await,
+                Err(rejection) => Ok::<Response, Infallible>(rejection.into_response()),
+            }
+        }
+    });
+    Router::new().fallback_service(assign_then_route)
+}
+
+/// Works out the request's namespace, records it as an extension and strips the path prefix.
+fn assign_namespace(mut request: Request) -> Result<Request, InvalidNamespace> {
+    let uri = request.uri().clone();
+    let path = uri.path().to_owned();
+    let name = match split_namespace_prefix(&path) {
+        Some((name, remaining_path)) => {
+            let name = NamespaceName::parse(name).map_err(InvalidNamespace)?;
+            *request.uri_mut() = replace_path(uri, remaining_path)?;
+            name
+        }
+        None => match request.headers().get(NAMESPACE_HEADER) {
+            Some(value) => {
+                let value = value
+                    .to_str()
+                    .map_err(|_| InvalidNamespace("invalid namespace name: not text".to_owned()))?;
+                NamespaceName::parse(value).map_err(InvalidNamespace)?
+            }
+            None => NamespaceName(DEFAULT_NAMESPACE.to_owned()),
+        },
+    };
+    tracing::debug!(
+        namespace = name.as_str(),
+        method = %request.method(),
+        path = request.uri().path(),
+        "request"
+    );
+    request.extensions_mut().insert(name);
+    Ok(request)
+}
+
+/// Splits `/ns/{name}/rest` into the name and `/rest` (`/` when nothing follows the name).
+fn split_namespace_prefix(path: &str) -> Option<(&str, &str)> {
+    let after_prefix = path.strip_prefix(NAMESPACE_PATH_PREFIX)?;
+    match after_prefix.find('/') {
+        Some(slash) => Some((&after_prefix[..slash], &after_prefix[slash..])),
+        None => Some((after_prefix, "/")),
+    }
+}
+
+fn replace_path(uri: Uri, path: &str) -> Result<Uri, InvalidNamespace> {
+    let path_and_query = match uri.query() {
+        Some(query) => format!("{path}?{query}"),
+        None => path.to_owned(),
+    };
+    let mut parts = uri.into_parts();
+    parts.path_and_query = Some(
+        path_and_query
+            .parse()
+            .map_err(|_| InvalidNamespace("invalid request path".to_owned()))?,
+    );
+    Uri::from_parts(parts).map_err(|_| InvalidNamespace("invalid request path".to_owned()))
+}
+
+/// A request whose namespace cannot be worked out; answered 400 `{"error":"…"}`.
+#[derive(Debug)]
+struct InvalidNamespace(String);
+
+impl IntoResponse for InvalidNamespace {
+    fn into_response(self) -> Response {
+        (StatusCode::BAD_REQUEST, Json(json!({ "error": self.0 }))).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_namespace_prefix_is_split_from_the_rest_of_the_path() {
+        assert_eq!(
+            split_namespace_prefix("/ns/team-a/argus/v1/account"),
+            Some(("team-a", "/argus/v1/account"))
+        );
+        assert_eq!(split_namespace_prefix("/ns/team-a"), Some(("team-a", "/")));
+        assert_eq!(split_namespace_prefix("/ns/"), Some(("", "/")));
+        assert_eq!(split_namespace_prefix("/argus/v1/account"), None);
+        assert_eq!(split_namespace_prefix("/nsx/argus"), None);
+    }
+
+    #[test]
+    fn namespace_names_are_short_lowercase_words() {
+        assert!(NamespaceName::parse("ci_run-42").is_ok());
+        for invalid in ["", "Team", "a b", "a/b", "%41", &"x".repeat(65)] {
+            assert!(
+                NamespaceName::parse(invalid).is_err(),
+                "{invalid:?} was accepted"
+            );
+        }
+    }
+}

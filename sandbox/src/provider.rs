@@ -1,0 +1,108 @@
+//! The emulated providers, and how each one shapes an error on the wire.
+//!
+//! Argus answers `{"error":{"code","message"}}`; ReferralNet answers
+//! `{"fault":{"faultCode","faultString"}}`. Both borrow their codes from the SMD standard's
+//! vocabulary (ATS 5822 StandardError).
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+/// One of the providers the sandbox emulates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Provider {
+    Argus,
+    ReferralNet,
+}
+
+impl Provider {
+    /// The provider's name as it appears in control URLs and bodies.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Provider::Argus => "argus",
+            Provider::ReferralNet => "referralnet",
+        }
+    }
+
+    /// Parses the lowercase name used in control URLs and bodies.
+    pub(crate) fn parse(name: &str) -> Option<Provider> {
+        match name {
+            "argus" => Some(Provider::Argus),
+            "referralnet" => Some(Provider::ReferralNet),
+            _ => None,
+        }
+    }
+}
+
+/// The standard error words the sandbox answers with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ProviderErrorCode {
+    BadParam,
+    InvalidPromoCode,
+    Duplicate,
+    InvalidCredentials,
+    NotAuthorised,
+    TokenExpired,
+    ServiceTemporaryUnavailable,
+}
+
+impl ProviderErrorCode {
+    /// The word as it appears on the wire.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            ProviderErrorCode::BadParam => "badParam",
+            ProviderErrorCode::InvalidPromoCode => "invalidPromoCode",
+            ProviderErrorCode::Duplicate => "duplicate",
+            ProviderErrorCode::InvalidCredentials => "invalidCredentials",
+            ProviderErrorCode::NotAuthorised => "notAuthorised",
+            ProviderErrorCode::TokenExpired => "tokenExpired",
+            ProviderErrorCode::ServiceTemporaryUnavailable => "serviceTemporaryUnavailable",
+        }
+    }
+}
+
+/// An error answer in the shape of one provider's protocol.
+#[derive(Debug)]
+pub(crate) struct ProviderError {
+    pub(crate) provider: Provider,
+    pub(crate) status: StatusCode,
+    pub(crate) code: ProviderErrorCode,
+    pub(crate) message: String,
+}
+
+impl ProviderError {
+    pub(crate) fn new(
+        provider: Provider,
+        status: StatusCode,
+        code: ProviderErrorCode,
+        message: impl Into<String>,
+    ) -> ProviderError {
+        ProviderError {
+            provider,
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// The JSON body this error is sent with.
+    pub(crate) fn body(&self) -> serde_json::Value {
+        match self.provider {
+            Provider::Argus => json!({
+                "error": { "code": self.code.as_str(), "message": self.message }
+            }),
+            Provider::ReferralNet => json!({
+                "fault": { "faultCode": self.code.as_str(), "faultString": self.message }
+            }),
+        }
+    }
+}
+
+impl IntoResponse for ProviderError {
+    fn into_response(self) -> Response {
+        (self.status, Json(self.body())).into_response()
+    }
+}

@@ -1,0 +1,169 @@
+//! A sandbox spawned on port 0 per test, and typed helpers to talk to it.
+
+use std::net::SocketAddr;
+
+use reqwest::{RequestBuilder, Response, StatusCode};
+use serde_json::{Value, json};
+use smd_sandbox::{SandboxConfig, SandboxHandle};
+
+pub const ARGUS_DEMO_USERNAME: &str = "demo.argus";
+pub const ARGUS_DEMO_PASSWORD: &str = "argus-sandbox-pw";
+pub const REFERRALNET_DEMO_USER_ID: &str = "demo.referralnet";
+pub const REFERRALNET_DEMO_PASSWORD: &str = "rn-sandbox-pw";
+pub const NEW_PASSWORD: &str = "correct-horse-battery";
+pub const ONE_DAY_SECONDS: i64 = 24 * 60 * 60;
+
+/// A running sandbox and an HTTP client for it. Every path given to its helpers may start with
+/// `/ns/{name}` to address a namespace.
+pub struct TestSandbox {
+    pub client: reqwest::Client,
+    pub base_url: String,
+    _handle: SandboxHandle,
+}
+
+pub async fn spawn_sandbox() -> TestSandbox {
+    spawn_sandbox_with(SandboxConfig::default()).await
+}
+
+pub async fn spawn_sandbox_with(config: SandboxConfig) -> TestSandbox {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let handle = smd_sandbox::spawn(SocketAddr::from(([127, 0, 0, 1], 0)), config)
+        .await
+        .expect("the sandbox binds a free port");
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(10))
+        .build()
+        .expect("a client builds");
+    TestSandbox {
+        client,
+        base_url: handle.base_url(),
+        _handle: handle,
+    }
+}
+
+/// A response's status and JSON body (`Value::Null` when the body is empty).
+pub async fn status_and_json(response: Response) -> (StatusCode, Value) {
+    let status = response.status();
+    let text = response.text().await.expect("a body arrives");
+    let body = if text.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap_or_else(|error| panic!("{error}: {text}"))
+    };
+    (status, body)
+}
+
+impl TestSandbox {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base_url)
+    }
+
+    pub fn get(&self, path: &str) -> RequestBuilder {
+        self.client.get(self.url(path))
+    }
+
+    pub fn post(&self, path: &str, body: Value) -> RequestBuilder {
+        self.client.post(self.url(path)).json(&body)
+    }
+
+    pub async fn send(&self, request: RequestBuilder) -> (StatusCode, Value) {
+        status_and_json(request.send().await.expect("the sandbox answers")).await
+    }
+
+    /// `GET /argus/v1/account` with Basic credentials, under `prefix` (`""` or `/ns/{name}`).
+    pub async fn argus_account(
+        &self,
+        prefix: &str,
+        username: &str,
+        password: &str,
+    ) -> (StatusCode, Value) {
+        let path = format!("{prefix}/argus/v1/account");
+        self.send(self.get(&path).basic_auth(username, Some(password)))
+            .await
+    }
+
+    /// `POST /argus/v1/registrations` of a valid form with this username and promo code.
+    pub async fn register_argus(
+        &self,
+        prefix: &str,
+        username: &str,
+        promo_code: &str,
+    ) -> (StatusCode, Value) {
+        let path = format!("{prefix}/argus/v1/registrations");
+        let form = json!({
+            "username": username,
+            "password": NEW_PASSWORD,
+            "promoCode": promo_code,
+            "practiceName": "Harbourside Family Practice",
+            "contactEmail": "front.desk@harbourside.example",
+        });
+        self.send(self.post(&path, form)).await
+    }
+
+    /// `POST /referralnet/api/enrolments` of a valid form with this user id and promotion code.
+    pub async fn enrol_referralnet(
+        &self,
+        prefix: &str,
+        user_id: &str,
+        promotion_code: &str,
+    ) -> (StatusCode, Value) {
+        let path = format!("{prefix}/referralnet/api/enrolments");
+        let form = json!({
+            "userId": user_id,
+            "password": NEW_PASSWORD,
+            "promotionCode": promotion_code,
+            "organisationName": "Harbourside Family Practice",
+            "email": "front.desk@harbourside.example",
+        });
+        self.send(self.post(&path, form)).await
+    }
+
+    /// `POST /referralnet/api/sessions`.
+    pub async fn referralnet_login(
+        &self,
+        prefix: &str,
+        user_id: &str,
+        password: &str,
+    ) -> (StatusCode, Value) {
+        let path = format!("{prefix}/referralnet/api/sessions");
+        self.send(self.post(&path, json!({ "userId": user_id, "password": password })))
+            .await
+    }
+
+    /// Logs in and returns the session token, failing the test if login fails.
+    pub async fn referralnet_token(&self, prefix: &str, user_id: &str, password: &str) -> String {
+        let (status, body) = self.referralnet_login(prefix, user_id, password).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body["sessionToken"].as_str().expect("a token").to_owned()
+    }
+
+    /// `GET /referralnet/api/account` with a bearer token.
+    pub async fn referralnet_account(&self, prefix: &str, token: &str) -> (StatusCode, Value) {
+        let path = format!("{prefix}/referralnet/api/account");
+        self.send(self.get(&path).bearer_auth(token)).await
+    }
+
+    /// Advances the sandbox clock of the namespace under `prefix`.
+    pub async fn advance_clock(&self, prefix: &str, seconds: i64) {
+        let path = format!("{prefix}/_sandbox/clock/advance");
+        let (status, body) = self
+            .send(self.post(&path, json!({ "seconds": seconds })))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+
+    /// Queues a fault in the default namespace.
+    pub async fn add_fault(&self, fault: Value) -> Value {
+        let (status, body) = self.send(self.post("/_sandbox/faults", fault)).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        body
+    }
+
+    /// `GET /_sandbox/registrations` under `prefix`.
+    pub async fn registrations(&self, prefix: &str) -> Vec<Value> {
+        let path = format!("{prefix}/_sandbox/registrations");
+        let (status, body) = self.send(self.get(&path)).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body.as_array().expect("a list").clone()
+    }
+}

@@ -1,0 +1,10 @@
+//! End-to-end tests of the sandbox: a real server on a free port, spoken to over HTTP.
+
+mod argus;
+mod binary;
+mod control;
+mod faults;
+mod helpers;
+mod namespaces;
+mod referralnet;
+mod registrations;

@@ -1,0 +1,314 @@
+//! `spawn_app()` and typed helpers, after zero2prod's `tests/api/helpers.rs`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use smd_gateway::auth::{TokenRequest, mint_hs256};
+use smd_gateway::config::{GraphqlSettings, JwtSettings, Mode, ProviderSettings};
+use smd_gateway::crypto::SecretBox;
+use smd_gateway::domain::types::Role;
+use smd_gateway::store::Store;
+use smd_gateway::{App, Settings};
+use smd_sandbox::{SandboxConfig, SandboxHandle};
+
+pub const SECRET: &str = "e2e-test-signing-secret-0123456789abcdef";
+pub const ISSUER: &str = "https://pms.example.test";
+pub const AUDIENCE: &str = "smd-gateway-e2e";
+
+pub const ARGUS_USER: &str = "demo.argus";
+pub const ARGUS_PASSWORD: &str = "argus-sandbox-pw";
+pub const RN_USER: &str = "demo.referralnet";
+pub const RN_PASSWORD: &str = "rn-sandbox-pw";
+
+pub struct TestApp {
+    pub base_url: String,
+    pub address: SocketAddr,
+    pub sandbox: SandboxHandle,
+    pub client: reqwest::Client,
+    pub store: Store,
+    /// The SQLite file, when the test runs on SQLite.
+    pub sqlite_path: Option<PathBuf>,
+    _data_dir: tempfile::TempDir,
+}
+
+pub struct Options {
+    pub provider_timeout_ms: u64,
+    pub validate_login_per_minute: u32,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            provider_timeout_ms: 1_500,
+            validate_login_per_minute: 5,
+        }
+    }
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(Options::default()).await
+}
+
+pub async fn spawn_app_with(options: Options) -> TestApp {
+    smd_gateway::install_crypto_provider();
+    let sandbox = smd_sandbox::spawn("127.0.0.1:0".parse().unwrap(), SandboxConfig::default())
+        .await
+        .expect("sandbox starts");
+    let data_dir = tempfile::tempdir().expect("temp dir");
+    let (database_url, sqlite_path) = match std::env::var("TEST_DATABASE_URL") {
+        Ok(admin_url) if !admin_url.trim().is_empty() => {
+            (fresh_postgres_database(admin_url.trim()).await, None)
+        }
+        _ => {
+            let path = data_dir.path().join("gateway.db");
+            (format!("sqlite://{}?mode=rwc", path.display()), Some(path))
+        }
+    };
+    let settings = Settings {
+        mode: Mode::Production,
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: data_dir.path().to_path_buf(),
+        database_url: Some(database_url),
+        jwt: JwtSettings {
+            issuer: Some(ISSUER.into()),
+            audience: Some(AUDIENCE.into()),
+            hs256_secret: Some(SECRET.into()),
+            leeway_seconds: 5,
+            ..JwtSettings::default()
+        },
+        encryption_key: Some(SecretBox::generate_key()),
+        providers: ProviderSettings {
+            argus_base_url: Some(sandbox.base_url()),
+            referralnet_base_url: Some(sandbox.base_url()),
+            timeout_ms: options.provider_timeout_ms,
+        },
+        approval_poll_interval_ms: Some(100),
+        graphql: GraphqlSettings {
+            playground: Some(false),
+            introspection: Some(true),
+            ..GraphqlSettings::default()
+        },
+        validate_login_per_minute: options.validate_login_per_minute,
+        seed_demo_data: false,
+        print_banner: false,
+        ..Settings::default()
+    };
+    let app = App::build(settings).await.expect("gateway builds");
+    let address = app.address();
+    let store = app.store();
+    tokio::spawn(app.run_until(std::future::pending()));
+    TestApp {
+        base_url: format!("http://{address}"),
+        address,
+        sandbox,
+        client: reqwest::Client::new(),
+        store,
+        sqlite_path,
+        _data_dir: data_dir,
+    }
+}
+
+/// Creates an empty database next to the one `admin_url` names and returns its URL.
+async fn fresh_postgres_database(admin_url: &str) -> String {
+    use sea_orm::ConnectionTrait;
+    let name = format!("smd_test_{}", uuid::Uuid::new_v4().simple());
+    let admin = sea_orm::Database::connect(admin_url)
+        .await
+        .expect("TEST_DATABASE_URL reachable");
+    admin
+        .execute_unprepared(&format!("CREATE DATABASE {name}"))
+        .await
+        .expect("create test database");
+    admin.close().await.ok();
+    let (without_query, query) = match admin_url.split_once('?') {
+        Some((base, query)) => (base, format!("?{query}")),
+        None => (admin_url, String::new()),
+    };
+    let base = match without_query.rfind('/') {
+        Some(slash) if slash > "postgres://".len() => &without_query[..slash],
+        _ => without_query,
+    };
+    format!("{base}/{name}{query}")
+}
+
+pub fn token(subject: &str, group: &str, role: Role) -> String {
+    token_with(SECRET, ISSUER, AUDIENCE, subject, group, role, 600)
+}
+
+pub fn token_with(
+    secret: &str,
+    issuer: &str,
+    audience: &str,
+    subject: &str,
+    group: &str,
+    role: Role,
+    ttl_seconds: u64,
+) -> String {
+    mint_hs256(
+        secret,
+        issuer,
+        audience,
+        &TokenRequest {
+            subject: subject.into(),
+            group_id: group.into(),
+            role,
+            name: Some(format!("{subject} name")),
+            ttl_seconds,
+        },
+    )
+    .unwrap()
+}
+
+pub fn practitioner(subject: &str, group: &str) -> String {
+    token(subject, group, Role::Practitioner)
+}
+
+pub fn administrator(subject: &str, group: &str) -> String {
+    token(subject, group, Role::Administrator)
+}
+
+impl TestApp {
+    /// POSTs a GraphQL operation and returns the whole JSON response.
+    pub async fn gql(&self, token: Option<&str>, query: &str, variables: Value) -> Value {
+        let mut request = self
+            .client
+            .post(format!("{}/graphql", self.base_url))
+            .json(&json!({
+                "query": query, "variables": variables
+            }));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.expect("gateway answers");
+        response.json().await.expect("gateway answers JSON")
+    }
+
+    pub async fn link(&self, token: &str, mutation: &str, username: &str, password: &str) -> Value {
+        self.gql(
+            Some(token),
+            &format!(
+                "mutation($input: LinkAccountInput!) {{ {mutation}(input: $input) {{ provider status individualStatus username origin canValidateLogin }} }}"
+            ),
+            json!({"input": {"username": username, "password": password}}),
+        )
+        .await
+    }
+
+    pub async fn register(
+        &self,
+        token: &str,
+        provider: &str,
+        username: &str,
+        promo: &str,
+    ) -> Value {
+        self.gql(
+            Some(token),
+            "mutation($input: RegisterProviderAccountInput!) { registerProviderAccount(input: $input) { provider status individualStatus origin } }",
+            json!({"input": {
+                "provider": provider, "promoCode": promo, "username": username, "password": "new-clinic-password",
+                "practiceName": "Bondi Junction Family Practice", "contactEmail": "reception@bondi.example.com.au"
+            }}),
+        )
+        .await
+    }
+
+    pub async fn integrations(&self, token: &str) -> Vec<Value> {
+        let response = self
+            .gql(
+                Some(token),
+                "{ integrations { provider status individualStatus username } }",
+                json!({}),
+            )
+            .await;
+        response["data"]["integrations"]
+            .as_array()
+            .cloned()
+            .unwrap_or_else(|| panic!("integrations failed: {response}"))
+    }
+
+    pub async fn integration(&self, token: &str, provider: &str) -> Value {
+        self.integrations(token)
+            .await
+            .into_iter()
+            .find(|integration| integration["provider"] == provider)
+            .expect("every provider is listed")
+    }
+
+    /// Calls the sandbox control API.
+    pub async fn sandbox_control(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Value {
+        let mut request = self
+            .client
+            .request(method, format!("{}{path}", self.sandbox.base_url()));
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.expect("sandbox answers");
+        assert!(
+            response.status().is_success(),
+            "sandbox control {path} failed: {}",
+            response.status()
+        );
+        response.json().await.unwrap_or(Value::Null)
+    }
+
+    pub async fn advance_sandbox_clock(&self, seconds: u64) {
+        self.sandbox_control(
+            reqwest::Method::POST,
+            "/_sandbox/clock/advance",
+            Some(json!({"seconds": seconds})),
+        )
+        .await;
+    }
+
+    pub async fn inject_fault(
+        &self,
+        provider: &str,
+        route: &str,
+        kind: &str,
+        count: u32,
+        extra: Value,
+    ) {
+        let mut body = json!({"provider": provider, "route": route, "kind": kind, "count": count});
+        if let (Some(body), Some(extra)) = (body.as_object_mut(), extra.as_object()) {
+            body.extend(extra.clone());
+        }
+        self.sandbox_control(reqwest::Method::POST, "/_sandbox/faults", Some(body))
+            .await;
+    }
+
+    /// Counts rows in a table (to prove nothing was stored).
+    pub async fn count_rows(&self, table: &str) -> i64 {
+        self.store.count_rows_for_tests(table).await
+    }
+}
+
+/// The `extensions.code` of the first error, if any.
+pub fn error_code(response: &Value) -> Option<&str> {
+    response["errors"][0]["extensions"]["code"].as_str()
+}
+
+/// Polls `check` until it returns `Some`, failing after `timeout`. No fixed sleeps.
+pub async fn eventually<T, F, Fut>(timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not met within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

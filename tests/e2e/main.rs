@@ -1,0 +1,10 @@
+//! End-to-end tests: the real gateway and the real sandbox, both started in-process on port 0
+//! and spoken to over loopback HTTP and WebSocket. With `TEST_DATABASE_URL=postgres://…` every
+//! test gets a fresh PostgreSQL database instead of a fresh SQLite file.
+
+mod auth;
+mod helpers;
+mod integrations;
+mod platform;
+mod registration;
+mod schema;
