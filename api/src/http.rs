@@ -155,11 +155,20 @@ impl HttpState {
             }
         }
         let span = tracing::info_span!("graphql", request_id = %request_id);
-        self.schema
+        let mut response = self
+            .schema
             .execute(request.data(Caller(principal)))
             .instrument(span)
-            .await
-            .into()
+            .await;
+        // Parse, validation and limit errors come from async-graphql without a code; they are
+        // all faults in the client's document.
+        for error in &mut response.errors {
+            let extensions = error.extensions.get_or_insert_with(Default::default);
+            if extensions.get("code").is_none() {
+                extensions.set("code", "BAD_USER_INPUT");
+            }
+        }
+        response.into()
     }
 }
 

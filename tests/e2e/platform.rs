@@ -96,13 +96,18 @@ async fn oversized_bodies_deep_queries_many_aliases_and_batches_are_refused() {
         .await;
     assert_eq!(error_code(&response), Some("BAD_USER_INPUT"), "{response}");
 
-    let deep = format!("{{ {}name{} }}", "__schema { types { fields { type { ofType { ofType { ofType { ofType { ofType { ofType { ofType { ofType { ".repeat(1), "} ".repeat(14));
+    let opening = "__schema { types { fields { type { ofType { ofType { ofType { ofType { ofType { ofType { ofType { ofType { ";
+    let deep = format!(
+        "{{ {opening}name {} }}",
+        "} ".repeat(opening.matches('{').count())
+    );
     let response = app.gql(Some(&token), &deep, json!({})).await;
+    assert_eq!(error_code(&response), Some("BAD_USER_INPUT"));
     assert!(
         response["errors"][0]["message"]
             .as_str()
             .unwrap_or_default()
-            .contains("depth"),
+            .contains("too deep"),
         "{response}"
     );
 

@@ -1,6 +1,5 @@
 //! The group's audit trail, for administrators.
 
-use async_graphql::connection::{Connection, Edge};
 use async_graphql::{Context, Object, SimpleObject};
 use chrono::{DateTime, Utc};
 
@@ -30,6 +29,37 @@ pub struct AuditEvent {
     pub occurred_at: DateTime<Utc>,
 }
 
+/// A page of audit events (a Relay cursor connection).
+#[derive(SimpleObject)]
+pub struct AuditEventConnection {
+    /// The events on this page, each with its cursor.
+    pub edges: Vec<AuditEventEdge>,
+    /// Where this page sits in the whole list.
+    pub page_info: PageInfo,
+}
+
+/// One audit event and its cursor.
+#[derive(SimpleObject)]
+pub struct AuditEventEdge {
+    /// Pass as `after` to continue after this event.
+    pub cursor: String,
+    /// The event.
+    pub node: AuditEvent,
+}
+
+/// Pagination state of a connection.
+#[derive(SimpleObject)]
+pub struct PageInfo {
+    /// Whether more items follow this page.
+    pub has_next_page: bool,
+    /// Whether items precede this page.
+    pub has_previous_page: bool,
+    /// The cursor of the first item on this page.
+    pub start_cursor: Option<String>,
+    /// The cursor of the last item on this page.
+    pub end_cursor: Option<String>,
+}
+
 #[derive(Default)]
 pub struct AuditQuery;
 
@@ -42,7 +72,7 @@ impl AuditQuery {
         #[graphql(desc = "How many events to return (1–100, default 20).")] first: Option<i32>,
         #[graphql(desc = "Return events after this cursor (from `pageInfo.endCursor`).")]
         after: Option<String>,
-    ) -> Result<Connection<String, AuditEvent>, ApiError> {
+    ) -> Result<AuditEventConnection, ApiError> {
         let principal = principal(ctx)?;
         if principal.role != Role::Administrator {
             return Err(GatewayError::Forbidden(
@@ -59,25 +89,30 @@ impl AuditQuery {
             .list_audit(&principal.group_id, after.as_deref(), first as u64 + 1)
             .await
             .map_err(GatewayError::from)?;
-        let has_next = rows.len() > first as usize;
-        let mut connection = Connection::new(after.is_some(), has_next);
-        connection
-            .edges
-            .extend(rows.into_iter().take(first as usize).map(|row| {
-                Edge::new(
-                    row.id.clone(),
-                    AuditEvent {
-                        id: row.id,
-                        actor: row.entry.actor_subject,
-                        action: row.entry.action,
-                        target: row.entry.target,
-                        outcome: row.entry.outcome.code().to_owned(),
-                        detail: row.entry.detail,
-                        request_id: row.entry.request_id,
-                        occurred_at: row.created_at,
-                    },
-                )
-            }));
-        Ok(connection)
+        let has_next_page = rows.len() > first as usize;
+        let edges: Vec<AuditEventEdge> = rows
+            .into_iter()
+            .take(first as usize)
+            .map(|row| AuditEventEdge {
+                cursor: row.id.clone(),
+                node: AuditEvent {
+                    id: row.id,
+                    actor: row.entry.actor_subject,
+                    action: row.entry.action,
+                    target: row.entry.target,
+                    outcome: row.entry.outcome.code().to_owned(),
+                    detail: row.entry.detail,
+                    request_id: row.entry.request_id,
+                    occurred_at: row.created_at,
+                },
+            })
+            .collect();
+        let page_info = PageInfo {
+            has_next_page,
+            has_previous_page: after.is_some(),
+            start_cursor: edges.first().map(|edge| edge.cursor.clone()),
+            end_cursor: edges.last().map(|edge| edge.cursor.clone()),
+        };
+        Ok(AuditEventConnection { edges, page_info })
     }
 }
