@@ -115,6 +115,8 @@ impl App {
             IntegrationSettings {
                 approval_poll_interval: poll_interval,
                 approval_poll_max_backoff: Duration::from_secs(30 * 60).max(poll_interval),
+                approval_check_lease: Duration::from_millis(settings.providers.timeout_ms) * 2
+                    + poll_interval,
                 validate_login_per_minute: settings.validate_login_per_minute,
             },
         );
@@ -150,7 +152,7 @@ impl App {
         let address = listener.local_addr()?;
 
         let mut banner = None;
-        if let Some(keys) = dev_keys {
+        if dev_keys.is_some() {
             if settings.seed_demo_data {
                 dev::seed_demo_practice(&store).await?;
             }
@@ -170,8 +172,21 @@ impl App {
                 } else {
                     redact_url(&database_url)
                 };
+                let signer = settings
+                    .jwt
+                    .hs256_secret
+                    .as_deref()
+                    .map(|secret| dev::DevSigner {
+                        secret,
+                        issuer: settings.jwt.issuer.as_deref().unwrap_or(dev::DEV_ISSUER),
+                        audience: settings
+                            .jwt
+                            .audience
+                            .as_deref()
+                            .unwrap_or(dev::DEV_AUDIENCE),
+                    });
                 banner = Some(dev::banner(
-                    &keys,
+                    signer,
                     &format!("http://{address}/graphql"),
                     &sandbox_url,
                     &database,

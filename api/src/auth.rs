@@ -27,8 +27,8 @@ pub struct Claims {
     pub name: Option<String>,
     /// Issuer.
     pub iss: String,
-    /// Audience.
-    pub aud: String,
+    /// Audience: one string or a list (as many identity providers issue).
+    pub aud: serde_json::Value,
     /// Expiry, seconds since the epoch.
     pub exp: u64,
     /// Issued at.
@@ -47,6 +47,8 @@ pub struct VerifiedIdentity {
     pub role: Role,
     /// `name`, or `sub` when absent.
     pub name: String,
+    /// `exp`: long-lived connections (WebSockets) stop honouring the identity after it.
+    pub expires_at: chrono::DateTime<chrono::Utc>,
 }
 
 /// Why a token was refused. The message is safe to show.
@@ -203,11 +205,16 @@ fn identity_from_claims(claims: Claims) -> Result<VerifiedIdentity, AuthError> {
         .name
         .filter(|name| well_formed(name, 256))
         .unwrap_or_else(|| claims.sub.clone());
+    let expires_at = i64::try_from(claims.exp)
+        .ok()
+        .and_then(|exp| chrono::DateTime::from_timestamp(exp, 0))
+        .ok_or_else(|| AuthError("the token's exp claim is out of range".into()))?;
     Ok(VerifiedIdentity {
         subject: claims.sub,
         group_id: claims.group,
         role,
         name,
+        expires_at,
     })
 }
 
@@ -240,7 +247,7 @@ pub fn mint_hs256(
         role: request.role.code().to_owned(),
         name: request.name.clone(),
         iss: issuer.to_owned(),
-        aud: audience.to_owned(),
+        aud: serde_json::Value::String(audience.to_owned()),
         exp: now + request.ttl_seconds,
         iat: Some(now),
     };

@@ -65,6 +65,9 @@ pub struct ProviderSettings {
     pub referralnet_base_url: Option<String>,
     /// Whole-request timeout per provider call, in milliseconds.
     pub timeout_ms: u64,
+    /// Allow `http://` provider URLs in production (a sandbox on a private network); off by
+    /// default because Argus sends credentials with every request.
+    pub allow_insecure_http: bool,
 }
 
 impl Default for ProviderSettings {
@@ -73,6 +76,7 @@ impl Default for ProviderSettings {
             argus_base_url: None,
             referralnet_base_url: None,
             timeout_ms: 10_000,
+            allow_insecure_http: false,
         }
     }
 }
@@ -262,6 +266,10 @@ impl Settings {
         if let Some(timeout) = get("SMD_PROVIDER_TIMEOUT_MS") {
             self.providers.timeout_ms = parse_number("SMD_PROVIDER_TIMEOUT_MS", &timeout)?;
         }
+        if let Some(flag) = get("SMD_ALLOW_INSECURE_PROVIDER_URLS") {
+            self.providers.allow_insecure_http =
+                parse_bool("SMD_ALLOW_INSECURE_PROVIDER_URLS", &flag)?;
+        }
         if let Some(interval) = get("SMD_APPROVAL_POLL_INTERVAL_MS") {
             self.approval_poll_interval_ms =
                 Some(parse_number("SMD_APPROVAL_POLL_INTERVAL_MS", &interval)?);
@@ -336,14 +344,41 @@ impl Settings {
                 )));
             }
         }
+        if self.mode == Mode::Production && !self.providers.allow_insecure_http {
+            for url in [
+                &self.providers.argus_base_url,
+                &self.providers.referralnet_base_url,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                if url.starts_with("http://") {
+                    return Err(ConfigError(format!(
+                        "provider base URL {url:?} must use https:// in production (set SMD_ALLOW_INSECURE_PROVIDER_URLS=true only for a sandbox)"
+                    )));
+                }
+            }
+        }
         if self.providers.timeout_ms == 0 {
             return Err(ConfigError(
                 "SMD_PROVIDER_TIMEOUT_MS must be more than 0".into(),
             ));
         }
-        if self.approval_poll_interval_ms == Some(0) {
+        if let Some(interval) = self.approval_poll_interval_ms
+            && !(1..=86_400_000).contains(&interval)
+        {
             return Err(ConfigError(
-                "SMD_APPROVAL_POLL_INTERVAL_MS must be more than 0".into(),
+                "SMD_APPROVAL_POLL_INTERVAL_MS must be between 1 and 86400000 (one day)".into(),
+            ));
+        }
+        if self.providers.timeout_ms > 300_000 {
+            return Err(ConfigError(
+                "SMD_PROVIDER_TIMEOUT_MS must be at most 300000".into(),
+            ));
+        }
+        if self.cors_allowed_origins.iter().any(|origin| origin == "*") {
+            return Err(ConfigError(
+                "SMD_CORS_ALLOWED_ORIGINS cannot be *: list the PMS origins (tokens travel in a header, so a wildcard would let any site call the API with a stolen token)".into(),
             ));
         }
         if self.validate_login_per_minute == 0 {

@@ -59,27 +59,48 @@ pub fn ensure_dev_keys(data_dir: &Path) -> anyhow::Result<DevKeys> {
     })
 }
 
+/// Reads a key file, or creates it atomically: the key is written to a private temporary file
+/// and hard-linked into place, so two processes starting together (the gateway and
+/// `smd-gateway token`) can never each keep a different key; the loser reads the winner's.
 fn read_or_create(path: &Path, make: impl FnOnce() -> String) -> anyhow::Result<String> {
-    if let Ok(existing) = std::fs::read_to_string(path) {
-        let existing = existing.trim().to_owned();
-        if !existing.is_empty() {
-            return Ok(existing);
-        }
+    if let Some(existing) = read_key(path) {
+        return Ok(existing);
     }
-    let value = make();
+    let temporary = path.with_extension(format!("tmp-{}", uuid::Uuid::new_v4().simple()));
     let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
+    options.write(true).create_new(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
         options.mode(0o600);
     }
-    use std::io::Write;
-    let mut file = options
-        .open(path)
-        .map_err(|error| anyhow::anyhow!("cannot write {}: {error}", path.display()))?;
-    writeln!(file, "{value}")?;
-    Ok(value)
+    {
+        use std::io::Write;
+        let mut file = options
+            .open(&temporary)
+            .map_err(|error| anyhow::anyhow!("cannot write {}: {error}", temporary.display()))?;
+        writeln!(file, "{}", make())?;
+        file.sync_all()?;
+    }
+    let linked = std::fs::hard_link(&temporary, path);
+    let _ = std::fs::remove_file(&temporary);
+    match linked {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(error) => anyhow::bail!("cannot create {}: {error}", path.display()),
+    }
+    read_key(path).ok_or_else(|| {
+        anyhow::anyhow!(
+            "{} is empty; delete it to generate a new key",
+            path.display()
+        )
+    })
+}
+
+fn read_key(path: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let key = text.trim();
+    (!key.is_empty()).then(|| key.to_owned())
 }
 
 /// Provisions the demo practice's users (idempotent).
@@ -93,8 +114,19 @@ pub async fn seed_demo_practice(store: &Store) -> anyhow::Result<()> {
 }
 
 /// The banner printed when dev mode starts.
+/// What dev tokens are signed with: the HS256 secret, issuer and audience the gateway checks.
+pub struct DevSigner<'a> {
+    /// HS256 secret.
+    pub secret: &'a str,
+    /// `iss`.
+    pub issuer: &'a str,
+    /// `aud`.
+    pub audience: &'a str,
+}
+
+/// The banner; demo tokens are included when the gateway verifies HS256 tokens.
 pub fn banner(
-    keys: &DevKeys,
+    signer: Option<DevSigner<'_>>,
     playground_url: &str,
     sandbox_url: &str,
     database: &str,
@@ -109,15 +141,21 @@ pub fn banner(
     text.push_str("  demo provider accounts:\n");
     text.push_str("    Argus        username demo.argus        password argus-sandbox-pw\n");
     text.push_str("    ReferralNet  username demo.referralnet  password rn-sandbox-pw\n");
+    let Some(signer) = signer else {
+        text.push_str(
+            "  (no demo tokens: the gateway is configured to verify RS256/ES256 tokens only)\n",
+        );
+        return Ok(text);
+    };
     text.push_str("  demo tokens for the practice \"demo-practice\" (valid 24 hours; in GraphiQL open Headers and paste\n");
     text.push_str(
         "  {\"Authorization\": \"Bearer <token>\"}; mint more with `smd-gateway token --help`):\n",
     );
     for (subject, role, name) in DEMO_USERS {
         let token = mint_hs256(
-            &keys.signing_secret,
-            DEV_ISSUER,
-            DEV_AUDIENCE,
+            signer.secret,
+            signer.issuer,
+            signer.audience,
             &TokenRequest {
                 subject: subject.to_owned(),
                 group_id: DEMO_GROUP.to_owned(),

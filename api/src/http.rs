@@ -122,13 +122,16 @@ impl HttpState {
             )
             .await
             .map_err(|error| ApiError::from(crate::domain::GatewayError::from(error)))?;
+        // Role and name come from this request's verified token, not from the stored row: two
+        // requests with different roles for one user must each act with their own.
         Ok(Some(Principal {
             user_id: user.id,
-            subject: user.subject,
-            group_id: user.group_id,
-            role: user.role,
-            name: user.name,
+            subject: identity.subject,
+            group_id: identity.group_id,
+            role: identity.role,
+            name: identity.name,
             request_id,
+            expires_at: identity.expires_at,
         }))
     }
 

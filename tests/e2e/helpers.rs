@@ -83,6 +83,7 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
             argus_base_url: Some(sandbox.base_url()),
             referralnet_base_url: Some(sandbox.base_url()),
             timeout_ms: options.provider_timeout_ms,
+            allow_insecure_http: true,
         },
         approval_poll_interval_ms: Some(100),
         graphql: GraphqlSettings {

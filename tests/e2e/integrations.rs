@@ -447,3 +447,27 @@ async fn audit_events_record_links_without_secrets_and_only_administrators_read_
     assert!(edges.iter().all(|e| e["node"]["actor"] == "dr-chen"));
     assert!(!events.to_string().contains("password"));
 }
+
+#[tokio::test]
+async fn many_practitioners_linking_at_once_share_one_group_account_without_errors() {
+    let app = spawn_app().await;
+    let tokens: Vec<String> = (0..16)
+        .map(|i| practitioner(&format!("dr-{i}"), "clinic-1"))
+        .collect();
+
+    let responses = futures::future::join_all(
+        tokens
+            .iter()
+            .map(|token| app.link(token, "linkArgus", ARGUS_USER, ARGUS_PASSWORD)),
+    )
+    .await;
+
+    for response in &responses {
+        assert_eq!(
+            response["data"]["linkArgus"]["individualStatus"], "ACTIVE",
+            "{response}"
+        );
+    }
+    assert_eq!(app.count_rows("provider_accounts").await, 1);
+    assert_eq!(app.count_rows("provider_links").await, 16);
+}

@@ -68,6 +68,8 @@ pub struct Principal {
     pub name: String,
     /// The id of the HTTP request (or WebSocket connection) this principal arrived with.
     pub request_id: String,
+    /// When the token that proved this identity expires.
+    pub expires_at: chrono::DateTime<chrono::Utc>,
 }
 
 /// One audit event before it is stored.

@@ -65,6 +65,9 @@ pub struct IntegrationSettings {
     pub approval_poll_interval: Duration,
     /// The longest back-off between checks after provider failures.
     pub approval_poll_max_backoff: Duration,
+    /// How long a node may hold a claimed approval check before another node may take it
+    /// (longer than one provider call, short enough that a crashed node delays little).
+    pub approval_check_lease: Duration,
     /// `validateLogin` calls allowed per user per minute.
     pub validate_login_per_minute: u32,
 }
@@ -77,6 +80,19 @@ pub struct IntegrationService {
     secrets: SecretBox,
     events: EventBus,
     settings: IntegrationSettings,
+}
+
+/// Failed link/registration attempts allowed per user per window.
+const FAILED_ATTEMPTS_ALLOWED: u64 = 10;
+/// The window for [`FAILED_ATTEMPTS_ALLOWED`], in minutes.
+const FAILED_ATTEMPTS_WINDOW_MINUTES: i64 = 15;
+
+/// A provider's error word reduced to at most 32 ASCII letters and digits before it is shown.
+fn safe_word(word: &str) -> String {
+    word.chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(32)
+        .collect()
 }
 
 fn target(provider: Provider) -> String {
@@ -102,7 +118,8 @@ fn provider_failure(provider: Provider, error: &ProviderError) -> GatewayError {
             ))
         }
         ProviderError::Refused { code, .. } => GatewayError::ProviderRejected(format!(
-            "{provider} refused the request ({code}); check the details and try again"
+            "{provider} refused the request ({}); check the details and try again",
+            safe_word(code)
         )),
         ProviderError::Duplicate => GatewayError::Conflict(format!(
             "that username is already registered with {provider}; choose another, or link the existing account with its password"
@@ -192,6 +209,7 @@ impl IntegrationService {
         provider: Provider,
         credentials: ProviderCredentials,
     ) -> Result<IntegrationView, GatewayError> {
+        self.limit_failed_attempts(principal).await?;
         if let Some(account) = self
             .store
             .find_account(&principal.group_id, provider)
@@ -283,6 +301,11 @@ impl IntegrationService {
         credentials: &ProviderCredentials,
     ) -> Result<IntegrationView, GatewayError> {
         let provider = account.provider;
+        if account.status == ConnectionStatus::Rejected {
+            return Err(GatewayError::ProviderRejected(format!(
+                "{provider} rejected your practice's registration; an administrator can disconnect it and link or register another account"
+            )));
+        }
         if !self.same_credentials(account, credentials)? {
             self.audit(
                 AuditEntry::by(
@@ -326,6 +349,7 @@ impl IntegrationService {
         provider: Provider,
         registration: Registration,
     ) -> Result<IntegrationView, GatewayError> {
+        self.limit_failed_attempts(principal).await?;
         if let Some(account) = self
             .store
             .find_account(&principal.group_id, provider)
@@ -404,9 +428,22 @@ impl IntegrationService {
                     .integration_changed(&principal.group_id, provider);
                 self.integration(principal, provider).await
             }
-            InsertOutcome::AlreadyExists => Err(GatewayError::Conflict(format!(
-                "another user of your practice set up {provider} at the same moment; reload the integrations to see it"
-            ))),
+            // A double click: the other request stored the same registration first.
+            InsertOutcome::AlreadyExists => match self
+                .store
+                .find_account(&principal.group_id, provider)
+                .await?
+            {
+                Some(existing)
+                    if existing.origin == AccountOrigin::Registered
+                        && self.same_credentials(&existing, &registration.credentials)? =>
+                {
+                    self.integration(principal, provider).await
+                }
+                _ => Err(GatewayError::Conflict(format!(
+                    "another user of your practice set up {provider} at the same moment; reload the integrations to see it"
+                ))),
+            },
         }
     }
 
@@ -583,17 +620,27 @@ impl IntegrationService {
     /// One pass of the approval watcher: asks the providers about every waiting registration
     /// whose check is due, and records what they say. Returns how many accounts it checked.
     pub async fn check_due_registrations(&self, now: DateTime<Utc>) -> Result<usize, GatewayError> {
+        use futures::StreamExt;
         let due = self.store.due_waiting_accounts(now, 50).await?;
+        // A few at a time, so one slow provider does not hold up the other's approvals.
+        let results: Vec<Result<bool, GatewayError>> = futures::stream::iter(due)
+            .map(|account| async move {
+                let lease_until = later(now, self.settings.approval_check_lease);
+                if !self.store.claim_check(&account, lease_until).await? {
+                    return Ok(false); // another node has it
+                }
+                self.check_one_registration(&account, now, lease_until)
+                    .await?;
+                Ok(true)
+            })
+            .buffer_unordered(8)
+            .collect()
+            .await;
         let mut checked = 0;
-        for account in due {
-            let lease_until = now
-                + chrono::Duration::from_std(self.settings.approval_poll_max_backoff)
-                    .unwrap_or_default();
-            if !self.store.claim_check(&account, lease_until).await? {
-                continue; // another node has it
+        for result in results {
+            if result? {
+                checked += 1;
             }
-            checked += 1;
-            self.check_one_registration(&account, now).await?;
         }
         Ok(checked)
     }
@@ -602,6 +649,7 @@ impl IntegrationService {
         &self,
         account: &AccountRow,
         now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
     ) -> Result<(), GatewayError> {
         let provider = account.provider;
         let interval = self.settings.approval_poll_interval;
@@ -622,7 +670,7 @@ impl IntegrationService {
         };
         let outcome = match result {
             Ok(AccountState::Pending) => CheckOutcome::StillWaiting {
-                next_check_at: now + to_chrono(interval),
+                next_check_at: later(now, interval),
             },
             Ok(state) => CheckOutcome::Decided(status_from_state(state)),
             Err(error) => {
@@ -635,12 +683,12 @@ impl IntegrationService {
                     ProviderError::Unavailable {
                         retry_after: Some(after),
                         ..
-                    } => backoff.max(*after),
+                    } => backoff.max((*after).min(self.settings.approval_poll_max_backoff)),
                     _ => backoff,
                 };
                 tracing::warn!(account = %account.id, %provider, failures = account.check_failures + 1, error = %error, "approval check failed; backing off for {backoff:?}");
                 CheckOutcome::Failed {
-                    next_check_at: now + to_chrono(backoff),
+                    next_check_at: later(now, backoff),
                 }
             }
         };
@@ -658,7 +706,7 @@ impl IntegrationService {
         };
         let changed = self
             .store
-            .finish_check(account, outcome, now, audit.as_ref())
+            .finish_check(account, outcome, now, lease_until, audit.as_ref())
             .await?;
         if changed && let CheckOutcome::Decided(status) = outcome {
             tracing::info!(group = %account.group_id, %provider, status = status.code(), "registration decided");
@@ -700,7 +748,7 @@ impl IntegrationService {
             status_changed_at: now,
             last_checked_at: Some(now),
             next_check_at: (status == ConnectionStatus::WaitingForApproval)
-                .then(|| now + to_chrono(self.settings.approval_poll_interval)),
+                .then(|| later(now, self.settings.approval_poll_interval)),
             check_failures: 0,
         })
     }
@@ -768,6 +816,33 @@ impl IntegrationService {
         provider_failure(provider, error)
     }
 
+    /// Stops a user who keeps failing to link or register (password guessing through the
+    /// gateway): at most `FAILED_ATTEMPTS_ALLOWED` failures per `FAILED_ATTEMPTS_WINDOW`.
+    async fn limit_failed_attempts(&self, principal: &Principal) -> Result<(), GatewayError> {
+        let since = Utc::now() - chrono::Duration::minutes(FAILED_ATTEMPTS_WINDOW_MINUTES);
+        let failures = self
+            .store
+            .count_recent_failures(
+                &principal.user_id,
+                &[
+                    actions::LINK_GROUP_ACCOUNT,
+                    actions::LINK_INDIVIDUAL,
+                    actions::REGISTER_ACCOUNT,
+                ],
+                since,
+            )
+            .await?;
+        if failures >= FAILED_ATTEMPTS_ALLOWED {
+            return Err(GatewayError::RateLimited {
+                message: format!(
+                    "too many failed attempts to link or register a provider account; wait {FAILED_ATTEMPTS_WINDOW_MINUTES} minutes and check the username and password"
+                ),
+                retry_after: Duration::from_secs(FAILED_ATTEMPTS_WINDOW_MINUTES as u64 * 60),
+            });
+        }
+        Ok(())
+    }
+
     /// Records an audit event that stands alone. Failing to record it is logged, not hidden,
     /// but does not turn the user's answer into an error.
     async fn audit(&self, entry: AuditEntry) {
@@ -798,8 +873,12 @@ fn view(
     }
 }
 
-fn to_chrono(duration: Duration) -> chrono::Duration {
-    chrono::Duration::from_std(duration).unwrap_or(chrono::Duration::MAX)
+/// `now + delay`, saturating instead of panicking on absurd delays.
+fn later(now: DateTime<Utc>, delay: Duration) -> DateTime<Utc> {
+    chrono::Duration::from_std(delay)
+        .ok()
+        .and_then(|delay| now.checked_add_signed(delay))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
 
 /// `interval × 2^(failures-1)`, capped at `max`.

@@ -290,6 +290,9 @@ impl Watch {
     /// each connection that differs from what the subscriber last saw.
     async fn next(&mut self) -> Option<Integration> {
         loop {
+            if self.principal.expires_at <= Utc::now() {
+                return None; // the token expired: the client reconnects with a fresh one
+            }
             if let Some(view) = self.pending.pop_front() {
                 return Some(Integration::for_caller(view, self.principal.role));
             }

@@ -98,7 +98,8 @@ pub struct Caller(pub Option<Principal>);
 /// The authenticated caller, or `UNAUTHENTICATED`.
 pub(crate) fn principal<'a>(ctx: &'a Context<'_>) -> Result<&'a Principal, ApiError> {
     match ctx.data_opt::<Caller>() {
-        Some(Caller(Some(principal))) => Ok(principal),
+        // A WebSocket outlives its token: operations after `exp` are refused.
+        Some(Caller(Some(principal))) if principal.expires_at > chrono::Utc::now() => Ok(principal),
         _ => Err(ApiError::unauthenticated()),
     }
 }

@@ -2,8 +2,9 @@
 
 use chrono::{DateTime, Utc};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder,
-    QuerySelect, sea_query::Expr,
+    ActiveValue::Set,
+    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
+    sea_query::{Expr, ExprTrait},
 };
 
 use super::entities::{provider_accounts, provider_links};
@@ -314,6 +315,7 @@ impl Store {
         account: &AccountRow,
         outcome: CheckOutcome,
         now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
         audit: Option<&AuditEntry>,
     ) -> Result<bool, StoreError> {
         let txn = self.begin_write().await?;
@@ -349,7 +351,7 @@ impl Store {
                 )
                 .col_expr(
                     provider_accounts::Column::CheckFailures,
-                    Expr::value(account.check_failures.saturating_add(1) as i32),
+                    Expr::col(provider_accounts::Column::CheckFailures).add(1),
                 ),
         };
         let changed = update
@@ -357,6 +359,9 @@ impl Store {
             .filter(
                 provider_accounts::Column::Status.eq(ConnectionStatus::WaitingForApproval.code()),
             )
+            // Only while this node still holds the claim: a check that outlived its lease must
+            // not overwrite the schedule of the node that took over.
+            .filter(provider_accounts::Column::NextCheckAt.eq(to_millis(lease_until)))
             .exec(&txn)
             .await?
             .rows_affected

@@ -65,6 +65,22 @@ impl Store {
             .await?)
     }
 
+    /// How many of the given actions a user attempted and failed since a moment.
+    pub async fn count_recent_failures(
+        &self,
+        user_id: &str,
+        actions: &[&str],
+        since: DateTime<Utc>,
+    ) -> Result<u64, StoreError> {
+        Ok(audit_events::Entity::find()
+            .filter(audit_events::Column::ActorUserId.eq(user_id))
+            .filter(audit_events::Column::Action.is_in(actions.iter().copied()))
+            .filter(audit_events::Column::Outcome.eq(AuditOutcome::Failure.code()))
+            .filter(audit_events::Column::CreatedAt.gte(to_millis(since)))
+            .count(self.connection())
+            .await?)
+    }
+
     /// A group's events, newest first, strictly older than `before_id` when given.
     pub async fn list_audit(
         &self,
