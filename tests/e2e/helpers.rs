@@ -2,7 +2,10 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use tokio::sync::oneshot;
 
 use serde_json::{Value, json};
 use smd_gateway::auth::{TokenRequest, mint_hs256};
@@ -22,15 +25,23 @@ pub const ARGUS_PASSWORD: &str = "argus-sandbox-pw";
 pub const RN_USER: &str = "demo.referralnet";
 pub const RN_PASSWORD: &str = "rn-sandbox-pw";
 
+/// The stop signal and the task of a gateway started by a test.
+type RunningGateway = (
+    oneshot::Sender<()>,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+);
+
 pub struct TestApp {
     pub base_url: String,
     pub address: SocketAddr,
-    pub sandbox: SandboxHandle,
+    pub sandbox: Arc<SandboxHandle>,
     pub client: reqwest::Client,
     pub store: Store,
     /// The SQLite file, when the test runs on SQLite.
     pub sqlite_path: Option<PathBuf>,
-    _data_dir: tempfile::TempDir,
+    settings: Settings,
+    stop: Mutex<Option<RunningGateway>>,
+    data_dir: Arc<tempfile::TempDir>,
 }
 
 pub struct Options {
@@ -96,10 +107,22 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         print_banner: false,
         ..Settings::default()
     };
-    let app = App::build(settings).await.expect("gateway builds");
+    start_gateway(settings, Arc::new(sandbox), sqlite_path, Arc::new(data_dir)).await
+}
+
+async fn start_gateway(
+    settings: Settings,
+    sandbox: Arc<SandboxHandle>,
+    sqlite_path: Option<PathBuf>,
+    data_dir: Arc<tempfile::TempDir>,
+) -> TestApp {
+    let app = App::build(settings.clone()).await.expect("gateway builds");
     let address = app.address();
     let store = app.store();
-    tokio::spawn(app.run_until(std::future::pending()));
+    let (stop_sender, stop_receiver) = oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until(async move {
+        let _ = stop_receiver.await;
+    }));
     TestApp {
         base_url: format!("http://{address}"),
         address,
@@ -107,7 +130,9 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         client: reqwest::Client::new(),
         store,
         sqlite_path,
-        _data_dir: data_dir,
+        settings,
+        stop: Mutex::new(Some((stop_sender, server))),
+        data_dir,
     }
 }
 
@@ -171,6 +196,29 @@ pub fn administrator(subject: &str, group: &str) -> String {
 }
 
 impl TestApp {
+    /// Another gateway on the same database, sandbox and keys (a restart, or a second node).
+    pub async fn spawn_second_gateway(&self) -> TestApp {
+        start_gateway(
+            self.settings.clone(),
+            self.sandbox.clone(),
+            self.sqlite_path.clone(),
+            self.data_dir.clone(),
+        )
+        .await
+    }
+
+    /// Stops this gateway gracefully (its background workers too) and waits until it has.
+    pub async fn stop(&self) {
+        let running = self.stop.lock().unwrap().take();
+        if let Some((stop, server)) = running {
+            let _ = stop.send(());
+            server
+                .await
+                .expect("server task")
+                .expect("server stopped cleanly");
+        }
+    }
+
     /// POSTs a GraphQL operation and returns the whole JSON response.
     pub async fn gql(&self, token: Option<&str>, query: &str, variables: Value) -> Value {
         let mut request = self

@@ -471,3 +471,66 @@ async fn many_practitioners_linking_at_once_share_one_group_account_without_erro
     assert_eq!(app.count_rows("provider_accounts").await, 1);
     assert_eq!(app.count_rows("provider_links").await, 16);
 }
+
+#[tokio::test]
+async fn repeated_wrong_passwords_are_rate_limited_per_user() {
+    let app = spawn_app().await;
+    let chen = practitioner("dr-chen", "clinic-1");
+    for attempt in 0..10 {
+        let response = app
+            .link(
+                &chen,
+                "linkArgus",
+                ARGUS_USER,
+                &format!("wrong-password-{attempt}"),
+            )
+            .await;
+        assert_eq!(
+            error_code(&response),
+            Some("PROVIDER_REJECTED"),
+            "{response}"
+        );
+    }
+
+    let limited = app
+        .link(&chen, "linkArgus", ARGUS_USER, ARGUS_PASSWORD)
+        .await;
+    assert_eq!(error_code(&limited), Some("RATE_LIMITED"), "{limited}");
+    assert_eq!(app.count_rows("provider_accounts").await, 0);
+    // Another practitioner is not affected.
+    let patel = practitioner("dr-patel", "clinic-1");
+    let other = app
+        .link(&patel, "linkArgus", ARGUS_USER, ARGUS_PASSWORD)
+        .await;
+    assert_eq!(other["data"]["linkArgus"]["status"], "ACTIVE", "{other}");
+}
+
+#[tokio::test]
+async fn a_practitioner_cannot_join_a_rejected_group_account() {
+    let app = spawn_app().await;
+    let admin = administrator("manager", "clinic-1");
+    let chen = practitioner("dr-chen", "clinic-1");
+    app.register(&admin, "ARGUS", "doomed.clinic", "SANDBOX-REJECT")
+        .await;
+    app.sandbox_control(
+        reqwest::Method::POST,
+        "/_sandbox/registrations/argus/doomed.clinic/reject",
+        None,
+    )
+    .await;
+    eventually(std::time::Duration::from_secs(10), || async {
+        (app.integration(&admin, "ARGUS").await["status"] == "REJECTED").then_some(())
+    })
+    .await;
+
+    let response = app
+        .link(&chen, "linkArgus", "doomed.clinic", "new-clinic-password")
+        .await;
+
+    assert_eq!(
+        error_code(&response),
+        Some("PROVIDER_REJECTED"),
+        "{response}"
+    );
+    assert_eq!(app.count_rows("provider_links").await, 0);
+}

@@ -242,3 +242,45 @@ async fn a_subscription_without_a_valid_token_is_refused() {
             .is_err()
     );
 }
+
+#[tokio::test]
+async fn the_watcher_backs_off_through_provider_faults_and_still_sees_the_decision() {
+    let app = spawn_app().await;
+    let admin = administrator("manager", "clinic-1");
+    app.register(&admin, "ARGUS", "flaky.clinic", "SANDBOX-PROMO")
+        .await;
+    // The next five account checks fail; the watcher must keep its schedule and try again.
+    app.inject_fault("argus", "account", "server_error", 5, json!({}))
+        .await;
+    app.advance_sandbox_clock(FOUR_DAYS).await;
+
+    eventually(Duration::from_secs(20), || async {
+        (app.integration(&admin, "ARGUS").await["status"] == "ACTIVE").then_some(())
+    })
+    .await;
+    let faults = app
+        .sandbox_control(reqwest::Method::GET, "/_sandbox/faults", None)
+        .await;
+    assert_eq!(
+        faults,
+        json!([]),
+        "every injected failure was consumed by a retry"
+    );
+}
+
+#[tokio::test]
+async fn a_waiting_registration_is_still_watched_after_the_gateway_restarts() {
+    let app = spawn_app().await;
+    let admin = administrator("manager", "clinic-1");
+    app.register(&admin, "REFERRALNET", "restart.clinic", "SANDBOX-PROMO")
+        .await;
+    // A second gateway on the same database (a restart, or another node) takes over.
+    let second = app.spawn_second_gateway().await;
+    app.stop().await;
+    app.advance_sandbox_clock(FOUR_DAYS).await;
+
+    eventually(Duration::from_secs(10), || async {
+        (second.integration(&admin, "REFERRALNET").await["status"] == "ACTIVE").then_some(())
+    })
+    .await;
+}
