@@ -11,10 +11,13 @@ use tokio::sync::watch;
 use crate::auth::TokenVerifier;
 use crate::config::{Mode, Settings};
 use crate::crypto::SecretBox;
+use crate::domain::credits::{CreditService, CreditSettings};
 use crate::domain::integrations::{IntegrationService, IntegrationSettings};
+use crate::domain::pricing::{Catalogue, DEFAULT_TIERS};
 use crate::events::EventBus;
 use crate::graphql::{Limits, Services, build_schema};
 use crate::http::{CorsPolicy, HttpState, router};
+use crate::providers::payments::HttpPaymentGateway;
 use crate::providers::{ProviderEndpoints, Providers};
 use crate::store::Store;
 use crate::{dev, workers};
@@ -28,6 +31,7 @@ pub struct App {
     workers: Vec<tokio::task::JoinHandle<()>>,
     sandbox: Option<smd_sandbox::SandboxHandle>,
     banner: Option<String>,
+    credits: CreditService,
 }
 
 impl App {
@@ -52,8 +56,13 @@ impl App {
             settings
                 .encryption_key
                 .get_or_insert_with(|| keys.encryption_key.clone());
+            settings
+                .payments
+                .api_key
+                .get_or_insert_with(|| "sk_sandbox_dev".to_owned());
             if settings.providers.argus_base_url.is_none()
                 || settings.providers.referralnet_base_url.is_none()
+                || settings.payments.base_url.is_none()
             {
                 let handle = smd_sandbox::spawn(settings.sandbox_listen, smd_sandbox::SandboxConfig::default())
                     .await
@@ -70,6 +79,10 @@ impl App {
                 settings
                     .providers
                     .referralnet_base_url
+                    .get_or_insert_with(|| handle.base_url());
+                settings
+                    .payments
+                    .base_url
                     .get_or_insert_with(|| handle.base_url());
                 sandbox = Some(handle);
             }
@@ -107,6 +120,27 @@ impl App {
         })?;
         let events = EventBus::new();
         let poll_interval = settings.approval_poll_interval();
+        let payments = HttpPaymentGateway::new(
+            settings.payments.base_url.as_deref().unwrap_or_default(),
+            settings.payments.api_key.as_deref().unwrap_or_default(),
+            Duration::from_millis(settings.providers.timeout_ms),
+        )?;
+        let catalogue = Catalogue::new(&DEFAULT_TIERS, &settings.credits.packs)
+            .map_err(|problem| anyhow::anyhow!("SMD_CREDIT_PACKS: {problem}"))?;
+        let purchase_lease = Duration::from_millis(settings.credits.purchase_lease_ms);
+        let credits = CreditService::new(
+            store.clone(),
+            Arc::new(payments),
+            secrets.clone(),
+            CreditSettings {
+                catalogue,
+                disable_auto_top_up_after: 3,
+                purchase_lease,
+                key_retention: Duration::from_secs(24 * 3600),
+                duplicate_wait: Duration::from_secs(15),
+                fail_after_charge: settings.credits.fail_after_charge,
+            },
+        );
         let integrations = IntegrationService::new(
             store.clone(),
             providers,
@@ -123,6 +157,7 @@ impl App {
         let schema = build_schema(
             Services {
                 integrations: integrations.clone(),
+                credits: credits.clone(),
                 store: store.clone(),
                 events,
                 subscription_refresh: poll_interval
@@ -137,11 +172,10 @@ impl App {
         );
 
         let (shutdown, shutdown_receiver) = watch::channel(false);
-        let workers = vec![workers::spawn_approval_watcher(
-            integrations,
-            poll_interval,
-            shutdown_receiver,
-        )];
+        let workers = vec![
+            workers::spawn_approval_watcher(integrations, poll_interval, shutdown_receiver.clone()),
+            workers::spawn_purchase_recovery(credits.clone(), purchase_lease, shutdown_receiver),
+        ];
 
         let listener = TcpListener::bind(settings.listen).await.map_err(|error| {
             anyhow::anyhow!(
@@ -218,6 +252,7 @@ impl App {
             workers,
             sandbox,
             banner,
+            credits,
         })
     }
 
@@ -245,6 +280,11 @@ impl App {
         self.banner.as_deref()
     }
 
+    /// The credit rules (the messaging layer debits through them; tests drive debits).
+    pub fn credits(&self) -> CreditService {
+        self.credits.clone()
+    }
+
     /// A handle on the database (tests inspect what was stored).
     pub fn store(&self) -> Store {
         self.store.clone()
@@ -263,11 +303,10 @@ impl App {
         let Self {
             listener,
             router,
-            store: _,
             shutdown,
             workers,
             sandbox,
-            banner: _,
+            ..
         } = self;
         axum::serve(listener, router)
             .with_graceful_shutdown(stop)

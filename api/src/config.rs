@@ -81,6 +81,40 @@ impl Default for ProviderSettings {
     }
 }
 
+/// The payment gateway.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PaymentSettings {
+    /// Base URL (dev: the embedded sandbox).
+    pub base_url: Option<String>,
+    /// Secret API key (dev: `sk_sandbox_dev`).
+    pub api_key: Option<String>,
+}
+
+/// Credits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CreditConfig {
+    /// Pack sizes on offer, in credits.
+    pub packs: Vec<i64>,
+    /// Milliseconds a purchase being charged is left to its request before the recovery
+    /// worker may take it over.
+    pub purchase_lease_ms: u64,
+    /// Test-only fault point: stop after a successful charge, before the ledger write.
+    #[doc(hidden)]
+    pub fail_after_charge: bool,
+}
+
+impl Default for CreditConfig {
+    fn default() -> Self {
+        Self {
+            packs: crate::domain::pricing::DEFAULT_PACK_CREDITS.to_vec(),
+            purchase_lease_ms: 30_000,
+            fail_after_charge: false,
+        }
+    }
+}
+
 /// GraphQL endpoint limits and tools.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -132,6 +166,10 @@ pub struct Settings {
     pub encryption_key: Option<String>,
     /// Provider endpoints.
     pub providers: ProviderSettings,
+    /// The payment gateway.
+    pub payments: PaymentSettings,
+    /// Credit packs and purchase recovery.
+    pub credits: CreditConfig,
     /// Approval checks interval, milliseconds.
     pub approval_poll_interval_ms: Option<u64>,
     /// GraphQL endpoint.
@@ -160,6 +198,8 @@ impl Default for Settings {
             },
             encryption_key: None,
             providers: ProviderSettings::default(),
+            payments: PaymentSettings::default(),
+            credits: CreditConfig::default(),
             approval_poll_interval_ms: None,
             graphql: GraphqlSettings::default(),
             cors_allowed_origins: Vec::new(),
@@ -266,6 +306,13 @@ impl Settings {
         if let Some(timeout) = get("SMD_PROVIDER_TIMEOUT_MS") {
             self.providers.timeout_ms = parse_number("SMD_PROVIDER_TIMEOUT_MS", &timeout)?;
         }
+        set_opt(&mut self.payments.base_url, get("SMD_PAYMENTS_BASE_URL"));
+        set_opt(&mut self.payments.api_key, get("SMD_PAYMENTS_API_KEY"));
+        if let Some(packs) = get("SMD_CREDIT_PACKS") {
+            self.credits.packs = split_list(&packs)
+                .map(|pack| parse_number("SMD_CREDIT_PACKS", pack))
+                .collect::<Result<_, _>>()?;
+        }
         if let Some(flag) = get("SMD_ALLOW_INSECURE_PROVIDER_URLS") {
             self.providers.allow_insecure_http =
                 parse_bool("SMD_ALLOW_INSECURE_PROVIDER_URLS", &flag)?;
@@ -317,6 +364,12 @@ impl Settings {
             if self.providers.referralnet_base_url.is_none() {
                 problems.push("the ReferralNet base URL (SMD_REFERRALNET_BASE_URL)");
             }
+            if self.payments.base_url.is_none() {
+                problems.push("the payment gateway URL (SMD_PAYMENTS_BASE_URL)");
+            }
+            if self.payments.api_key.is_none() {
+                problems.push("the payment gateway API key (SMD_PAYMENTS_API_KEY)");
+            }
         }
         if !problems.is_empty() {
             return Err(ConfigError(format!(
@@ -334,6 +387,7 @@ impl Settings {
         for url in [
             &self.providers.argus_base_url,
             &self.providers.referralnet_base_url,
+            &self.payments.base_url,
         ]
         .into_iter()
         .flatten()
@@ -348,6 +402,7 @@ impl Settings {
             for url in [
                 &self.providers.argus_base_url,
                 &self.providers.referralnet_base_url,
+                &self.payments.base_url,
             ]
             .into_iter()
             .flatten()

@@ -8,6 +8,7 @@ use chrono::Utc;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::domain::credits::CreditService;
 use crate::domain::integrations::IntegrationService;
 
 /// Starts the watcher; it stops when `shutdown` turns true.
@@ -33,6 +34,30 @@ pub(crate) fn spawn_approval_watcher(
                 Err(error) => {
                     tracing::error!(error = ?error, "approval watcher pass failed; retrying next tick")
                 }
+            }
+        }
+    })
+}
+
+/// Starts the purchase recovery worker: it finishes purchases left `PENDING` by a crash, a
+/// lost answer or a payment gateway outage, charging again with the same idempotency key.
+pub(crate) fn spawn_purchase_recovery(
+    service: CreditService,
+    lease: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    let tick = (lease / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(tick) => {}
+                _ = shutdown.changed() => break,
+            }
+            if *shutdown.borrow() {
+                break;
+            }
+            if let Err(error) = service.recover_pending_purchases(Utc::now()).await {
+                tracing::error!(error = ?error, "purchase recovery pass failed; retrying next tick");
             }
         }
     })

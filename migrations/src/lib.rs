@@ -5,6 +5,7 @@
 pub use sea_orm_migration::prelude::*;
 
 mod m20261124_000001_accounts;
+mod m20261125_000002_credits;
 
 /// Applies the gateway's migrations, in order.
 pub struct Migrator;
@@ -12,6 +13,9 @@ pub struct Migrator;
 #[sea_orm_migration::async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(m20261124_000001_accounts::Migration)]
+        vec![
+            Box::new(m20261124_000001_accounts::Migration),
+            Box::new(m20261125_000002_credits::Migration),
+        ]
     }
 }

@@ -1,6 +1,6 @@
 //! The control API under `/_sandbox`, scoped to the request's namespace like everything else:
 //! read, set and advance the clock; list registrations and decide them early; inject, list and
-//! clear faults; reset the namespace. Errors are `{"error":"…"}`.
+//! clear faults; list payment charges; reset the namespace. Errors are `{"error":"…"}`.
 
 use axum::body::Bytes;
 use axum::extract::Path;
@@ -16,6 +16,7 @@ use crate::accounts::{Account, AccountStatus, Decision, EarlyDecisionError};
 use crate::clock::validate_clock_speed;
 use crate::faults::{Fault, FaultRequest};
 use crate::namespace::{CurrentNamespace, NamespaceState, SandboxState};
+use crate::payments::Charge;
 use crate::provider::Provider;
 
 /// The control routes.
@@ -36,6 +37,7 @@ pub(crate) fn routes() -> Router<SandboxState> {
             "/_sandbox/faults",
             get(list_faults).post(add_fault).delete(clear_faults),
         )
+        .route("/_sandbox/charges", get(list_charges))
         .route("/_sandbox/reset", post(reset_namespace))
 }
 
@@ -260,6 +262,12 @@ async fn list_faults(namespace: CurrentNamespace) -> Json<Vec<Fault>> {
 async fn clear_faults(namespace: CurrentNamespace) -> StatusCode {
     namespace.with_state(|state| state.faults.clear());
     StatusCode::NO_CONTENT
+}
+
+/// `GET /_sandbox/charges`: every charge of the namespace, succeeded and declined, oldest first,
+/// so tests can count what was really charged.
+async fn list_charges(namespace: CurrentNamespace) -> Json<Vec<Charge>> {
+    namespace.with_state(|state| Json(state.payments.charges().to_vec()))
 }
 
 /// `POST /_sandbox/reset`: the namespace back to its initial state.

@@ -1,5 +1,6 @@
-//! Injected faults: the queue of faults a namespace has asked for, matching a provider call
-//! against it, and the answer a triggered fault gives instead of the normal one.
+//! Injected faults: the queue of faults a namespace has asked for, matching a call to an emulated
+//! service (an SMD provider or the payment gateway) against it, and the answer a triggered fault
+//! gives instead of the normal one, in that service's error shape.
 //!
 //! Faults are taken from the queue while the namespace lock is held, and answered after it is
 //! released: a timeout fault sleeps, and nothing may sleep holding the lock.
@@ -11,13 +12,17 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::provider::{Provider, ProviderError, ProviderErrorCode};
+use crate::payments::{PaymentsError, PaymentsErrorCode};
+use crate::provider::{Provider, ProviderError, ProviderErrorCode, Service};
 
 /// The longest a timeout fault may hold a request, in real seconds.
 const LONGEST_HOLD_SECONDS: u64 = 300;
 
-/// The body a malformed fault answers with: JSON cut off mid-value.
+/// The body a malformed fault answers with at an SMD provider: JSON cut off mid-value.
 const TRUNCATED_JSON_BODY: &str = r#"{"status":"ACTIVE","registeredAt":"20"#;
+
+/// The body a malformed fault answers with at the payment gateway: a charge cut off mid-value.
+const TRUNCATED_PAYMENTS_JSON_BODY: &str = r#"{"id":"ch_sandbox","status":"succ"#;
 
 /// What a fault does to the call it hits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -29,7 +34,7 @@ pub(crate) enum FaultKind {
     Malformed,
 }
 
-/// Which provider route a fault applies to.
+/// Which route of a service a fault applies to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum FaultRoute {
@@ -37,6 +42,10 @@ pub(crate) enum FaultRoute {
     Account,
     Sessions,
     Enrolments,
+    /// Both payments charge calls: creating a charge and reading one.
+    Charges,
+    #[serde(rename = "payment-methods")]
+    PaymentMethods,
     #[serde(rename = "*")]
     Every,
 }
@@ -48,18 +57,25 @@ impl FaultRoute {
             FaultRoute::Account => "account",
             FaultRoute::Sessions => "sessions",
             FaultRoute::Enrolments => "enrolments",
+            FaultRoute::Charges => "charges",
+            FaultRoute::PaymentMethods => "payment-methods",
             FaultRoute::Every => "*",
         }
     }
 
-    fn exists_at(self, provider: Provider) -> bool {
+    fn exists_at(self, service: Service) -> bool {
         matches!(
-            (self, provider),
-            (FaultRoute::Every | FaultRoute::Account, _)
-                | (FaultRoute::Registrations, Provider::Argus)
+            (self, service),
+            (FaultRoute::Every, _)
+                | (FaultRoute::Account, Service::Argus | Service::ReferralNet)
+                | (FaultRoute::Registrations, Service::Argus)
                 | (
                     FaultRoute::Sessions | FaultRoute::Enrolments,
-                    Provider::ReferralNet
+                    Service::ReferralNet
+                )
+                | (
+                    FaultRoute::Charges | FaultRoute::PaymentMethods,
+                    Service::Payments
                 )
         )
     }
@@ -73,7 +89,7 @@ impl FaultRoute {
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(crate) struct FaultRequest {
-    provider: Provider,
+    provider: Service,
     route: FaultRoute,
     kind: FaultKind,
     count: u32,
@@ -87,7 +103,7 @@ pub(crate) struct FaultRequest {
 #[serde(rename_all = "camelCase")]
 pub(crate) struct Fault {
     id: String,
-    provider: Provider,
+    provider: Service,
     route: FaultRoute,
     kind: FaultKind,
     /// How many more calls this fault will hit.
@@ -158,17 +174,17 @@ impl FaultQueue {
     /// Uses up one hit of the oldest fault matching this call, if any.
     pub(crate) fn take_matching(
         &mut self,
-        provider: Provider,
+        service: Service,
         route: FaultRoute,
     ) -> Option<TriggeredFault> {
         let position = self
             .faults
             .iter()
-            .position(|fault| fault.provider == provider && fault.route.matches(route))?;
+            .position(|fault| fault.provider == service && fault.route.matches(route))?;
         let fault = &mut self.faults[position];
         fault.count -= 1;
         let triggered = TriggeredFault {
-            provider,
+            service,
             kind: fault.kind,
             status: fault.status,
             retry_after_seconds: fault.retry_after_seconds,
@@ -184,7 +200,7 @@ impl FaultQueue {
 /// A fault that hit a call, to be answered once the namespace lock is released.
 #[derive(Debug)]
 pub(crate) struct TriggeredFault {
-    provider: Provider,
+    service: Service,
     kind: FaultKind,
     status: u16,
     retry_after_seconds: u64,
@@ -194,7 +210,7 @@ pub(crate) struct TriggeredFault {
 impl TriggeredFault {
     /// The answer the call gets instead of its normal one.
     pub(crate) async fn respond(self) -> Response {
-        tracing::info!(provider = self.provider.as_str(), kind = ?self.kind, "injected fault hit a call");
+        tracing::info!(service = self.service.as_str(), kind = ?self.kind, "injected fault hit a call");
         match self.kind {
             FaultKind::ServerError => {
                 let status =
@@ -203,18 +219,15 @@ impl TriggeredFault {
                     status,
                     "the service is temporarily unavailable (injected fault)",
                 )
-                .into_response()
             }
             FaultKind::RateLimited => {
-                let mut response = self
-                    .unavailable(
-                        StatusCode::TOO_MANY_REQUESTS,
-                        format!(
-                            "too many requests; retry after {} seconds (injected fault)",
-                            self.retry_after_seconds
-                        ),
-                    )
-                    .into_response();
+                let mut response = self.unavailable(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    format!(
+                        "too many requests; retry after {} seconds (injected fault)",
+                        self.retry_after_seconds
+                    ),
+                );
                 response.headers_mut().insert(
                     header::RETRY_AFTER,
                     HeaderValue::from(self.retry_after_seconds),
@@ -227,24 +240,44 @@ impl TriggeredFault {
                     StatusCode::GATEWAY_TIMEOUT,
                     "the service did not answer in time (injected fault)",
                 )
-                .into_response()
             }
-            FaultKind::Malformed => (
-                StatusCode::OK,
-                [(header::CONTENT_TYPE, "application/json")],
-                TRUNCATED_JSON_BODY,
-            )
-                .into_response(),
+            FaultKind::Malformed => {
+                let body = match self.service {
+                    Service::Argus | Service::ReferralNet => TRUNCATED_JSON_BODY,
+                    Service::Payments => TRUNCATED_PAYMENTS_JSON_BODY,
+                };
+                (
+                    StatusCode::OK,
+                    [(header::CONTENT_TYPE, "application/json")],
+                    body,
+                )
+                    .into_response()
+            }
         }
     }
 
-    fn unavailable(&self, status: StatusCode, message: impl Into<String>) -> ProviderError {
+    /// The service's own error for a call it could not serve: `serviceTemporaryUnavailable` at
+    /// the SMD providers; `rate_limited` (429) or `processing_error` at the payment gateway.
+    fn unavailable(&self, status: StatusCode, message: impl Into<String>) -> Response {
+        let provider = match self.service {
+            Service::Argus => Provider::Argus,
+            Service::ReferralNet => Provider::ReferralNet,
+            Service::Payments => {
+                let code = if status == StatusCode::TOO_MANY_REQUESTS {
+                    PaymentsErrorCode::RateLimited
+                } else {
+                    PaymentsErrorCode::ProcessingError
+                };
+                return PaymentsError::new(status, code, message).into_response();
+            }
+        };
         ProviderError::new(
-            self.provider,
+            provider,
             status,
             ProviderErrorCode::ServiceTemporaryUnavailable,
             message,
         )
+        .into_response()
     }
 }
 
@@ -252,7 +285,7 @@ impl TriggeredFault {
 mod tests {
     use super::*;
 
-    fn fault(provider: Provider, route: FaultRoute, kind: FaultKind, count: u32) -> Fault {
+    fn fault(provider: Service, route: FaultRoute, kind: FaultKind, count: u32) -> Fault {
         Fault::from_request(FaultRequest {
             provider,
             route,
@@ -269,13 +302,13 @@ mod tests {
     fn faults_hit_matching_calls_in_the_order_they_were_added_until_used_up() {
         let mut queue = FaultQueue::default();
         queue.add(fault(
-            Provider::Argus,
+            Service::Argus,
             FaultRoute::Account,
             FaultKind::Malformed,
             1,
         ));
         queue.add(fault(
-            Provider::Argus,
+            Service::Argus,
             FaultRoute::Every,
             FaultKind::ServerError,
             1,
@@ -283,28 +316,38 @@ mod tests {
 
         let kind_of = |triggered: Option<TriggeredFault>| triggered.map(|fault| fault.kind);
         assert_eq!(
-            kind_of(queue.take_matching(Provider::ReferralNet, FaultRoute::Account)),
+            kind_of(queue.take_matching(Service::ReferralNet, FaultRoute::Account)),
             None
         );
         assert_eq!(
-            kind_of(queue.take_matching(Provider::Argus, FaultRoute::Account)),
+            kind_of(queue.take_matching(Service::Argus, FaultRoute::Account)),
             Some(FaultKind::Malformed)
         );
         assert_eq!(
-            kind_of(queue.take_matching(Provider::Argus, FaultRoute::Account)),
+            kind_of(queue.take_matching(Service::Argus, FaultRoute::Account)),
             Some(FaultKind::ServerError)
         );
         assert_eq!(
-            kind_of(queue.take_matching(Provider::Argus, FaultRoute::Account)),
+            kind_of(queue.take_matching(Service::Argus, FaultRoute::Account)),
             None
         );
         assert!(queue.remaining().is_empty());
     }
 
     #[test]
+    fn payments_routes_exist_only_at_the_payment_gateway() {
+        assert!(FaultRoute::Charges.exists_at(Service::Payments));
+        assert!(FaultRoute::PaymentMethods.exists_at(Service::Payments));
+        assert!(FaultRoute::Every.exists_at(Service::Payments));
+        assert!(!FaultRoute::Account.exists_at(Service::Payments));
+        assert!(!FaultRoute::Charges.exists_at(Service::Argus));
+        assert!(!FaultRoute::PaymentMethods.exists_at(Service::ReferralNet));
+    }
+
+    #[test]
     fn a_fault_on_a_route_the_provider_lacks_is_refused() {
         let request = FaultRequest {
-            provider: Provider::Argus,
+            provider: Service::Argus,
             route: FaultRoute::Sessions,
             kind: FaultKind::Timeout,
             count: 1,

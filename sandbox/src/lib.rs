@@ -1,8 +1,10 @@
-//! SMD Gateway sandbox: emulators of the Argus and ReferralNet Secure Message Delivery providers,
-//! for the gateway to be built and tested against without real provider accounts.
+//! SMD Gateway sandbox: emulators of the Argus and ReferralNet Secure Message Delivery providers
+//! and of a card payment gateway, for the gateway to be built and tested against without real
+//! provider accounts or real money.
 //!
-//! This module owns the configuration, the assembly of the full application (provider routers,
-//! control router, namespace routing in front of them) and serving it on a socket.
+//! This module owns the configuration, the assembly of the full application (provider and
+//! payments routers, control router, namespace routing in front of them) and serving it on a
+//! socket.
 //! The wire protocol is specified in `PROTOCOL.md` next to this crate's `Cargo.toml`.
 //!
 //! Module map:
@@ -10,8 +12,9 @@
 //! - `clock`: the per-namespace sandbox clock;
 //! - `accounts`: the account model shared by both providers (registration, decisions);
 //! - `faults`: injected faults and the answers they give;
-//! - `provider`: provider names and each provider's error shape;
+//! - `provider`: provider names, each provider's error shape, and the services faults target;
 //! - `argus`, `referralnet`: the two providers' HTTP APIs;
+//! - `payments`: the payment gateway's HTTP API, test cards, charges and idempotency keys;
 //! - `control`: the `/_sandbox` control API.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -27,6 +30,7 @@ mod clock;
 mod control;
 mod faults;
 mod namespace;
+mod payments;
 mod provider;
 mod referralnet;
 
@@ -54,7 +58,8 @@ impl Default for SandboxConfig {
 }
 
 /// The whole sandbox as one router: Argus under `/argus/v1`, ReferralNet under
-/// `/referralnet/api`, control under `/_sandbox`, with namespace routing in front.
+/// `/referralnet/api`, payments under `/payments/v1`, control under `/_sandbox`, with namespace
+/// routing in front.
 ///
 /// The `/ns/{name}` prefix is stripped before the inner routes are matched, so the returned
 /// router can be served as it is (`axum::serve(listener, router(config))`) or mounted in
@@ -70,6 +75,7 @@ pub fn router(config: SandboxConfig) -> Router {
     let routes = Router::new()
         .merge(argus::routes())
         .merge(referralnet::routes())
+        .merge(payments::routes())
         .merge(control::routes())
         .with_state(state);
     namespace::with_namespace_routing(routes)

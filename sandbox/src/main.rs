@@ -10,7 +10,8 @@ use clap::Parser;
 use smd_sandbox::{SandboxConfig, validate_clock_speed};
 use tracing_subscriber::EnvFilter;
 
-/// Emulators of the Argus and ReferralNet SMD providers, for building and testing against.
+/// Emulators of the Argus and ReferralNet SMD providers and a payment gateway, for building and
+/// testing against.
 #[derive(Debug, Parser)]
 #[command(name = "smd-sandbox", version)]
 struct Arguments {

@@ -27,7 +27,8 @@ use crate::accounts::{
 };
 use crate::clock::SandboxClock;
 use crate::faults::{FaultQueue, FaultRoute, TriggeredFault};
-use crate::provider::Provider;
+use crate::payments::PaymentBook;
+use crate::provider::{Provider, Service};
 use crate::referralnet::SessionBook;
 
 /// The header naming the namespace when the path has no `/ns/{name}` prefix.
@@ -63,8 +64,8 @@ impl NamespaceName {
     }
 }
 
-/// Everything one namespace holds. Later areas (directory, messaging, payments) add their
-/// state here as further fields.
+/// Everything one namespace holds. Later areas (directory, messaging) add their state here as
+/// further fields.
 #[derive(Debug)]
 pub(crate) struct NamespaceState {
     name: NamespaceName,
@@ -74,6 +75,7 @@ pub(crate) struct NamespaceState {
     referralnet_accounts: AccountBook,
     pub(crate) referralnet_sessions: SessionBook,
     pub(crate) faults: FaultQueue,
+    pub(crate) payments: PaymentBook,
 }
 
 impl NamespaceState {
@@ -89,6 +91,7 @@ impl NamespaceState {
             referralnet_accounts: AccountBook::with_demo_account(&REFERRALNET_DEMO_ACCOUNT, now),
             referralnet_sessions: SessionBook::default(),
             faults: FaultQueue::default(),
+            payments: PaymentBook::default(),
         }
     }
 
@@ -193,13 +196,15 @@ impl CurrentNamespace {
         change(&mut lock(&self.state))
     }
 
-    /// Uses up one hit of the oldest fault waiting for this provider call, if any.
+    /// Uses up one hit of the oldest fault waiting for this call to a provider or the payment
+    /// gateway, if any.
     pub(crate) fn take_fault(
         &self,
-        provider: Provider,
+        service: impl Into<Service>,
         route: FaultRoute,
     ) -> Option<TriggeredFault> {
-        self.with_state(|state| state.faults.take_matching(provider, route))
+        let service = service.into();
+        self.with_state(|state| state.faults.take_matching(service, route))
     }
 }
 

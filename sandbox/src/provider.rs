@@ -1,8 +1,10 @@
-//! The emulated providers, and how each one shapes an error on the wire.
+//! The emulated providers, and how each one shapes an error on the wire; and the services
+//! faults can be injected into (the providers and the payment gateway).
 //!
 //! Argus answers `{"error":{"code","message"}}`; ReferralNet answers
 //! `{"fault":{"faultCode","faultString"}}`. Both borrow their codes from the SMD standard's
-//! vocabulary (ATS 5822 StandardError).
+//! vocabulary (ATS 5822 StandardError). The payment gateway has its own vocabulary, in
+//! `payments`.
 
 use axum::Json;
 use axum::http::StatusCode;
@@ -33,6 +35,36 @@ impl Provider {
             "argus" => Some(Provider::Argus),
             "referralnet" => Some(Provider::ReferralNet),
             _ => None,
+        }
+    }
+}
+
+/// One of the services the sandbox emulates: an SMD provider or the payment gateway. Faults are
+/// injected per service, named `provider` on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Service {
+    Argus,
+    ReferralNet,
+    Payments,
+}
+
+impl Service {
+    /// The service's name as it appears in control bodies.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Service::Argus => "argus",
+            Service::ReferralNet => "referralnet",
+            Service::Payments => "payments",
+        }
+    }
+}
+
+impl From<Provider> for Service {
+    fn from(provider: Provider) -> Service {
+        match provider {
+            Provider::Argus => Service::Argus,
+            Provider::ReferralNet => Service::ReferralNet,
         }
     }
 }

@@ -9,8 +9,12 @@ use tokio::sync::oneshot;
 
 use serde_json::{Value, json};
 use smd_gateway::auth::{TokenRequest, mint_hs256};
-use smd_gateway::config::{GraphqlSettings, JwtSettings, Mode, ProviderSettings};
+use smd_gateway::config::{
+    CreditConfig, GraphqlSettings, JwtSettings, Mode, PaymentSettings, ProviderSettings,
+};
 use smd_gateway::crypto::SecretBox;
+use smd_gateway::domain::audit::Principal;
+use smd_gateway::domain::credits::CreditService;
 use smd_gateway::domain::types::Role;
 use smd_gateway::store::Store;
 use smd_gateway::{App, Settings};
@@ -37,6 +41,7 @@ pub struct TestApp {
     pub sandbox: Arc<SandboxHandle>,
     pub client: reqwest::Client,
     pub store: Store,
+    pub credits: CreditService,
     /// The SQLite file, when the test runs on SQLite.
     pub sqlite_path: Option<PathBuf>,
     settings: Settings,
@@ -47,6 +52,8 @@ pub struct TestApp {
 pub struct Options {
     pub provider_timeout_ms: u64,
     pub validate_login_per_minute: u32,
+    pub purchase_lease_ms: u64,
+    pub fail_after_charge: bool,
 }
 
 impl Default for Options {
@@ -54,6 +61,8 @@ impl Default for Options {
         Self {
             provider_timeout_ms: 1_500,
             validate_login_per_minute: 5,
+            purchase_lease_ms: 30_000,
+            fail_after_charge: false,
         }
     }
 }
@@ -96,6 +105,15 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
             timeout_ms: options.provider_timeout_ms,
             allow_insecure_http: true,
         },
+        payments: PaymentSettings {
+            base_url: Some(sandbox.base_url()),
+            api_key: Some("sk_sandbox_e2e".into()),
+        },
+        credits: CreditConfig {
+            purchase_lease_ms: options.purchase_lease_ms,
+            fail_after_charge: options.fail_after_charge,
+            ..CreditConfig::default()
+        },
         approval_poll_interval_ms: Some(100),
         graphql: GraphqlSettings {
             playground: Some(false),
@@ -119,6 +137,7 @@ async fn start_gateway(
     let app = App::build(settings.clone()).await.expect("gateway builds");
     let address = app.address();
     let store = app.store();
+    let credits = app.credits();
     let (stop_sender, stop_receiver) = oneshot::channel::<()>();
     let server = tokio::spawn(app.run_until(async move {
         let _ = stop_receiver.await;
@@ -129,6 +148,7 @@ async fn start_gateway(
         sandbox,
         client: reqwest::Client::new(),
         store,
+        credits,
         sqlite_path,
         settings,
         stop: Mutex::new(Some((stop_sender, server))),
@@ -200,6 +220,37 @@ impl TestApp {
     pub async fn spawn_second_gateway(&self) -> TestApp {
         start_gateway(
             self.settings.clone(),
+            self.sandbox.clone(),
+            self.sqlite_path.clone(),
+            self.data_dir.clone(),
+        )
+        .await
+    }
+
+    /// The principal a token for (`subject`, `group`, `role`) becomes, provisioned.
+    pub async fn principal(&self, subject: &str, group: &str, role: Role) -> Principal {
+        let user = self
+            .store
+            .provision_user(group, subject, role, &format!("{subject} name"))
+            .await
+            .unwrap();
+        Principal {
+            user_id: user.id,
+            subject: user.subject,
+            group_id: user.group_id,
+            role,
+            name: user.name,
+            request_id: "test".into(),
+            expires_at: chrono::Utc::now() + chrono::Duration::hours(1),
+        }
+    }
+
+    /// A second gateway on the same database with different options (e.g. without a fault).
+    pub async fn spawn_second_gateway_with(&self, change: impl FnOnce(&mut Settings)) -> TestApp {
+        let mut settings = self.settings.clone();
+        change(&mut settings);
+        start_gateway(
+            settings,
             self.sandbox.clone(),
             self.sqlite_path.clone(),
             self.data_dir.clone(),

@@ -3,6 +3,7 @@
 //! test gets a fresh PostgreSQL database instead of a fresh SQLite file.
 
 mod auth;
+mod credits;
 mod helpers;
 mod integrations;
 mod platform;

@@ -45,6 +45,19 @@ pub enum GatewayError {
         /// How long until the next attempt is allowed.
         retry_after: Duration,
     },
+    /// The card was declined; nothing was charged and no credits were added.
+    #[error("payment declined: {0}")]
+    PaymentDeclined(String),
+    /// The payment gateway did not give a definitive answer; any charge will be reconciled
+    /// with the same idempotency key, never taken twice.
+    #[error("payment gateway unavailable")]
+    PaymentUnavailable {
+        /// When the gateway asked us to come back, if it did.
+        retry_after: Option<Duration>,
+    },
+    /// The wallet does not hold enough credits.
+    #[error("insufficient credits: {0}")]
+    InsufficientCredits(String),
     /// A fault of ours (database, bug). Logged with its chain; clients see a fixed message.
     #[error("internal error")]
     Internal(#[source] anyhow::Error),

@@ -3,8 +3,10 @@
 //! article's flow. Nothing here knows async-graphql, sea-orm or reqwest.
 
 pub mod audit;
+pub mod credits;
 pub mod error;
 pub mod integrations;
+pub mod pricing;
 pub mod types;
 
 pub use error::GatewayError;

@@ -68,6 +68,13 @@ impl From<GatewayError> for ApiError {
                 message,
                 retry_after_seconds: Some(retry_after.as_secs()),
             },
+            GatewayError::PaymentDeclined(message) => Self::new("PAYMENT_DECLINED", message),
+            GatewayError::PaymentUnavailable { retry_after } => Self {
+                code: "PROVIDER_UNAVAILABLE",
+                message: "the payment gateway did not confirm the payment; it is retried automatically with the same key and will never be charged twice — check your credits shortly".into(),
+                retry_after_seconds: retry_after.map(|delay| delay.as_secs()),
+            },
+            GatewayError::InsufficientCredits(message) => Self::new("INSUFFICIENT_CREDITS", message),
             GatewayError::Internal(error) => {
                 tracing::error!(error = ?error, "internal error");
                 Self::new(

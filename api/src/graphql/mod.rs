@@ -3,6 +3,7 @@
 //! and map the result; errors leave only through [`error::ApiError`].
 
 mod audit;
+mod credits;
 pub mod error;
 mod integrations;
 mod me;
@@ -26,12 +27,13 @@ pub type AppSchema = Schema<Query, Mutation, Subscription>;
 pub struct Query(
     me::MeQuery,
     integrations::IntegrationQuery,
+    credits::CreditsQuery,
     audit::AuditQuery,
 );
 
 /// Write operations.
 #[derive(MergedObject, Default)]
-pub struct Mutation(integrations::IntegrationMutation);
+pub struct Mutation(integrations::IntegrationMutation, credits::CreditsMutation);
 
 /// Live updates over WebSocket (graphql-transport-ws; send the token in `connection_init`).
 #[derive(MergedSubscription, Default)]
@@ -56,6 +58,8 @@ pub fn sdl() -> String {
 pub struct Services {
     /// Integration rules.
     pub integrations: IntegrationService,
+    /// Credit rules.
+    pub credits: crate::domain::credits::CreditService,
     /// Storage (for read models such as the audit trail).
     pub store: Store,
     /// Change notifications.

@@ -4,6 +4,7 @@
 
 mod argus;
 mod http;
+pub mod payments;
 mod referralnet;
 
 use std::sync::Arc;

@@ -115,3 +115,132 @@ pub mod audit_events {
 
     impl ActiveModelBehavior for ActiveModel {}
 }
+
+pub mod payment_methods {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "payment_methods")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub group_id: String,
+        pub token_ciphertext: String,
+        pub brand: String,
+        pub last4: String,
+        pub exp_month: i32,
+        pub exp_year: i32,
+        pub updated_by_user_id: String,
+        pub updated_at: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod wallets {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "wallets")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub user_id: String,
+        pub group_id: String,
+        pub balance: i64,
+        pub auto_top_up_enabled: bool,
+        pub threshold_credits: i64,
+        pub top_up_pack_id: Option<String>,
+        pub top_up_pending: bool,
+        pub top_up_failures: i32,
+        pub last_top_up_failure: Option<String>,
+        pub last_top_up_failure_at: Option<i64>,
+        pub auto_top_up_disabled_reason: Option<String>,
+        pub updated_at: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod ledger_entries {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "ledger_entries")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        pub group_id: String,
+        pub user_id: String,
+        pub kind: String,
+        pub credits: i64,
+        pub balance_after: i64,
+        pub reference: String,
+        pub created_at: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod purchases {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "purchases")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        pub group_id: String,
+        pub user_id: String,
+        pub pack_id: String,
+        pub credits: i64,
+        pub amount_cents: i64,
+        pub gst_cents: i64,
+        pub status: String,
+        pub origin: String,
+        pub charge_id: Option<String>,
+        pub failure_code: Option<String>,
+        pub requested_by_user_id: Option<String>,
+        pub idempotency_key: Option<String>,
+        pub attempts: i32,
+        pub next_attempt_at: Option<i64>,
+        pub created_at: i64,
+        pub completed_at: Option<i64>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod idempotency_keys {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "idempotency_keys")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub group_id: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub key: String,
+        pub operation: String,
+        pub fingerprint: String,
+        pub state: String,
+        pub response: Option<String>,
+        pub created_at: i64,
+        pub expires_at: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}

@@ -9,6 +9,7 @@
 
 pub(crate) mod accounts;
 pub(crate) mod audit;
+pub(crate) mod credits;
 pub(crate) mod entities;
 pub(crate) mod users;
 
@@ -141,12 +142,17 @@ impl Store {
     /// prove nothing was stored; the table name is checked against the known tables.
     #[doc(hidden)]
     pub async fn count_rows_for_tests(&self, table: &str) -> i64 {
-        const TABLES: [&str; 5] = [
+        const TABLES: [&str; 10] = [
             "groups",
             "users",
             "provider_accounts",
             "provider_links",
             "audit_events",
+            "payment_methods",
+            "wallets",
+            "ledger_entries",
+            "purchases",
+            "idempotency_keys",
         ];
         assert!(TABLES.contains(&table), "unknown table {table}");
         let statement = sea_orm::Statement::from_string(

@@ -231,7 +231,9 @@ async fn an_impossible_fault_is_refused() {
         json!({ "provider": "argus", "route": "account", "kind": "explode", "count": 1 }),
         json!({ "provider": "argus", "route": "account", "kind": "server_error", "count": 0 }),
         json!({ "provider": "argus", "route": "account", "kind": "server_error", "count": 1, "status": 404 }),
-        json!({ "provider": "payments", "route": "*", "kind": "server_error", "count": 1 }),
+        json!({ "provider": "payments", "route": "account", "kind": "server_error", "count": 1 }),
+        json!({ "provider": "argus", "route": "charges", "kind": "server_error", "count": 1 }),
+        json!({ "provider": "bank", "route": "*", "kind": "server_error", "count": 1 }),
     ] {
         let (status, body) = sandbox
             .send(sandbox.post("/_sandbox/faults", fault.clone()))

@@ -12,6 +12,45 @@ pub const REFERRALNET_DEMO_USER_ID: &str = "demo.referralnet";
 pub const REFERRALNET_DEMO_PASSWORD: &str = "rn-sandbox-pw";
 pub const NEW_PASSWORD: &str = "correct-horse-battery";
 pub const ONE_DAY_SECONDS: i64 = 24 * 60 * 60;
+pub const PAYMENTS_API_KEY: &str = "sk_sandbox_gateway_tests";
+pub const APPROVING_CARD: &str = "pm_sandbox_approve";
+pub const DECLINING_CARD: &str = "pm_sandbox_decline";
+pub const FLAKY_CARD: &str = "pm_sandbox_flaky";
+
+/// A charge body for `amount_cents` AUD with this payment method token.
+pub fn charge_body(payment_method: &str, amount_cents: i64) -> Value {
+    json!({
+        "paymentMethod": payment_method,
+        "amountCents": amount_cents,
+        "currency": "AUD",
+        "description": "100 SMD credits",
+    })
+}
+
+/// What `POST /payments/v1/charges` answered.
+#[derive(Debug)]
+pub struct ChargeAnswer {
+    pub status: StatusCode,
+    /// Whether the `Idempotent-Replayed: true` header came with it.
+    pub replayed: bool,
+    pub body: Value,
+}
+
+pub async fn charge_answer(response: Response) -> ChargeAnswer {
+    let replayed = match response.headers().get("idempotent-replayed") {
+        None => false,
+        Some(value) => {
+            assert_eq!(value, "true");
+            true
+        }
+    };
+    let (status, body) = status_and_json(response).await;
+    ChargeAnswer {
+        status,
+        replayed,
+        body,
+    }
+}
 
 /// A running sandbox and an HTTP client for it. Every path given to its helpers may start with
 /// `/ns/{name}` to address a namespace.
@@ -157,6 +196,43 @@ impl TestSandbox {
         let (status, body) = self.send(self.post("/_sandbox/faults", fault)).await;
         assert_eq!(status, StatusCode::CREATED, "{body}");
         body
+    }
+
+    /// `POST /payments/v1/charges` under `prefix`, with the sandbox API key and this
+    /// idempotency key.
+    pub fn charge_request(
+        &self,
+        prefix: &str,
+        idempotency_key: &str,
+        body: Value,
+    ) -> RequestBuilder {
+        self.post(&format!("{prefix}/payments/v1/charges"), body)
+            .bearer_auth(PAYMENTS_API_KEY)
+            .header("Idempotency-Key", idempotency_key)
+    }
+
+    /// Sends [`TestSandbox::charge_request`].
+    pub async fn charge(&self, prefix: &str, idempotency_key: &str, body: Value) -> ChargeAnswer {
+        let response = self
+            .charge_request(prefix, idempotency_key, body)
+            .send()
+            .await
+            .expect("the sandbox answers");
+        charge_answer(response).await
+    }
+
+    /// `GET` a `/payments/v1/…` path (`prefix` included) with the sandbox API key.
+    pub async fn payments_get(&self, path: &str) -> (StatusCode, Value) {
+        self.send(self.get(path).bearer_auth(PAYMENTS_API_KEY))
+            .await
+    }
+
+    /// `GET /_sandbox/charges` under `prefix`: every charge really made, oldest first.
+    pub async fn charges(&self, prefix: &str) -> Vec<Value> {
+        let path = format!("{prefix}/_sandbox/charges");
+        let (status, body) = self.send(self.get(&path)).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body.as_array().expect("a list").clone()
     }
 
     /// `GET /_sandbox/registrations` under `prefix`.

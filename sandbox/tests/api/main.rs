@@ -6,5 +6,6 @@ mod control;
 mod faults;
 mod helpers;
 mod namespaces;
+mod payments;
 mod referralnet;
 mod registrations;

@@ -1,0 +1,1070 @@
+//! Credits: the practice's card, one wallet per practitioner, purchases priced by size, an
+//! exactly-once ledger, transfers, auto top-up and buy-at-send.
+//!
+//! Exactly once, step by step:
+//! - Every spending or charging mutation carries an idempotency key (scoped to the group, kept
+//!   24 hours). The key is claimed in the same transaction that records the work; the same key
+//!   with the same input replays the first result, with other input it is a `CONFLICT`, and a
+//!   concurrent duplicate waits for the first and then replays it.
+//! - A purchase is recorded `PENDING` before the card is charged, and the charge carries the
+//!   purchase id as the payment gateway's idempotency key. Whatever dies in between (network,
+//!   process), the recovery worker charges again with the same key — the gateway replays rather
+//!   than charging twice — and completes the ledger exactly once (`PENDING → SUCCEEDED` is a
+//!   conditional update).
+//! - Auto top-up is decided inside the debit's transaction with a `top_up_pending` flag, so
+//!   concurrent debits crossing the threshold create exactly one purchase.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use crate::crypto::SecretBox;
+use crate::domain::GatewayError;
+use crate::domain::audit::{AuditEntry, AuditOutcome, Principal};
+use crate::domain::pricing::{Catalogue, CreditPack};
+use crate::domain::types::Role;
+use crate::providers::ProviderError;
+use crate::providers::payments::{CardSummary, ChargeOutcome, ChargeRequest, PaymentGateway};
+use crate::store::credits::{
+    DebitOutcome, KeyClaim, KeyRequest, LedgerRow, PaymentMethodRow, PractitionerRow, PurchaseRow,
+    WalletRow,
+};
+use crate::store::{Store, new_id};
+
+/// What sending one secure message costs.
+pub const CREDITS_PER_MESSAGE: i64 = 3;
+
+/// Audit action names for credits.
+pub mod actions {
+    /// The practice's card was set.
+    pub const SET_PAYMENT_METHOD: &str = "SET_PAYMENT_METHOD";
+    /// Credits were bought (manually, at send time, or by auto top-up).
+    pub const PURCHASE_CREDITS: &str = "PURCHASE_CREDITS";
+    /// Credits moved between practitioners.
+    pub const TRANSFER_CREDITS: &str = "TRANSFER_CREDITS";
+    /// Auto top-up settings changed.
+    pub const SET_AUTO_TOP_UP: &str = "SET_AUTO_TOP_UP";
+}
+
+/// A client's idempotency key: 8–128 letters, digits, `-`, `_`, `.` or `:`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyKey(String);
+
+impl IdempotencyKey {
+    /// Parses a key.
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        let valid = (8..=128).contains(&raw.len())
+            && raw
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'));
+        if !valid {
+            return Err("idempotency key must be 8 to 128 letters, digits, '-', '_', '.' or ':' (a UUID is ideal)".into());
+        }
+        Ok(Self(raw.to_owned()))
+    }
+
+    /// The key.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A positive number of credits to move: 1 to 1,000,000.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CreditAmount(i64);
+
+impl CreditAmount {
+    /// Parses an amount.
+    pub fn parse(raw: i64) -> Result<Self, String> {
+        if !(1..=1_000_000).contains(&raw) {
+            return Err("credits must be a whole number from 1 to 1000000".into());
+        }
+        Ok(Self(raw))
+    }
+
+    /// The amount.
+    pub fn get(self) -> i64 {
+        self.0
+    }
+}
+
+/// A payment-method token from the payment gateway: 3–255 visible ASCII characters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PaymentToken(String);
+
+impl PaymentToken {
+    /// Parses a token.
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        let trimmed = raw.trim();
+        if !(3..=255).contains(&trimmed.len())
+            || !trimmed.chars().all(|c| c.is_ascii_graphic())
+            || trimmed.contains('/')
+        {
+            return Err(
+                "payment method token must be 3 to 255 visible characters, e.g. pm_sandbox_approve"
+                    .into(),
+            );
+        }
+        Ok(Self(trimmed.to_owned()))
+    }
+}
+
+/// Tunables.
+#[derive(Debug, Clone)]
+pub struct CreditSettings {
+    /// Packs and prices.
+    pub catalogue: Catalogue,
+    /// Consecutive declined top-ups before auto top-up switches itself off.
+    pub disable_auto_top_up_after: i32,
+    /// How long a purchase being charged belongs to the node charging it, before the recovery
+    /// worker may take it over (longer than a charge with its retries).
+    pub purchase_lease: Duration,
+    /// How long idempotency keys are remembered.
+    pub key_retention: Duration,
+    /// How long a duplicate request waits for the first one with its key.
+    pub duplicate_wait: Duration,
+    /// Test-only fault point: stop right after a successful charge, before the ledger write.
+    pub fail_after_charge: bool,
+}
+
+/// A purchase as shown to users.
+#[derive(Debug, Clone)]
+pub struct PurchaseView {
+    /// The purchase row.
+    pub row: PurchaseRow,
+}
+
+/// The answer to a purchase.
+#[derive(Debug, Clone)]
+pub struct PurchaseResult {
+    /// The purchase.
+    pub purchase: PurchaseRow,
+    /// The practitioner's balance right after it.
+    pub balance: i64,
+}
+
+/// The answer to a transfer.
+#[derive(Debug, Clone)]
+pub struct TransferResult {
+    /// The transfer's id (both ledger entries reference it).
+    pub transfer_id: String,
+    /// Credits moved.
+    pub credits: i64,
+    /// The sender's balance after.
+    pub from_balance: i64,
+    /// The receiver's balance after.
+    pub to_balance: i64,
+}
+
+/// A practitioner's credits.
+#[derive(Debug, Clone)]
+pub struct CreditsView {
+    /// Whose.
+    pub practitioner: PractitionerRow,
+    /// The wallet and its auto top-up settings.
+    pub wallet: WalletRow,
+    /// The auto top-up pack, resolved.
+    pub top_up_pack: Option<CreditPack>,
+}
+
+/// The result of a send debit.
+#[derive(Debug, Clone, Copy)]
+pub struct DebitResult {
+    /// Balance after the debit.
+    pub balance_after: i64,
+}
+
+/// The credit rules over storage and the payment gateway.
+#[derive(Clone)]
+pub struct CreditService {
+    store: Store,
+    payments: Arc<dyn PaymentGateway>,
+    secrets: SecretBox,
+    settings: Arc<CreditSettings>,
+}
+
+fn payment_unavailable(error: &ProviderError) -> GatewayError {
+    let retry_after = match error {
+        ProviderError::Unavailable { retry_after, .. } => *retry_after,
+        _ => None,
+    };
+    GatewayError::PaymentUnavailable { retry_after }
+}
+
+impl CreditService {
+    /// Assembles the service.
+    pub fn new(
+        store: Store,
+        payments: Arc<dyn PaymentGateway>,
+        secrets: SecretBox,
+        settings: CreditSettings,
+    ) -> Self {
+        Self {
+            store,
+            payments,
+            secrets,
+            settings: Arc::new(settings),
+        }
+    }
+
+    /// The packs on offer.
+    pub fn catalogue(&self) -> &Catalogue {
+        &self.settings.catalogue
+    }
+
+    /// Validates a token with the payment gateway and stores it for the practice.
+    pub async fn set_payment_method(
+        &self,
+        principal: &Principal,
+        token: PaymentToken,
+    ) -> Result<CardSummary, GatewayError> {
+        let card = match self.payments.describe(&token.0).await {
+            Ok(card) => card,
+            Err(ProviderError::Refused { .. }) => {
+                return Err(GatewayError::BadUserInput(
+                    "the payment gateway does not know that payment method token; check it and try again".into(),
+                ));
+            }
+            Err(error) => {
+                tracing::warn!(error = %error, "payment gateway unavailable while checking a payment method");
+                return Err(payment_unavailable(&error));
+            }
+        };
+        let sealed = self
+            .secrets
+            .seal(&token.0, &payment_context(&principal.group_id))
+            .map_err(GatewayError::internal)?;
+        let row = PaymentMethodRow {
+            token_ciphertext: sealed,
+            brand: card.brand.clone(),
+            last4: card.last4.clone(),
+            exp_month: card.exp_month,
+            exp_year: card.exp_year,
+            updated_at: Utc::now(),
+        };
+        let audit = AuditEntry::by(
+            principal,
+            actions::SET_PAYMENT_METHOD,
+            format!("group:{}", principal.group_id),
+            AuditOutcome::Success,
+        )
+        .with_detail(format!("{} ending {}", card.brand, card.last4));
+        self.store
+            .set_payment_method(&principal.group_id, &principal.user_id, &row, &audit)
+            .await?;
+        Ok(card)
+    }
+
+    /// The practice's card, masked.
+    pub async fn payment_method(
+        &self,
+        principal: &Principal,
+    ) -> Result<Option<CardSummary>, GatewayError> {
+        Ok(self
+            .store
+            .payment_method(&principal.group_id)
+            .await?
+            .map(|row| CardSummary {
+                brand: row.brand,
+                last4: row.last4,
+                exp_month: row.exp_month,
+                exp_year: row.exp_year,
+            }))
+    }
+
+    /// The group's practitioners with balances (balances only for administrators and the
+    /// caller's own).
+    pub async fn practitioners(
+        &self,
+        principal: &Principal,
+    ) -> Result<Vec<(PractitionerRow, bool)>, GatewayError> {
+        Ok(self
+            .store
+            .list_practitioners(&principal.group_id)
+            .await?
+            .into_iter()
+            .map(|practitioner| {
+                let may_see = principal.role == Role::Administrator
+                    || practitioner.user_id == principal.user_id;
+                (practitioner, may_see)
+            })
+            .collect())
+    }
+
+    /// Whose wallet a request is about: practitioners act on their own; administrators must
+    /// name a practitioner of their group.
+    async fn target(
+        &self,
+        principal: &Principal,
+        practitioner_id: Option<&str>,
+        verb: &str,
+    ) -> Result<PractitionerRow, GatewayError> {
+        match principal.role {
+            Role::Practitioner => {
+                if practitioner_id.is_some_and(|id| id != principal.subject) {
+                    return Err(GatewayError::Forbidden(format!(
+                        "practitioners can only {verb} their own credits; an administrator can act for others"
+                    )));
+                }
+                self.store
+                    .find_practitioner(&principal.group_id, &principal.subject)
+                    .await?
+                    .ok_or_else(|| {
+                        GatewayError::internal(anyhow::anyhow!("provisioned practitioner missing"))
+                    })
+            }
+            Role::Administrator => {
+                let id = practitioner_id.ok_or_else(|| {
+                    GatewayError::BadUserInput(
+                        "practitionerId: administrators must name the practitioner".into(),
+                    )
+                })?;
+                self.store
+                    .find_practitioner(&principal.group_id, id)
+                    .await?
+                    .ok_or_else(|| {
+                        GatewayError::NotFound(format!("no practitioner {id:?} in your practice"))
+                    })
+            }
+        }
+    }
+
+    /// A practitioner's credits.
+    pub async fn credits(
+        &self,
+        principal: &Principal,
+        practitioner_id: Option<&str>,
+    ) -> Result<CreditsView, GatewayError> {
+        let practitioner = self.target(principal, practitioner_id, "see").await?;
+        let wallet = self.store.wallet(&practitioner.user_id).await?;
+        let top_up_pack = wallet
+            .top_up_pack_id
+            .as_deref()
+            .and_then(|id| self.catalogue().find(id))
+            .cloned();
+        Ok(CreditsView {
+            practitioner,
+            wallet,
+            top_up_pack,
+        })
+    }
+
+    /// A wallet's ledger page, newest first.
+    pub async fn ledger(
+        &self,
+        user_id: &str,
+        after: Option<&str>,
+        first: u64,
+    ) -> Result<Vec<LedgerRow>, GatewayError> {
+        Ok(self.store.ledger(user_id, after, first).await?)
+    }
+
+    /// Buys a pack for a practitioner, exactly once per idempotency key.
+    pub async fn purchase(
+        &self,
+        principal: &Principal,
+        pack_id: &str,
+        key: IdempotencyKey,
+        practitioner_id: Option<&str>,
+    ) -> Result<PurchaseResult, GatewayError> {
+        let pack = self.catalogue().find(pack_id).cloned().ok_or_else(|| {
+            GatewayError::BadUserInput(format!(
+                "packId: there is no pack {pack_id:?}; see creditPacks"
+            ))
+        })?;
+        let target = self.target(principal, practitioner_id, "buy").await?;
+        if self
+            .store
+            .payment_method(&principal.group_id)
+            .await?
+            .is_none()
+        {
+            return Err(GatewayError::BadUserInput(
+                "your practice has no payment method yet; set one with setPaymentMethod first"
+                    .into(),
+            ));
+        }
+        let fingerprint = format!("pack={};practitioner={}", pack.id, target.user_id);
+        let keep_until = later(Utc::now(), self.settings.key_retention);
+        let key_request = KeyRequest {
+            group_id: &principal.group_id,
+            key: key.as_str(),
+            operation: "purchaseCredits",
+            fingerprint: &fingerprint,
+            keep_until,
+        };
+        let purchase = self.new_purchase(
+            &principal.group_id,
+            &target.user_id,
+            &pack,
+            "MANUAL",
+            Some(principal),
+            Some(key.as_str()),
+        );
+        match self
+            .store
+            .start_purchase(Some(&key_request), &purchase)
+            .await?
+        {
+            KeyClaim::Fresh => self.drive_purchase(purchase).await,
+            KeyClaim::Completed(response) => self.replay_purchase(&response).await,
+            KeyClaim::Mismatch => Err(key_reused()),
+            KeyClaim::InProgress => {
+                let response = self.wait_for_key(&key_request).await?;
+                self.replay_purchase(&response).await
+            }
+        }
+    }
+
+    async fn wait_for_key(&self, request: &KeyRequest<'_>) -> Result<String, GatewayError> {
+        let deadline = tokio::time::Instant::now() + self.settings.duplicate_wait;
+        loop {
+            match self.store.peek_key(request).await? {
+                KeyClaim::Completed(response) => return Ok(response),
+                KeyClaim::Mismatch => return Err(key_reused()),
+                KeyClaim::Fresh | KeyClaim::InProgress => {}
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(GatewayError::Conflict(
+                    "a request with this idempotency key is still being processed; retry in a few seconds with the same key".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn replay_purchase(&self, response: &str) -> Result<PurchaseResult, GatewayError> {
+        let value: serde_json::Value =
+            serde_json::from_str(response).map_err(GatewayError::internal)?;
+        let purchase_id = value["purchaseId"].as_str().unwrap_or_default();
+        let purchase = self.store.purchase(purchase_id).await?.ok_or_else(|| {
+            GatewayError::internal(anyhow::anyhow!("replayed purchase {purchase_id} missing"))
+        })?;
+        if value["declined"].as_bool() == Some(true) {
+            return Err(declined(
+                purchase.failure_code.as_deref().unwrap_or("card_declined"),
+            ));
+        }
+        let balance = value["balanceAfter"].as_i64().unwrap_or_default();
+        Ok(PurchaseResult { purchase, balance })
+    }
+
+    fn new_purchase(
+        &self,
+        group_id: &str,
+        user_id: &str,
+        pack: &CreditPack,
+        origin: &str,
+        requested_by: Option<&Principal>,
+        key: Option<&str>,
+    ) -> PurchaseRow {
+        let now = Utc::now();
+        PurchaseRow {
+            id: new_id(),
+            group_id: group_id.to_owned(),
+            user_id: user_id.to_owned(),
+            pack_id: pack.id.clone(),
+            credits: pack.price.credits,
+            amount_cents: pack.price.total_cents,
+            gst_cents: pack.price.gst_cents,
+            status: "PENDING".into(),
+            origin: origin.into(),
+            charge_id: None,
+            failure_code: None,
+            requested_by_user_id: requested_by.map(|principal| principal.user_id.clone()),
+            idempotency_key: key.map(str::to_owned),
+            attempts: 0,
+            // The recovery worker leaves it alone while this request drives it.
+            next_attempt_at: Some(later(now, self.settings.purchase_lease)),
+            created_at: now,
+        }
+    }
+
+    /// Charges a pending purchase and records the outcome. Transient gateway failures are
+    /// retried here a few times with the same key; if the outcome is still unknown the
+    /// purchase stays pending for the recovery worker.
+    async fn drive_purchase(&self, purchase: PurchaseRow) -> Result<PurchaseResult, GatewayError> {
+        let Some(method) = self.store.payment_method(&purchase.group_id).await? else {
+            self.record_decline(&purchase, "no_payment_method", None)
+                .await?;
+            return Err(declined("no_payment_method"));
+        };
+        let token = self
+            .secrets
+            .open(
+                &method.token_ciphertext,
+                &payment_context(&purchase.group_id),
+            )
+            .map_err(GatewayError::internal)?;
+        let description = format!("{} SMD Gateway credits", purchase.credits);
+        let request = ChargeRequest {
+            token: &token,
+            amount_cents: purchase.amount_cents,
+            idempotency_key: &purchase.id,
+            description: &description,
+        };
+        let mut last_error = None;
+        for attempt in 0..3u32 {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(150 * u64::from(attempt))).await;
+            }
+            match self.payments.charge(&request).await {
+                Ok(ChargeOutcome::Succeeded { charge_id }) => {
+                    if self.settings.fail_after_charge {
+                        return Err(GatewayError::internal(anyhow::anyhow!(
+                            "test fault point: stopped after the charge"
+                        )));
+                    }
+                    let audit = purchase_audit(&purchase, AuditOutcome::Success, &charge_id);
+                    let balance = match self
+                        .store
+                        .complete_purchase(&purchase, &charge_id, &audit)
+                        .await?
+                    {
+                        Some(balance) => balance,
+                        None => self.store.wallet(&purchase.user_id).await?.balance,
+                    };
+                    let purchase = self.store.purchase(&purchase.id).await?.unwrap_or(purchase);
+                    return Ok(PurchaseResult { purchase, balance });
+                }
+                Ok(ChargeOutcome::Declined { charge_id, code }) => {
+                    self.record_decline(&purchase, &code, charge_id.as_deref())
+                        .await?;
+                    return Err(declined(&code));
+                }
+                Err(ProviderError::Refused { code, .. }) => {
+                    self.record_decline(&purchase, &code, None).await?;
+                    return Err(declined(&code));
+                }
+                Err(error) => {
+                    tracing::warn!(purchase = %purchase.id, attempt, error = %error, "charge outcome unknown; retrying with the same key");
+                    last_error = Some(error);
+                }
+            }
+        }
+        let error = last_error.unwrap_or(ProviderError::Unavailable {
+            reason: "no attempt".into(),
+            retry_after: None,
+        });
+        Err(payment_unavailable(&error))
+    }
+
+    async fn record_decline(
+        &self,
+        purchase: &PurchaseRow,
+        code: &str,
+        charge_id: Option<&str>,
+    ) -> Result<(), GatewayError> {
+        let code: String = code
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .take(64)
+            .collect();
+        let message = format!(
+            "the card was declined ({code}) on {}",
+            Utc::now().format("%Y-%m-%d %H:%M UTC")
+        );
+        let audit = purchase_audit(purchase, AuditOutcome::Failure, &code);
+        self.store
+            .decline_purchase(
+                purchase,
+                &code,
+                charge_id,
+                &message,
+                self.settings.disable_auto_top_up_after,
+                &audit,
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// One pass of the recovery worker: drives purchases left pending by a crash, a lost
+    /// answer or a payment gateway outage. Returns how many it drove.
+    pub async fn recover_pending_purchases(
+        &self,
+        now: DateTime<Utc>,
+    ) -> Result<usize, GatewayError> {
+        let due = self.store.due_pending_purchases(now, 20).await?;
+        let mut driven = 0;
+        for purchase in due {
+            let lease_until = later(now, self.settings.purchase_lease);
+            if !self.store.claim_purchase(&purchase, lease_until).await? {
+                continue;
+            }
+            driven += 1;
+            let purchase = PurchaseRow {
+                next_attempt_at: Some(lease_until),
+                ..purchase
+            };
+            match self.drive_purchase(purchase.clone()).await {
+                Ok(_) => tracing::info!(purchase = %purchase.id, "pending purchase completed"),
+                Err(GatewayError::PaymentDeclined(_)) => {
+                    tracing::info!(purchase = %purchase.id, "pending purchase declined")
+                }
+                Err(error) => {
+                    tracing::warn!(purchase = %purchase.id, error = ?error, "pending purchase still unresolved")
+                }
+            }
+        }
+        Ok(driven)
+    }
+
+    /// Debits the cost of one secure message from the sender's own wallet. When a debit
+    /// leaves the balance below the auto top-up threshold, exactly one top-up is started.
+    /// With `top_up_if_short`, a short balance first buys the auto top-up pack (or the
+    /// smallest) — "buy at send" — keyed by `reference`, so a retried send never buys twice.
+    pub async fn debit_for_send(
+        &self,
+        principal: &Principal,
+        reference: &str,
+        top_up_if_short: bool,
+    ) -> Result<DebitResult, GatewayError> {
+        if principal.role != Role::Practitioner {
+            return Err(GatewayError::Forbidden(
+                "only practitioners send secure messages, so only their credits pay for them"
+                    .into(),
+            ));
+        }
+        match self
+            .try_debit(&principal.group_id, &principal.user_id, reference)
+            .await?
+        {
+            Ok(result) => Ok(result),
+            Err(balance) if !top_up_if_short => Err(GatewayError::InsufficientCredits(format!(
+                "you have {balance} credits and sending costs {CREDITS_PER_MESSAGE}; buy credits, or send with topUpIfShort"
+            ))),
+            Err(_) => {
+                self.buy_at_send(principal, reference).await?;
+                match self
+                    .try_debit(&principal.group_id, &principal.user_id, reference)
+                    .await?
+                {
+                    Ok(result) => Ok(result),
+                    Err(balance) => Err(GatewayError::InsufficientCredits(format!(
+                        "you have {balance} credits after buying more; try again"
+                    ))),
+                }
+            }
+        }
+    }
+
+    async fn try_debit(
+        &self,
+        group_id: &str,
+        user_id: &str,
+        reference: &str,
+    ) -> Result<Result<DebitResult, i64>, GatewayError> {
+        let has_method = self.store.payment_method(group_id).await?.is_some();
+        let txn = self.store.begin_credit_transaction().await?;
+        let outcome = self
+            .store
+            .debit_in(
+                &txn,
+                group_id,
+                user_id,
+                CREDITS_PER_MESSAGE,
+                "SEND_DEBIT",
+                reference,
+                |wallet| self.decide_top_up(group_id, wallet, has_method),
+            )
+            .await?;
+        match outcome {
+            DebitOutcome::Insufficient { balance } => {
+                txn.rollback().await.map_err(GatewayError::internal)?;
+                Ok(Err(balance))
+            }
+            DebitOutcome::Debited {
+                balance_after,
+                top_up,
+            } => {
+                txn.commit().await.map_err(GatewayError::internal)?;
+                if let Some(purchase) = top_up {
+                    self.start_top_up(purchase);
+                }
+                Ok(Ok(DebitResult { balance_after }))
+            }
+        }
+    }
+
+    /// The auto top-up rule, applied to the wallet as the debit left it.
+    fn decide_top_up(
+        &self,
+        group_id: &str,
+        wallet: &WalletRow,
+        _has_method: bool,
+    ) -> Option<PurchaseRow> {
+        if !wallet.auto_top_up_enabled
+            || wallet.top_up_pending
+            || wallet.balance >= wallet.threshold_credits
+        {
+            return None;
+        }
+        let pack = wallet
+            .top_up_pack_id
+            .as_deref()
+            .and_then(|id| self.catalogue().find(id))
+            .unwrap_or_else(|| self.catalogue().smallest())
+            .clone();
+        Some(self.new_purchase(group_id, &wallet.user_id, &pack, "AUTO_TOP_UP", None, None))
+    }
+
+    /// Charges a top-up in the background; the recovery worker finishes it if this node dies.
+    fn start_top_up(&self, purchase: PurchaseRow) {
+        let service = self.clone();
+        tokio::spawn(async move {
+            let id = purchase.id.clone();
+            match service.drive_purchase(purchase).await {
+                Ok(result) => {
+                    tracing::info!(purchase = %id, balance = result.balance, "auto top-up completed")
+                }
+                Err(error) => {
+                    tracing::warn!(purchase = %id, error = ?error, "auto top-up did not complete")
+                }
+            }
+        });
+    }
+
+    async fn buy_at_send(
+        &self,
+        principal: &Principal,
+        reference: &str,
+    ) -> Result<(), GatewayError> {
+        let wallet = self.store.wallet(&principal.user_id).await?;
+        let pack = wallet
+            .top_up_pack_id
+            .as_deref()
+            .and_then(|id| self.catalogue().find(id))
+            .unwrap_or_else(|| self.catalogue().smallest())
+            .clone();
+        let key = IdempotencyKey::parse(&format!(
+            "buy-at-send:{}",
+            reference.chars().take(100).collect::<String>()
+        ))
+        .map_err(|problem| GatewayError::internal(anyhow::anyhow!(problem)))?;
+        self.purchase_as(principal, &pack, key, "BUY_AT_SEND")
+            .await
+            .map(|_| ())
+    }
+
+    async fn purchase_as(
+        &self,
+        principal: &Principal,
+        pack: &CreditPack,
+        key: IdempotencyKey,
+        origin: &str,
+    ) -> Result<PurchaseResult, GatewayError> {
+        if self
+            .store
+            .payment_method(&principal.group_id)
+            .await?
+            .is_none()
+        {
+            return Err(GatewayError::InsufficientCredits(
+                "not enough credits, and your practice has no payment method to buy more at send time".into(),
+            ));
+        }
+        let fingerprint = format!("pack={};practitioner={}", pack.id, principal.user_id);
+        let key_request = KeyRequest {
+            group_id: &principal.group_id,
+            key: key.as_str(),
+            operation: "buyAtSend",
+            fingerprint: &fingerprint,
+            keep_until: later(Utc::now(), self.settings.key_retention),
+        };
+        let purchase = self.new_purchase(
+            &principal.group_id,
+            &principal.user_id,
+            pack,
+            origin,
+            Some(principal),
+            Some(key.as_str()),
+        );
+        match self
+            .store
+            .start_purchase(Some(&key_request), &purchase)
+            .await?
+        {
+            KeyClaim::Fresh => self.drive_purchase(purchase).await,
+            KeyClaim::Completed(response) => self.replay_purchase(&response).await,
+            KeyClaim::Mismatch => Err(key_reused()),
+            KeyClaim::InProgress => {
+                let response = self.wait_for_key(&key_request).await?;
+                self.replay_purchase(&response).await
+            }
+        }
+    }
+
+    /// Moves credits between two practitioners of the group, both ledger entries in one
+    /// transaction, exactly once per idempotency key.
+    pub async fn transfer(
+        &self,
+        principal: &Principal,
+        from_id: &str,
+        to_id: &str,
+        credits: CreditAmount,
+        key: IdempotencyKey,
+    ) -> Result<TransferResult, GatewayError> {
+        let from = self.target(principal, Some(from_id), "transfer").await?;
+        let to = self
+            .store
+            .find_practitioner(&principal.group_id, to_id)
+            .await?
+            .ok_or_else(|| {
+                GatewayError::NotFound(format!("no practitioner {to_id:?} in your practice"))
+            })?;
+        if from.user_id == to.user_id {
+            return Err(GatewayError::BadUserInput(
+                "toPractitionerId: cannot transfer credits to the same practitioner".into(),
+            ));
+        }
+        let fingerprint = format!(
+            "from={};to={};credits={}",
+            from.user_id,
+            to.user_id,
+            credits.get()
+        );
+        let key_request = KeyRequest {
+            group_id: &principal.group_id,
+            key: key.as_str(),
+            operation: "transferCredits",
+            fingerprint: &fingerprint,
+            keep_until: later(Utc::now(), self.settings.key_retention),
+        };
+        let transfer_id = new_id();
+        let txn = self.store.begin_credit_transaction().await?;
+        match self.store.claim_key(&txn, &key_request).await? {
+            KeyClaim::Fresh => {}
+            claim => {
+                txn.rollback().await.map_err(GatewayError::internal)?;
+                let response = match claim {
+                    KeyClaim::Completed(response) => response,
+                    KeyClaim::Mismatch => return Err(key_reused()),
+                    _ => self.wait_for_key(&key_request).await?,
+                };
+                return replay_transfer(&response);
+            }
+        }
+        // Touch the two wallets in a fixed order so concurrent opposite transfers cannot
+        // deadlock on PostgreSQL.
+        let (debit_first, amount) = (from.user_id < to.user_id, credits.get());
+        let mut to_balance = None;
+        if !debit_first {
+            to_balance = Some(
+                self.store
+                    .credit_in(
+                        &txn,
+                        &principal.group_id,
+                        &to.user_id,
+                        amount,
+                        "TRANSFER_IN",
+                        &transfer_id,
+                    )
+                    .await?,
+            );
+        }
+        let from_balance = match self
+            .store
+            .debit_in(
+                &txn,
+                &principal.group_id,
+                &from.user_id,
+                amount,
+                "TRANSFER_OUT",
+                &transfer_id,
+                |_| None,
+            )
+            .await?
+        {
+            DebitOutcome::Debited { balance_after, .. } => balance_after,
+            DebitOutcome::Insufficient { balance } => {
+                // Nothing happened, so the key is not used up: the same request can be
+                // retried once the balance allows it.
+                txn.rollback().await.map_err(GatewayError::internal)?;
+                return Err(GatewayError::InsufficientCredits(format!(
+                    "{} has {balance} credits, fewer than the {amount} to transfer",
+                    from.name
+                )));
+            }
+        };
+        let to_balance = match to_balance {
+            Some(balance) => balance,
+            None => {
+                self.store
+                    .credit_in(
+                        &txn,
+                        &principal.group_id,
+                        &to.user_id,
+                        amount,
+                        "TRANSFER_IN",
+                        &transfer_id,
+                    )
+                    .await?
+            }
+        };
+        let result = TransferResult {
+            transfer_id: transfer_id.clone(),
+            credits: amount,
+            from_balance,
+            to_balance,
+        };
+        let response = serde_json::json!({
+            "transferId": transfer_id, "credits": amount, "fromBalance": from_balance, "toBalance": to_balance
+        })
+        .to_string();
+        self.store
+            .complete_key(&txn, &principal.group_id, key.as_str(), &response)
+            .await?;
+        let audit = AuditEntry::by(
+            principal,
+            actions::TRANSFER_CREDITS,
+            format!("practitioner:{}", to.subject),
+            AuditOutcome::Success,
+        )
+        .with_detail(format!(
+            "{amount} credits from {} ({transfer_id})",
+            from.subject
+        ));
+        self.store.insert_audit_in(&txn, &audit).await?;
+        txn.commit().await.map_err(GatewayError::internal)?;
+        Ok(result)
+    }
+
+    /// Changes a practitioner's auto top-up.
+    pub async fn set_auto_top_up(
+        &self,
+        principal: &Principal,
+        practitioner_id: Option<&str>,
+        enabled: bool,
+        threshold_credits: Option<i64>,
+        pack_id: Option<&str>,
+    ) -> Result<CreditsView, GatewayError> {
+        let target = self.target(principal, practitioner_id, "configure").await?;
+        let threshold = threshold_credits.unwrap_or(10);
+        if !(0..=100_000).contains(&threshold) {
+            return Err(GatewayError::BadUserInput(
+                "thresholdCredits must be from 0 to 100000".into(),
+            ));
+        }
+        let pack = match pack_id {
+            Some(id) => Some(
+                self.catalogue()
+                    .find(id)
+                    .ok_or_else(|| {
+                        GatewayError::BadUserInput(format!(
+                            "packId: there is no pack {id:?}; see creditPacks"
+                        ))
+                    })?
+                    .id
+                    .clone(),
+            ),
+            None if enabled => Some(self.catalogue().smallest().id.clone()),
+            None => None,
+        };
+        let audit = AuditEntry::by(
+            principal,
+            actions::SET_AUTO_TOP_UP,
+            format!("practitioner:{}", target.subject),
+            AuditOutcome::Success,
+        )
+        .with_detail(format!(
+            "enabled={enabled} threshold={threshold} pack={}",
+            pack.as_deref().unwrap_or("none")
+        ));
+        self.store
+            .set_auto_top_up(
+                &principal.group_id,
+                &target.user_id,
+                enabled,
+                threshold,
+                pack.as_deref(),
+                &audit,
+            )
+            .await?;
+        self.credits(
+            principal,
+            Some(&target.subject)
+                .filter(|_| principal.role == Role::Administrator)
+                .map(String::as_str),
+        )
+        .await
+    }
+}
+
+fn payment_context(group_id: &str) -> String {
+    format!("payment-method/{group_id}")
+}
+
+fn purchase_audit(purchase: &PurchaseRow, outcome: AuditOutcome, detail: &str) -> AuditEntry {
+    let mut entry = AuditEntry::by_gateway(
+        &purchase.group_id,
+        actions::PURCHASE_CREDITS,
+        format!("purchase:{}", purchase.id),
+        outcome,
+    )
+    .with_detail(format!(
+        "{} {} credits, {} cents: {detail}",
+        purchase.origin, purchase.credits, purchase.amount_cents
+    ));
+    entry.actor_user_id = purchase.requested_by_user_id.clone();
+    if purchase.requested_by_user_id.is_some() {
+        entry.actor_subject = "practice-user".into();
+    }
+    entry
+}
+
+fn declined(code: &str) -> GatewayError {
+    GatewayError::PaymentDeclined(format!(
+        "the payment was declined ({code}) and no credits were added; update the practice's payment method or try again"
+    ))
+}
+
+fn key_reused() -> GatewayError {
+    GatewayError::Conflict("this idempotency key was already used for a different request; use a new key for a new request".into())
+}
+
+fn replay_transfer(response: &str) -> Result<TransferResult, GatewayError> {
+    let value: serde_json::Value =
+        serde_json::from_str(response).map_err(GatewayError::internal)?;
+    Ok(TransferResult {
+        transfer_id: value["transferId"].as_str().unwrap_or_default().to_owned(),
+        credits: value["credits"].as_i64().unwrap_or_default(),
+        from_balance: value["fromBalance"].as_i64().unwrap_or_default(),
+        to_balance: value["toBalance"].as_i64().unwrap_or_default(),
+    })
+}
+
+fn later(now: DateTime<Utc>, delay: Duration) -> DateTime<Utc> {
+    chrono::Duration::from_std(delay)
+        .ok()
+        .and_then(|delay| now.checked_add_signed(delay))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idempotency_keys_are_checked() {
+        assert!(IdempotencyKey::parse("3f2b6c1e-0000-4000-8000-000000000001").is_ok());
+        assert!(IdempotencyKey::parse("short").is_err());
+        assert!(IdempotencyKey::parse("has spaces in it").is_err());
+        assert!(IdempotencyKey::parse(&"k".repeat(129)).is_err());
+    }
+
+    #[test]
+    fn credit_amounts_are_positive_and_bounded() {
+        assert!(CreditAmount::parse(1).is_ok());
+        assert!(CreditAmount::parse(0).is_err());
+        assert!(CreditAmount::parse(-3).is_err());
+        assert!(CreditAmount::parse(1_000_001).is_err());
+    }
+
+    #[test]
+    fn payment_tokens_cannot_smuggle_paths() {
+        assert!(PaymentToken::parse("pm_sandbox_approve").is_ok());
+        assert!(PaymentToken::parse("../charges").is_err());
+        assert!(PaymentToken::parse("a b").is_err());
+    }
+}

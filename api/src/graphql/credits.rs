@@ -1,0 +1,469 @@
+//! Credits: packs, the practice's card, purchases, balances and ledgers, transfers, auto top-up.
+
+use async_graphql::{Context, ID, InputObject, Object, SimpleObject};
+use chrono::{DateTime, Utc};
+
+use super::audit::PageInfo;
+use super::error::ApiError;
+use super::{principal, services};
+use crate::domain::credits::{CreditAmount, CreditsView, IdempotencyKey, PaymentToken};
+use crate::domain::pricing::CreditPack as DomainPack;
+use crate::providers::payments::CardSummary;
+use crate::store::credits::PurchaseRow;
+
+/// A pack of credits on offer. Prices are in whole Australian cents, GST included.
+#[derive(SimpleObject, Clone)]
+pub struct CreditPack {
+    /// Pass as `packId`.
+    pub id: ID,
+    /// Credits in the pack.
+    pub credits: i64,
+    /// Price of the pack, cents, GST included.
+    pub price_cents: i64,
+    /// Price per credit, cents (falls with the purchase's size).
+    pub cents_per_credit: i64,
+    /// The GST within the price, cents.
+    pub gst_cents: i64,
+}
+
+impl From<&DomainPack> for CreditPack {
+    fn from(pack: &DomainPack) -> Self {
+        Self {
+            id: ID(pack.id.clone()),
+            credits: pack.price.credits,
+            price_cents: pack.price.total_cents,
+            cents_per_credit: pack.price.cents_per_credit,
+            gst_cents: pack.price.gst_cents,
+        }
+    }
+}
+
+/// The practice's card, masked.
+#[derive(SimpleObject)]
+pub struct PaymentMethod {
+    /// Card brand.
+    pub brand: String,
+    /// Last four digits.
+    pub last4: String,
+    /// Expiry month.
+    pub exp_month: i32,
+    /// Expiry year.
+    pub exp_year: i32,
+    /// A display form such as `visa •••• 4242`.
+    pub display: String,
+}
+
+impl From<CardSummary> for PaymentMethod {
+    fn from(card: CardSummary) -> Self {
+        Self {
+            display: format!("{} •••• {}", card.brand, card.last4),
+            brand: card.brand,
+            last4: card.last4,
+            exp_month: card.exp_month,
+            exp_year: card.exp_year,
+        }
+    }
+}
+
+/// A purchase of credits.
+#[derive(SimpleObject)]
+pub struct Purchase {
+    /// Purchase id.
+    pub id: ID,
+    /// The pack bought.
+    pub pack_id: String,
+    /// Credits bought.
+    pub credits: i64,
+    /// Amount charged, cents, GST included.
+    pub amount_cents: i64,
+    /// GST within the amount, cents.
+    pub gst_cents: i64,
+    /// `PENDING` (payment being confirmed), `SUCCEEDED` or `DECLINED`.
+    pub status: String,
+    /// `MANUAL`, `AUTO_TOP_UP` or `BUY_AT_SEND`.
+    pub origin: String,
+    /// When it was made.
+    pub created_at: DateTime<Utc>,
+}
+
+impl From<PurchaseRow> for Purchase {
+    fn from(row: PurchaseRow) -> Self {
+        Self {
+            id: ID(row.id),
+            pack_id: row.pack_id,
+            credits: row.credits,
+            amount_cents: row.amount_cents,
+            gst_cents: row.gst_cents,
+            status: row.status,
+            origin: row.origin,
+            created_at: row.created_at,
+        }
+    }
+}
+
+/// The result of `purchaseCredits`.
+#[derive(SimpleObject)]
+pub struct PurchaseCreditsPayload {
+    /// The purchase.
+    pub purchase: Purchase,
+    /// The practitioner's balance right after it.
+    pub balance: i64,
+}
+
+/// The result of `transferCredits`.
+#[derive(SimpleObject)]
+pub struct TransferCreditsPayload {
+    /// The transfer's id (both ledger entries reference it).
+    pub transfer_id: ID,
+    /// Credits moved.
+    pub credits: i64,
+    /// The sender's balance after.
+    pub from_balance: i64,
+    /// The receiver's balance after.
+    pub to_balance: i64,
+}
+
+/// A practitioner of the practice.
+#[derive(SimpleObject)]
+pub struct Practitioner {
+    /// Their id (the token's `sub`); pass as `practitionerId`.
+    pub id: ID,
+    /// Display name.
+    pub name: String,
+    /// Credits; shown to administrators and to the practitioner themself, else null.
+    pub balance: Option<i64>,
+}
+
+/// Auto top-up settings and state.
+#[derive(SimpleObject)]
+pub struct AutoTopUp {
+    /// Whether it is on.
+    pub enabled: bool,
+    /// A debit that leaves fewer credits than this buys `pack`.
+    pub threshold_credits: i64,
+    /// The pack it buys.
+    pub pack: Option<CreditPack>,
+    /// Why the last top-up failed (cleared by the next success).
+    pub last_failure: Option<String>,
+    /// When it failed.
+    pub last_failure_at: Option<DateTime<Utc>>,
+    /// Declined top-ups in a row.
+    pub consecutive_failures: i32,
+    /// Why auto top-up switched itself off, if it did.
+    pub disabled_reason: Option<String>,
+}
+
+/// One ledger entry.
+#[derive(SimpleObject)]
+pub struct LedgerEntry {
+    /// Entry id.
+    pub id: ID,
+    /// `PURCHASE`, `SEND_DEBIT`, `REFUND`, `TRANSFER_IN`, `TRANSFER_OUT` or `ADJUSTMENT`.
+    pub kind: String,
+    /// Signed change in credits.
+    pub credits: i64,
+    /// Balance after this entry.
+    pub balance_after: i64,
+    /// What caused it (purchase, transfer or message id).
+    pub reference: String,
+    /// When.
+    pub created_at: DateTime<Utc>,
+}
+
+/// A page of ledger entries (Relay cursor connection).
+#[derive(SimpleObject)]
+pub struct LedgerConnection {
+    /// Entries on this page with cursors.
+    pub edges: Vec<LedgerEdge>,
+    /// Where this page sits.
+    pub page_info: PageInfo,
+}
+
+/// A ledger entry and its cursor.
+#[derive(SimpleObject)]
+pub struct LedgerEdge {
+    /// Pass as `after` to continue.
+    pub cursor: String,
+    /// The entry.
+    pub node: LedgerEntry,
+}
+
+/// A practitioner's credits.
+pub struct Credits(CreditsView);
+
+/// A practitioner's credits: balance, auto top-up and ledger.
+#[Object]
+impl Credits {
+    /// Whose credits these are (the practitioner's id).
+    async fn practitioner_id(&self) -> ID {
+        ID(self.0.practitioner.subject.clone())
+    }
+
+    /// Credits available now.
+    async fn balance(&self) -> i64 {
+        self.0.wallet.balance
+    }
+
+    /// Auto top-up settings and state.
+    async fn auto_top_up(&self) -> AutoTopUp {
+        let wallet = &self.0.wallet;
+        AutoTopUp {
+            enabled: wallet.auto_top_up_enabled,
+            threshold_credits: wallet.threshold_credits,
+            pack: self.0.top_up_pack.as_ref().map(CreditPack::from),
+            last_failure: wallet.last_top_up_failure.clone(),
+            last_failure_at: wallet.last_top_up_failure_at,
+            consecutive_failures: wallet.top_up_failures,
+            disabled_reason: wallet.auto_top_up_disabled_reason.clone(),
+        }
+    }
+
+    /// Every change to the balance, newest first.
+    async fn ledger(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(desc = "How many entries (1–100, default 20).")] first: Option<i32>,
+        #[graphql(desc = "Continue after this cursor (`pageInfo.endCursor`).")] after: Option<
+            String,
+        >,
+    ) -> Result<LedgerConnection, ApiError> {
+        let first = first.unwrap_or(20);
+        if !(1..=100).contains(&first) {
+            return Err(ApiError::bad_input("first must be between 1 and 100"));
+        }
+        let rows = services(ctx)
+            .credits
+            .ledger(
+                &self.0.practitioner.user_id,
+                after.as_deref(),
+                first as u64 + 1,
+            )
+            .await?;
+        let has_next_page = rows.len() > first as usize;
+        let edges: Vec<LedgerEdge> = rows
+            .into_iter()
+            .take(first as usize)
+            .map(|row| LedgerEdge {
+                cursor: row.id.clone(),
+                node: LedgerEntry {
+                    id: ID(row.id),
+                    kind: row.kind,
+                    credits: row.credits,
+                    balance_after: row.balance_after,
+                    reference: row.reference,
+                    created_at: row.created_at,
+                },
+            })
+            .collect();
+        let page_info = PageInfo {
+            has_next_page,
+            has_previous_page: after.is_some(),
+            start_cursor: edges.first().map(|edge| edge.cursor.clone()),
+            end_cursor: edges.last().map(|edge| edge.cursor.clone()),
+        };
+        Ok(LedgerConnection { edges, page_info })
+    }
+}
+
+/// Sets the practice's card.
+#[derive(InputObject)]
+pub struct SetPaymentMethodInput {
+    /// A payment-method token from the payment gateway (sandbox: `pm_sandbox_approve`,
+    /// `pm_sandbox_decline`, `pm_sandbox_flaky`). Stored encrypted; only a masked form is shown.
+    pub token: String,
+}
+
+/// Buys a pack.
+#[derive(InputObject)]
+pub struct PurchaseCreditsInput {
+    /// The pack (see `creditPacks`).
+    pub pack_id: ID,
+    /// A fresh key per purchase (a UUID); retrying with the same key never charges twice.
+    pub idempotency_key: String,
+    /// Whose wallet: omit (or your own id) as a practitioner; required for administrators.
+    pub practitioner_id: Option<ID>,
+}
+
+/// Moves credits.
+#[derive(InputObject)]
+pub struct TransferCreditsInput {
+    /// From whom (practitioners: only themself).
+    pub from_practitioner_id: ID,
+    /// To whom (a practitioner of the same practice).
+    pub to_practitioner_id: ID,
+    /// How many (1–1000000).
+    pub credits: i64,
+    /// A fresh key per transfer; retrying with the same key never moves credits twice.
+    pub idempotency_key: String,
+}
+
+/// Auto top-up settings.
+#[derive(InputObject)]
+pub struct SetAutoTopUpInput {
+    /// Switch it on or off.
+    pub enabled: bool,
+    /// Top up when a debit leaves fewer credits than this (default 10).
+    pub threshold_credits: Option<i64>,
+    /// The pack to buy (default: the smallest).
+    pub pack_id: Option<ID>,
+    /// Whose wallet: omit as a practitioner; required for administrators.
+    pub practitioner_id: Option<ID>,
+}
+
+fn key(raw: &str) -> Result<IdempotencyKey, ApiError> {
+    IdempotencyKey::parse(raw)
+        .map_err(|problem| ApiError::bad_input(format!("idempotencyKey: {problem}")))
+}
+
+#[derive(Default)]
+pub struct CreditsQuery;
+
+#[Object]
+impl CreditsQuery {
+    /// The packs on offer, smallest first.
+    async fn credit_packs(&self, ctx: &Context<'_>) -> Result<Vec<CreditPack>, ApiError> {
+        principal(ctx)?;
+        Ok(services(ctx)
+            .credits
+            .catalogue()
+            .packs()
+            .iter()
+            .map(CreditPack::from)
+            .collect())
+    }
+
+    /// A practitioner's credits: your own as a practitioner; any of the practice's as an
+    /// administrator (then `practitionerId` is required).
+    async fn credits(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(desc = "Whose credits; omit for your own.")] practitioner_id: Option<ID>,
+    ) -> Result<Credits, ApiError> {
+        let principal = principal(ctx)?;
+        let view = services(ctx)
+            .credits
+            .credits(principal, practitioner_id.as_ref().map(|id| id.as_str()))
+            .await?;
+        Ok(Credits(view))
+    }
+
+    /// The practice's practitioners (balances for administrators, and your own).
+    async fn practitioners(&self, ctx: &Context<'_>) -> Result<Vec<Practitioner>, ApiError> {
+        let principal = principal(ctx)?;
+        let rows = services(ctx).credits.practitioners(principal).await?;
+        Ok(rows
+            .into_iter()
+            .map(|(row, may_see)| Practitioner {
+                id: ID(row.subject),
+                name: row.name,
+                balance: may_see.then_some(row.balance),
+            })
+            .collect())
+    }
+
+    /// The practice's card, masked (null until one is set).
+    async fn payment_method(&self, ctx: &Context<'_>) -> Result<Option<PaymentMethod>, ApiError> {
+        let principal = principal(ctx)?;
+        Ok(services(ctx)
+            .credits
+            .payment_method(principal)
+            .await?
+            .map(PaymentMethod::from))
+    }
+}
+
+#[derive(Default)]
+pub struct CreditsMutation;
+
+#[Object]
+impl CreditsMutation {
+    /// Sets (or replaces) the practice's card, after checking the token with the payment gateway.
+    async fn set_payment_method(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(desc = "The payment-method token.")] input: SetPaymentMethodInput,
+    ) -> Result<PaymentMethod, ApiError> {
+        let principal = principal(ctx)?;
+        let token = PaymentToken::parse(&input.token)
+            .map_err(|problem| ApiError::bad_input(format!("token: {problem}")))?;
+        Ok(services(ctx)
+            .credits
+            .set_payment_method(principal, token)
+            .await?
+            .into())
+    }
+
+    /// Buys a pack with the practice's card. Exactly once per idempotency key: a retry returns
+    /// the first result; declined → `PAYMENT_DECLINED` and no credits.
+    async fn purchase_credits(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(desc = "What to buy, for whom, and the idempotency key.")]
+        input: PurchaseCreditsInput,
+    ) -> Result<PurchaseCreditsPayload, ApiError> {
+        let principal = principal(ctx)?;
+        let key = key(&input.idempotency_key)?;
+        let result = services(ctx)
+            .credits
+            .purchase(
+                principal,
+                &input.pack_id,
+                key,
+                input.practitioner_id.as_ref().map(|id| id.as_str()),
+            )
+            .await?;
+        Ok(PurchaseCreditsPayload {
+            purchase: result.purchase.into(),
+            balance: result.balance,
+        })
+    }
+
+    /// Moves credits between two practitioners of the practice (both ledger entries at once).
+    async fn transfer_credits(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(desc = "From, to, how many, and the idempotency key.")]
+        input: TransferCreditsInput,
+    ) -> Result<TransferCreditsPayload, ApiError> {
+        let principal = principal(ctx)?;
+        let credits = CreditAmount::parse(input.credits)
+            .map_err(|problem| ApiError::bad_input(format!("credits: {problem}")))?;
+        let key = key(&input.idempotency_key)?;
+        let result = services(ctx)
+            .credits
+            .transfer(
+                principal,
+                &input.from_practitioner_id,
+                &input.to_practitioner_id,
+                credits,
+                key,
+            )
+            .await?;
+        Ok(TransferCreditsPayload {
+            transfer_id: ID(result.transfer_id),
+            credits: result.credits,
+            from_balance: result.from_balance,
+            to_balance: result.to_balance,
+        })
+    }
+
+    /// Configures auto top-up for a practitioner.
+    async fn set_auto_top_up(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(desc = "The settings.")] input: SetAutoTopUpInput,
+    ) -> Result<Credits, ApiError> {
+        let principal = principal(ctx)?;
+        let view = services(ctx)
+            .credits
+            .set_auto_top_up(
+                principal,
+                input.practitioner_id.as_ref().map(|id| id.as_str()),
+                input.enabled,
+                input.threshold_credits,
+                input.pack_id.as_ref().map(|id| id.as_str()),
+            )
+            .await?;
+        Ok(Credits(view))
+    }
+}

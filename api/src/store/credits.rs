@@ -1,0 +1,911 @@
+//! Wallets, the append-only ledger, purchases, payment methods and idempotency keys.
+//!
+//! Every balance change is one conditional `UPDATE wallets SET balance = balance ± n` plus one
+//! ledger row carrying the balance after it, in the same write transaction. The database's
+//! CHECK constraints refuse a negative balance even if code were wrong; the conditional update
+//! (`… AND balance >= n`) makes a short balance a normal outcome rather than an error.
+
+use chrono::{DateTime, Utc};
+use sea_orm::sea_query::{Expr, ExprTrait, OnConflict};
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseTransaction, EntityTrait, QueryFilter,
+    QueryOrder, QuerySelect,
+};
+
+use super::entities::{
+    idempotency_keys, ledger_entries, payment_methods, purchases, users, wallets,
+};
+use super::{Store, StoreError, from_millis, new_id, to_millis};
+use crate::domain::audit::AuditEntry;
+use crate::domain::types::Role;
+
+/// The practice's stored card (the token sealed; only the masked form is ever shown).
+#[derive(Debug, Clone)]
+pub struct PaymentMethodRow {
+    /// The payment gateway token, sealed by the data-encryption key.
+    pub token_ciphertext: String,
+    /// Card brand.
+    pub brand: String,
+    /// Last four digits.
+    pub last4: String,
+    /// Expiry month.
+    pub exp_month: i32,
+    /// Expiry year.
+    pub exp_year: i32,
+    /// When it was set.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A practitioner's wallet.
+#[derive(Debug, Clone)]
+pub struct WalletRow {
+    /// The practitioner (internal user id).
+    pub user_id: String,
+    /// Credits available.
+    pub balance: i64,
+    /// Auto top-up switched on.
+    pub auto_top_up_enabled: bool,
+    /// Top up when a debit leaves the balance below this.
+    pub threshold_credits: i64,
+    /// The pack auto top-up buys.
+    pub top_up_pack_id: Option<String>,
+    /// A top-up purchase is under way.
+    pub top_up_pending: bool,
+    /// Consecutive declined top-ups.
+    pub top_up_failures: i32,
+    /// Why the last top-up failed.
+    pub last_top_up_failure: Option<String>,
+    /// When it failed.
+    pub last_top_up_failure_at: Option<DateTime<Utc>>,
+    /// Why auto top-up switched itself off.
+    pub auto_top_up_disabled_reason: Option<String>,
+}
+
+/// One ledger entry.
+#[derive(Debug, Clone)]
+pub struct LedgerRow {
+    /// Time-ordered id (the cursor).
+    pub id: String,
+    /// `PURCHASE`, `SEND_DEBIT`, `REFUND`, `TRANSFER_IN`, `TRANSFER_OUT`, `ADJUSTMENT`.
+    pub kind: String,
+    /// Signed change.
+    pub credits: i64,
+    /// Balance after the change.
+    pub balance_after: i64,
+    /// What caused it (purchase id, transfer id, message id).
+    pub reference: String,
+    /// When.
+    pub created_at: DateTime<Utc>,
+}
+
+/// A purchase of credits.
+#[derive(Debug, Clone)]
+pub struct PurchaseRow {
+    /// Id (also the payment gateway's idempotency key for its charge).
+    pub id: String,
+    /// The group.
+    pub group_id: String,
+    /// The practitioner whose wallet receives the credits.
+    pub user_id: String,
+    /// The pack bought.
+    pub pack_id: String,
+    /// Credits bought.
+    pub credits: i64,
+    /// Total charged, cents.
+    pub amount_cents: i64,
+    /// GST within it, cents.
+    pub gst_cents: i64,
+    /// `PENDING`, `SUCCEEDED`, `DECLINED`.
+    pub status: String,
+    /// `MANUAL`, `AUTO_TOP_UP`, `BUY_AT_SEND`.
+    pub origin: String,
+    /// The payment gateway's charge id.
+    pub charge_id: Option<String>,
+    /// Why it failed.
+    pub failure_code: Option<String>,
+    /// Who asked for it (`None` for automatic top-ups).
+    pub requested_by_user_id: Option<String>,
+    /// The client's idempotency key, completed when the purchase finishes (even by recovery).
+    pub idempotency_key: Option<String>,
+    /// Charge attempts so far.
+    pub attempts: i32,
+    /// When the recovery worker may drive it next.
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    /// When it was created.
+    pub created_at: DateTime<Utc>,
+}
+
+/// A practitioner of the group with their balance.
+#[derive(Debug, Clone)]
+pub struct PractitionerRow {
+    /// Internal id.
+    pub user_id: String,
+    /// The token's `sub` (the API's practitioner id).
+    pub subject: String,
+    /// Display name.
+    pub name: String,
+    /// Credits (0 without a wallet).
+    pub balance: i64,
+}
+
+/// What an idempotency key says about a request.
+#[derive(Debug, Clone)]
+pub enum KeyClaim {
+    /// First use: go ahead.
+    Fresh,
+    /// Done before with the same input: replay this stored response.
+    Completed(String),
+    /// A request with this key is running right now.
+    InProgress,
+    /// Used before with different input.
+    Mismatch,
+}
+
+/// An idempotency key and what it guards.
+#[derive(Debug, Clone)]
+pub struct KeyRequest<'a> {
+    /// Keys are scoped to the group.
+    pub group_id: &'a str,
+    /// The client's key.
+    pub key: &'a str,
+    /// The operation (`purchaseCredits`, `transferCredits`, …).
+    pub operation: &'a str,
+    /// The request's input, canonically written: the same key with another input is a conflict.
+    pub fingerprint: &'a str,
+    /// How long the key is remembered.
+    pub keep_until: DateTime<Utc>,
+}
+
+/// The result of a balance change.
+#[derive(Debug, Clone)]
+pub enum DebitOutcome {
+    /// Done; the new balance, and a top-up purchase the debit triggered.
+    Debited {
+        balance_after: i64,
+        top_up: Option<PurchaseRow>,
+    },
+    /// Not enough credits; nothing changed.
+    Insufficient { balance: i64 },
+}
+
+impl Store {
+    /// The group's payment method.
+    pub async fn payment_method(
+        &self,
+        group_id: &str,
+    ) -> Result<Option<PaymentMethodRow>, StoreError> {
+        Ok(payment_methods::Entity::find_by_id(group_id.to_owned())
+            .one(self.connection())
+            .await?
+            .map(|model| PaymentMethodRow {
+                token_ciphertext: model.token_ciphertext,
+                brand: model.brand,
+                last4: model.last4,
+                exp_month: model.exp_month,
+                exp_year: model.exp_year,
+                updated_at: from_millis(model.updated_at),
+            }))
+    }
+
+    /// Stores (or replaces) the group's payment method.
+    pub async fn set_payment_method(
+        &self,
+        group_id: &str,
+        user_id: &str,
+        method: &PaymentMethodRow,
+        audit: &AuditEntry,
+    ) -> Result<(), StoreError> {
+        let txn = self.begin_write().await?;
+        payment_methods::Entity::insert(payment_methods::ActiveModel {
+            group_id: Set(group_id.to_owned()),
+            token_ciphertext: Set(method.token_ciphertext.clone()),
+            brand: Set(method.brand.clone()),
+            last4: Set(method.last4.clone()),
+            exp_month: Set(method.exp_month),
+            exp_year: Set(method.exp_year),
+            updated_by_user_id: Set(user_id.to_owned()),
+            updated_at: Set(to_millis(method.updated_at)),
+        })
+        .on_conflict(
+            OnConflict::column(payment_methods::Column::GroupId)
+                .update_columns([
+                    payment_methods::Column::TokenCiphertext,
+                    payment_methods::Column::Brand,
+                    payment_methods::Column::Last4,
+                    payment_methods::Column::ExpMonth,
+                    payment_methods::Column::ExpYear,
+                    payment_methods::Column::UpdatedByUserId,
+                    payment_methods::Column::UpdatedAt,
+                ])
+                .to_owned(),
+        )
+        .exec_without_returning(&txn)
+        .await?;
+        self.insert_audit_in(&txn, audit).await?;
+        txn.commit().await?;
+        Ok(())
+    }
+
+    /// A practitioner of the group by their `sub`.
+    pub async fn find_practitioner(
+        &self,
+        group_id: &str,
+        subject: &str,
+    ) -> Result<Option<PractitionerRow>, StoreError> {
+        Ok(self
+            .list_practitioners(group_id)
+            .await?
+            .into_iter()
+            .find(|practitioner| practitioner.subject == subject))
+    }
+
+    /// The group's practitioners with their balances, by name.
+    pub async fn list_practitioners(
+        &self,
+        group_id: &str,
+    ) -> Result<Vec<PractitionerRow>, StoreError> {
+        let people = users::Entity::find()
+            .filter(users::Column::GroupId.eq(group_id))
+            .filter(users::Column::Role.eq(Role::Practitioner.code()))
+            .order_by_asc(users::Column::Name)
+            .all(self.connection())
+            .await?;
+        let balances = wallets::Entity::find()
+            .filter(wallets::Column::GroupId.eq(group_id))
+            .all(self.connection())
+            .await?;
+        Ok(people
+            .into_iter()
+            .map(|person| PractitionerRow {
+                balance: balances
+                    .iter()
+                    .find(|wallet| wallet.user_id == person.id)
+                    .map_or(0, |wallet| wallet.balance),
+                user_id: person.id,
+                subject: person.subject,
+                name: person.name,
+            })
+            .collect())
+    }
+
+    /// A practitioner's wallet (an empty one if they never had credits).
+    pub async fn wallet(&self, user_id: &str) -> Result<WalletRow, StoreError> {
+        Ok(wallets::Entity::find_by_id(user_id.to_owned())
+            .one(self.connection())
+            .await?
+            .map_or_else(|| empty_wallet(user_id), wallet_from_model))
+    }
+
+    /// Claims an idempotency key inside `txn`. On PostgreSQL a concurrent claim of the same
+    /// key waits here for the first transaction and then sees its row.
+    pub(crate) async fn claim_key(
+        &self,
+        txn: &DatabaseTransaction,
+        request: &KeyRequest<'_>,
+    ) -> Result<KeyClaim, StoreError> {
+        let now = Utc::now();
+        // A key past its retention is forgotten (the client may reuse it).
+        idempotency_keys::Entity::delete_many()
+            .filter(idempotency_keys::Column::GroupId.eq(request.group_id))
+            .filter(idempotency_keys::Column::Key.eq(request.key))
+            .filter(idempotency_keys::Column::ExpiresAt.lt(to_millis(now)))
+            .exec(txn)
+            .await?;
+        let inserted = idempotency_keys::Entity::insert(idempotency_keys::ActiveModel {
+            group_id: Set(request.group_id.to_owned()),
+            key: Set(request.key.to_owned()),
+            operation: Set(request.operation.to_owned()),
+            fingerprint: Set(request.fingerprint.to_owned()),
+            state: Set("IN_PROGRESS".to_owned()),
+            response: Set(None),
+            created_at: Set(to_millis(now)),
+            expires_at: Set(to_millis(request.keep_until)),
+        })
+        .on_conflict(
+            OnConflict::columns([
+                idempotency_keys::Column::GroupId,
+                idempotency_keys::Column::Key,
+            ])
+            .do_nothing()
+            .to_owned(),
+        )
+        .exec_without_returning(txn)
+        .await?;
+        if inserted == 1 {
+            return Ok(KeyClaim::Fresh);
+        }
+        let existing = idempotency_keys::Entity::find_by_id((
+            request.group_id.to_owned(),
+            request.key.to_owned(),
+        ))
+        .one(txn)
+        .await?
+        .ok_or_else(|| StoreError::Corrupt {
+            table: "idempotency_keys",
+            problem: "key vanished".into(),
+        })?;
+        if existing.operation != request.operation || existing.fingerprint != request.fingerprint {
+            return Ok(KeyClaim::Mismatch);
+        }
+        Ok(match existing.response {
+            Some(response) if existing.state == "COMPLETED" => KeyClaim::Completed(response),
+            _ => KeyClaim::InProgress,
+        })
+    }
+
+    /// Looks at a key without claiming it (for waiting on a request in progress).
+    pub async fn peek_key(&self, request: &KeyRequest<'_>) -> Result<KeyClaim, StoreError> {
+        let existing = idempotency_keys::Entity::find_by_id((
+            request.group_id.to_owned(),
+            request.key.to_owned(),
+        ))
+        .one(self.connection())
+        .await?;
+        Ok(match existing {
+            None => KeyClaim::Fresh,
+            Some(row)
+                if row.operation != request.operation || row.fingerprint != request.fingerprint =>
+            {
+                KeyClaim::Mismatch
+            }
+            Some(row) => match row.response {
+                Some(response) if row.state == "COMPLETED" => KeyClaim::Completed(response),
+                _ => KeyClaim::InProgress,
+            },
+        })
+    }
+
+    pub(crate) async fn complete_key(
+        &self,
+        connection: &impl ConnectionTrait,
+        group_id: &str,
+        key: &str,
+        response: &str,
+    ) -> Result<(), StoreError> {
+        idempotency_keys::Entity::update_many()
+            .col_expr(idempotency_keys::Column::State, Expr::value("COMPLETED"))
+            .col_expr(idempotency_keys::Column::Response, Expr::value(response))
+            .filter(idempotency_keys::Column::GroupId.eq(group_id))
+            .filter(idempotency_keys::Column::Key.eq(key))
+            .exec(connection)
+            .await?;
+        Ok(())
+    }
+
+    /// Records a new pending purchase, claiming its idempotency key in the same transaction.
+    /// Returns the claim; the purchase is stored only when the claim is fresh.
+    pub async fn start_purchase(
+        &self,
+        key: Option<&KeyRequest<'_>>,
+        purchase: &PurchaseRow,
+    ) -> Result<KeyClaim, StoreError> {
+        let txn = self.begin_write().await?;
+        if let Some(key) = key {
+            let claim = self.claim_key(&txn, key).await?;
+            if !matches!(claim, KeyClaim::Fresh) {
+                txn.rollback().await?;
+                return Ok(claim);
+            }
+        }
+        ensure_wallet(&txn, &purchase.user_id, &purchase.group_id).await?;
+        insert_purchase(&txn, purchase).await?;
+        txn.commit().await?;
+        Ok(KeyClaim::Fresh)
+    }
+
+    /// A purchase by id.
+    pub async fn purchase(&self, purchase_id: &str) -> Result<Option<PurchaseRow>, StoreError> {
+        Ok(purchases::Entity::find_by_id(purchase_id.to_owned())
+            .one(self.connection())
+            .await?
+            .map(purchase_from_model))
+    }
+
+    /// Marks a pending purchase paid and credits the wallet, in one transaction. Returns the
+    /// balance after, or `None` if the purchase was no longer pending (already completed by
+    /// another worker: the credits were added exactly once).
+    pub async fn complete_purchase(
+        &self,
+        purchase: &PurchaseRow,
+        charge_id: &str,
+        audit: &AuditEntry,
+    ) -> Result<Option<i64>, StoreError> {
+        let now = to_millis(Utc::now());
+        let txn = self.begin_write().await?;
+        let updated = purchases::Entity::update_many()
+            .col_expr(purchases::Column::Status, Expr::value("SUCCEEDED"))
+            .col_expr(purchases::Column::ChargeId, Expr::value(charge_id))
+            .col_expr(purchases::Column::CompletedAt, Expr::value(now))
+            .col_expr(
+                purchases::Column::NextAttemptAt,
+                Expr::value(Option::<i64>::None),
+            )
+            .filter(purchases::Column::Id.eq(purchase.id.as_str()))
+            .filter(purchases::Column::Status.eq("PENDING"))
+            .exec(&txn)
+            .await?
+            .rows_affected;
+        if updated != 1 {
+            txn.rollback().await?;
+            return Ok(None);
+        }
+        let mut wallet_update = wallets::Entity::update_many()
+            .col_expr(
+                wallets::Column::Balance,
+                Expr::col(wallets::Column::Balance).add(purchase.credits),
+            )
+            .col_expr(wallets::Column::UpdatedAt, Expr::value(now));
+        if purchase.origin == "AUTO_TOP_UP" {
+            wallet_update = wallet_update
+                .col_expr(wallets::Column::TopUpPending, Expr::value(false))
+                .col_expr(wallets::Column::TopUpFailures, Expr::value(0));
+        }
+        wallet_update
+            .filter(wallets::Column::UserId.eq(purchase.user_id.as_str()))
+            .exec(&txn)
+            .await?;
+        let balance_after = current_balance(&txn, &purchase.user_id).await?;
+        insert_ledger(
+            &txn,
+            &purchase.group_id,
+            &purchase.user_id,
+            "PURCHASE",
+            purchase.credits,
+            balance_after,
+            &purchase.id,
+        )
+        .await?;
+        if let Some(key) = &purchase.idempotency_key {
+            let response =
+                serde_json::json!({"purchaseId": purchase.id, "balanceAfter": balance_after})
+                    .to_string();
+            self.complete_key(&txn, &purchase.group_id, key, &response)
+                .await?;
+        }
+        self.insert_audit_in(&txn, audit).await?;
+        txn.commit().await?;
+        Ok(Some(balance_after))
+    }
+
+    /// Marks a pending purchase declined. For an automatic top-up it also counts the failure
+    /// and, after `disable_after` consecutive declines, switches auto top-up off with a reason.
+    pub async fn decline_purchase(
+        &self,
+        purchase: &PurchaseRow,
+        code: &str,
+        charge_id: Option<&str>,
+        failure_message: &str,
+        disable_after: i32,
+        audit: &AuditEntry,
+    ) -> Result<bool, StoreError> {
+        let now = to_millis(Utc::now());
+        let txn = self.begin_write().await?;
+        let updated = purchases::Entity::update_many()
+            .col_expr(purchases::Column::Status, Expr::value("DECLINED"))
+            .col_expr(purchases::Column::FailureCode, Expr::value(code))
+            .col_expr(
+                purchases::Column::ChargeId,
+                Expr::value(charge_id.map(str::to_owned)),
+            )
+            .col_expr(purchases::Column::CompletedAt, Expr::value(now))
+            .col_expr(
+                purchases::Column::NextAttemptAt,
+                Expr::value(Option::<i64>::None),
+            )
+            .filter(purchases::Column::Id.eq(purchase.id.as_str()))
+            .filter(purchases::Column::Status.eq("PENDING"))
+            .exec(&txn)
+            .await?
+            .rows_affected;
+        if updated != 1 {
+            txn.rollback().await?;
+            return Ok(false);
+        }
+        if purchase.origin == "AUTO_TOP_UP" {
+            wallets::Entity::update_many()
+                .col_expr(wallets::Column::TopUpPending, Expr::value(false))
+                .col_expr(
+                    wallets::Column::TopUpFailures,
+                    Expr::col(wallets::Column::TopUpFailures).add(1),
+                )
+                .col_expr(
+                    wallets::Column::LastTopUpFailure,
+                    Expr::value(failure_message),
+                )
+                .col_expr(wallets::Column::LastTopUpFailureAt, Expr::value(now))
+                .col_expr(wallets::Column::UpdatedAt, Expr::value(now))
+                .filter(wallets::Column::UserId.eq(purchase.user_id.as_str()))
+                .exec(&txn)
+                .await?;
+            let reason = format!(
+                "auto top-up switched itself off after {disable_after} declined payments in a row; update the payment method and switch it on again"
+            );
+            wallets::Entity::update_many()
+                .col_expr(wallets::Column::AutoTopUpEnabled, Expr::value(false))
+                .col_expr(
+                    wallets::Column::AutoTopUpDisabledReason,
+                    Expr::value(reason),
+                )
+                .filter(wallets::Column::UserId.eq(purchase.user_id.as_str()))
+                .filter(wallets::Column::TopUpFailures.gte(disable_after))
+                .filter(wallets::Column::AutoTopUpEnabled.eq(true))
+                .exec(&txn)
+                .await?;
+        }
+        if let Some(key) = &purchase.idempotency_key {
+            let response =
+                serde_json::json!({"purchaseId": purchase.id, "declined": true}).to_string();
+            self.complete_key(&txn, &purchase.group_id, key, &response)
+                .await?;
+        }
+        self.insert_audit_in(&txn, audit).await?;
+        txn.commit().await?;
+        Ok(true)
+    }
+
+    /// Pending purchases whose next attempt is due (crash recovery, retries after outages).
+    pub async fn due_pending_purchases(
+        &self,
+        now: DateTime<Utc>,
+        limit: u64,
+    ) -> Result<Vec<PurchaseRow>, StoreError> {
+        Ok(purchases::Entity::find()
+            .filter(purchases::Column::Status.eq("PENDING"))
+            .filter(purchases::Column::NextAttemptAt.lte(to_millis(now)))
+            .order_by_asc(purchases::Column::NextAttemptAt)
+            .limit(limit)
+            .all(self.connection())
+            .await?
+            .into_iter()
+            .map(purchase_from_model)
+            .collect())
+    }
+
+    /// Claims a pending purchase for this node until `lease_until` (compare-and-set on
+    /// `next_attempt_at`, as for approval checks) and counts the attempt.
+    pub async fn claim_purchase(
+        &self,
+        purchase: &PurchaseRow,
+        lease_until: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let txn = self.begin_write().await?;
+        let mut update = purchases::Entity::update_many()
+            .col_expr(
+                purchases::Column::NextAttemptAt,
+                Expr::value(to_millis(lease_until)),
+            )
+            .col_expr(
+                purchases::Column::Attempts,
+                Expr::col(purchases::Column::Attempts).add(1),
+            )
+            .filter(purchases::Column::Id.eq(purchase.id.as_str()))
+            .filter(purchases::Column::Status.eq("PENDING"));
+        update = match purchase.next_attempt_at {
+            Some(expected) => {
+                update.filter(purchases::Column::NextAttemptAt.eq(to_millis(expected)))
+            }
+            None => update.filter(purchases::Column::NextAttemptAt.is_null()),
+        };
+        let claimed = update.exec(&txn).await?.rows_affected == 1;
+        txn.commit().await?;
+        Ok(claimed)
+    }
+
+    /// Debits a wallet inside a write transaction the caller owns (so a message and its debit
+    /// commit together). `decide_top_up` sees the wallet after the debit and may return a
+    /// pending top-up purchase to record in the same transaction.
+    pub async fn debit_in(
+        &self,
+        txn: &DatabaseTransaction,
+        group_id: &str,
+        user_id: &str,
+        credits: i64,
+        kind: &str,
+        reference: &str,
+        decide_top_up: impl FnOnce(&WalletRow) -> Option<PurchaseRow>,
+    ) -> Result<DebitOutcome, StoreError> {
+        ensure_wallet(txn, user_id, group_id).await?;
+        let debited = wallets::Entity::update_many()
+            .col_expr(
+                wallets::Column::Balance,
+                Expr::col(wallets::Column::Balance).sub(credits),
+            )
+            .col_expr(
+                wallets::Column::UpdatedAt,
+                Expr::value(to_millis(Utc::now())),
+            )
+            .filter(wallets::Column::UserId.eq(user_id))
+            .filter(wallets::Column::Balance.gte(credits))
+            .exec(txn)
+            .await?
+            .rows_affected;
+        let wallet = wallets::Entity::find_by_id(user_id.to_owned())
+            .one(txn)
+            .await?
+            .map_or_else(|| empty_wallet(user_id), wallet_from_model);
+        if debited != 1 {
+            return Ok(DebitOutcome::Insufficient {
+                balance: wallet.balance,
+            });
+        }
+        insert_ledger(
+            txn,
+            group_id,
+            user_id,
+            kind,
+            -credits,
+            wallet.balance,
+            reference,
+        )
+        .await?;
+        let top_up = decide_top_up(&wallet);
+        if let Some(purchase) = &top_up {
+            wallets::Entity::update_many()
+                .col_expr(wallets::Column::TopUpPending, Expr::value(true))
+                .filter(wallets::Column::UserId.eq(user_id))
+                .exec(txn)
+                .await?;
+            insert_purchase(txn, purchase).await?;
+        }
+        Ok(DebitOutcome::Debited {
+            balance_after: wallet.balance,
+            top_up,
+        })
+    }
+
+    /// Credits a wallet inside the caller's transaction (refunds).
+    pub async fn credit_in(
+        &self,
+        txn: &DatabaseTransaction,
+        group_id: &str,
+        user_id: &str,
+        credits: i64,
+        kind: &str,
+        reference: &str,
+    ) -> Result<i64, StoreError> {
+        ensure_wallet(txn, user_id, group_id).await?;
+        wallets::Entity::update_many()
+            .col_expr(
+                wallets::Column::Balance,
+                Expr::col(wallets::Column::Balance).add(credits),
+            )
+            .col_expr(
+                wallets::Column::UpdatedAt,
+                Expr::value(to_millis(Utc::now())),
+            )
+            .filter(wallets::Column::UserId.eq(user_id))
+            .exec(txn)
+            .await?;
+        let balance_after = current_balance(txn, user_id).await?;
+        insert_ledger(
+            txn,
+            group_id,
+            user_id,
+            kind,
+            credits,
+            balance_after,
+            reference,
+        )
+        .await?;
+        Ok(balance_after)
+    }
+
+    /// Opens a write transaction for a caller that composes several changes.
+    pub async fn begin_credit_transaction(&self) -> Result<DatabaseTransaction, StoreError> {
+        Ok(self.begin_write().await?)
+    }
+
+    /// Changes a practitioner's auto top-up settings. Switching it on clears earlier failures.
+    pub async fn set_auto_top_up(
+        &self,
+        group_id: &str,
+        user_id: &str,
+        enabled: bool,
+        threshold_credits: i64,
+        pack_id: Option<&str>,
+        audit: &AuditEntry,
+    ) -> Result<(), StoreError> {
+        let txn = self.begin_write().await?;
+        ensure_wallet(&txn, user_id, group_id).await?;
+        let mut update = wallets::Entity::update_many()
+            .col_expr(wallets::Column::AutoTopUpEnabled, Expr::value(enabled))
+            .col_expr(
+                wallets::Column::ThresholdCredits,
+                Expr::value(threshold_credits),
+            )
+            .col_expr(
+                wallets::Column::TopUpPackId,
+                Expr::value(pack_id.map(str::to_owned)),
+            )
+            .col_expr(
+                wallets::Column::UpdatedAt,
+                Expr::value(to_millis(Utc::now())),
+            );
+        if enabled {
+            update = update
+                .col_expr(wallets::Column::TopUpFailures, Expr::value(0))
+                .col_expr(
+                    wallets::Column::AutoTopUpDisabledReason,
+                    Expr::value(Option::<String>::None),
+                );
+        }
+        update
+            .filter(wallets::Column::UserId.eq(user_id))
+            .exec(&txn)
+            .await?;
+        self.insert_audit_in(&txn, audit).await?;
+        txn.commit().await?;
+        Ok(())
+    }
+
+    /// A wallet's ledger, newest first, strictly older than `before_id` when given.
+    pub async fn ledger(
+        &self,
+        user_id: &str,
+        before_id: Option<&str>,
+        limit: u64,
+    ) -> Result<Vec<LedgerRow>, StoreError> {
+        let mut query =
+            ledger_entries::Entity::find().filter(ledger_entries::Column::UserId.eq(user_id));
+        if let Some(before_id) = before_id {
+            query = query.filter(ledger_entries::Column::Id.lt(before_id));
+        }
+        Ok(query
+            .order_by_desc(ledger_entries::Column::Id)
+            .limit(limit)
+            .all(self.connection())
+            .await?
+            .into_iter()
+            .map(|model| LedgerRow {
+                id: model.id,
+                kind: model.kind,
+                credits: model.credits,
+                balance_after: model.balance_after,
+                reference: model.reference,
+                created_at: from_millis(model.created_at),
+            })
+            .collect())
+    }
+}
+
+async fn ensure_wallet(
+    connection: &impl ConnectionTrait,
+    user_id: &str,
+    group_id: &str,
+) -> Result<(), StoreError> {
+    wallets::Entity::insert(wallets::ActiveModel {
+        user_id: Set(user_id.to_owned()),
+        group_id: Set(group_id.to_owned()),
+        balance: Set(0),
+        auto_top_up_enabled: Set(false),
+        threshold_credits: Set(10),
+        top_up_pack_id: Set(None),
+        top_up_pending: Set(false),
+        top_up_failures: Set(0),
+        last_top_up_failure: Set(None),
+        last_top_up_failure_at: Set(None),
+        auto_top_up_disabled_reason: Set(None),
+        updated_at: Set(to_millis(Utc::now())),
+    })
+    .on_conflict(
+        OnConflict::column(wallets::Column::UserId)
+            .do_nothing()
+            .to_owned(),
+    )
+    .exec_without_returning(connection)
+    .await?;
+    Ok(())
+}
+
+async fn current_balance(
+    connection: &impl ConnectionTrait,
+    user_id: &str,
+) -> Result<i64, StoreError> {
+    Ok(wallets::Entity::find_by_id(user_id.to_owned())
+        .one(connection)
+        .await?
+        .map_or(0, |wallet| wallet.balance))
+}
+
+async fn insert_ledger(
+    connection: &impl ConnectionTrait,
+    group_id: &str,
+    user_id: &str,
+    kind: &str,
+    credits: i64,
+    balance_after: i64,
+    reference: &str,
+) -> Result<(), StoreError> {
+    ledger_entries::Entity::insert(ledger_entries::ActiveModel {
+        id: Set(new_id()),
+        group_id: Set(group_id.to_owned()),
+        user_id: Set(user_id.to_owned()),
+        kind: Set(kind.to_owned()),
+        credits: Set(credits),
+        balance_after: Set(balance_after),
+        reference: Set(reference.to_owned()),
+        created_at: Set(to_millis(Utc::now())),
+    })
+    .exec_without_returning(connection)
+    .await?;
+    Ok(())
+}
+
+async fn insert_purchase(
+    connection: &impl ConnectionTrait,
+    purchase: &PurchaseRow,
+) -> Result<(), StoreError> {
+    purchases::Entity::insert(purchases::ActiveModel {
+        id: Set(purchase.id.clone()),
+        group_id: Set(purchase.group_id.clone()),
+        user_id: Set(purchase.user_id.clone()),
+        pack_id: Set(purchase.pack_id.clone()),
+        credits: Set(purchase.credits),
+        amount_cents: Set(purchase.amount_cents),
+        gst_cents: Set(purchase.gst_cents),
+        status: Set(purchase.status.clone()),
+        origin: Set(purchase.origin.clone()),
+        charge_id: Set(purchase.charge_id.clone()),
+        failure_code: Set(purchase.failure_code.clone()),
+        requested_by_user_id: Set(purchase.requested_by_user_id.clone()),
+        idempotency_key: Set(purchase.idempotency_key.clone()),
+        attempts: Set(purchase.attempts),
+        next_attempt_at: Set(purchase.next_attempt_at.map(to_millis)),
+        created_at: Set(to_millis(purchase.created_at)),
+        completed_at: Set(None),
+    })
+    .exec_without_returning(connection)
+    .await?;
+    Ok(())
+}
+
+fn empty_wallet(user_id: &str) -> WalletRow {
+    WalletRow {
+        user_id: user_id.to_owned(),
+        balance: 0,
+        auto_top_up_enabled: false,
+        threshold_credits: 10,
+        top_up_pack_id: None,
+        top_up_pending: false,
+        top_up_failures: 0,
+        last_top_up_failure: None,
+        last_top_up_failure_at: None,
+        auto_top_up_disabled_reason: None,
+    }
+}
+
+fn wallet_from_model(model: wallets::Model) -> WalletRow {
+    WalletRow {
+        user_id: model.user_id,
+        balance: model.balance,
+        auto_top_up_enabled: model.auto_top_up_enabled,
+        threshold_credits: model.threshold_credits,
+        top_up_pack_id: model.top_up_pack_id,
+        top_up_pending: model.top_up_pending,
+        top_up_failures: model.top_up_failures,
+        last_top_up_failure: model.last_top_up_failure,
+        last_top_up_failure_at: model.last_top_up_failure_at.map(from_millis),
+        auto_top_up_disabled_reason: model.auto_top_up_disabled_reason,
+    }
+}
+
+fn purchase_from_model(model: purchases::Model) -> PurchaseRow {
+    PurchaseRow {
+        id: model.id,
+        group_id: model.group_id,
+        user_id: model.user_id,
+        pack_id: model.pack_id,
+        credits: model.credits,
+        amount_cents: model.amount_cents,
+        gst_cents: model.gst_cents,
+        status: model.status,
+        origin: model.origin,
+        charge_id: model.charge_id,
+        failure_code: model.failure_code,
+        requested_by_user_id: model.requested_by_user_id,
+        idempotency_key: model.idempotency_key,
+        attempts: model.attempts,
+        next_attempt_at: model.next_attempt_at.map(from_millis),
+        created_at: from_millis(model.created_at),
+    }
+}
