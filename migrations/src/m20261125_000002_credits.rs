@@ -65,6 +65,7 @@ enum Purchases {
     ChargeId,
     FailureCode,
     RequestedByUserId,
+    RequestedBySubject,
     IdempotencyKey,
     Attempts,
     NextAttemptAt,
@@ -304,6 +305,11 @@ impl MigrationTrait for Migration {
                     .col(
                         ColumnDef::new(Purchases::RequestedByUserId)
                             .string_len(36)
+                            .null(),
+                    )
+                    .col(
+                        ColumnDef::new(Purchases::RequestedBySubject)
+                            .string_len(256)
                             .null(),
                     )
                     .col(

@@ -128,13 +128,6 @@ pub struct CreditSettings {
     pub fail_after_charge: bool,
 }
 
-/// A purchase as shown to users.
-#[derive(Debug, Clone)]
-pub struct PurchaseView {
-    /// The purchase row.
-    pub row: PurchaseRow,
-}
-
 /// The answer to a purchase.
 #[derive(Debug, Clone)]
 pub struct PurchaseResult {
@@ -473,6 +466,7 @@ impl CreditService {
             charge_id: None,
             failure_code: None,
             requested_by_user_id: requested_by.map(|principal| principal.user_id.clone()),
+            requested_by_subject: requested_by.map(|principal| principal.subject.clone()),
             idempotency_key: key.map(str::to_owned),
             attempts: 0,
             // The recovery worker leaves it alone while this request drives it.
@@ -655,7 +649,6 @@ impl CreditService {
         user_id: &str,
         reference: &str,
     ) -> Result<Result<DebitResult, i64>, GatewayError> {
-        let has_method = self.store.payment_method(group_id).await?.is_some();
         let txn = self.store.begin_credit_transaction().await?;
         let outcome = self
             .store
@@ -666,7 +659,7 @@ impl CreditService {
                 CREDITS_PER_MESSAGE,
                 "SEND_DEBIT",
                 reference,
-                |wallet| self.decide_top_up(group_id, wallet, has_method),
+                |wallet| self.decide_top_up(group_id, wallet),
             )
             .await?;
         match outcome {
@@ -688,12 +681,7 @@ impl CreditService {
     }
 
     /// The auto top-up rule, applied to the wallet as the debit left it.
-    fn decide_top_up(
-        &self,
-        group_id: &str,
-        wallet: &WalletRow,
-        _has_method: bool,
-    ) -> Option<PurchaseRow> {
+    fn decide_top_up(&self, group_id: &str, wallet: &WalletRow) -> Option<PurchaseRow> {
         if !wallet.auto_top_up_enabled
             || wallet.top_up_pending
             || wallet.balance >= wallet.threshold_credits
@@ -1006,9 +994,10 @@ fn purchase_audit(purchase: &PurchaseRow, outcome: AuditOutcome, detail: &str) -
         "{} {} credits, {} cents: {detail}",
         purchase.origin, purchase.credits, purchase.amount_cents
     ));
+    // A purchase someone asked for is theirs in the trail; a top-up is the gateway's.
     entry.actor_user_id = purchase.requested_by_user_id.clone();
-    if purchase.requested_by_user_id.is_some() {
-        entry.actor_subject = "practice-user".into();
+    if let Some(subject) = &purchase.requested_by_subject {
+        entry.actor_subject = subject.clone();
     }
     entry
 }

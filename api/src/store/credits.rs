@@ -105,6 +105,8 @@ pub struct PurchaseRow {
     pub failure_code: Option<String>,
     /// Who asked for it (`None` for automatic top-ups).
     pub requested_by_user_id: Option<String>,
+    /// Their `sub`, for the audit trail.
+    pub requested_by_subject: Option<String>,
     /// The client's idempotency key, completed when the purchase finishes (even by recovery).
     pub idempotency_key: Option<String>,
     /// Charge attempts so far.
@@ -848,6 +850,7 @@ async fn insert_purchase(
         charge_id: Set(purchase.charge_id.clone()),
         failure_code: Set(purchase.failure_code.clone()),
         requested_by_user_id: Set(purchase.requested_by_user_id.clone()),
+        requested_by_subject: Set(purchase.requested_by_subject.clone()),
         idempotency_key: Set(purchase.idempotency_key.clone()),
         attempts: Set(purchase.attempts),
         next_attempt_at: Set(purchase.next_attempt_at.map(to_millis)),
@@ -903,6 +906,7 @@ fn purchase_from_model(model: purchases::Model) -> PurchaseRow {
         charge_id: model.charge_id,
         failure_code: model.failure_code,
         requested_by_user_id: model.requested_by_user_id,
+        requested_by_subject: model.requested_by_subject,
         idempotency_key: model.idempotency_key,
         attempts: model.attempts,
         next_attempt_at: model.next_attempt_at.map(from_millis),

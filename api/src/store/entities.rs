@@ -208,6 +208,7 @@ pub mod purchases {
         pub charge_id: Option<String>,
         pub failure_code: Option<String>,
         pub requested_by_user_id: Option<String>,
+        pub requested_by_subject: Option<String>,
         pub idempotency_key: Option<String>,
         pub attempts: i32,
         pub next_attempt_at: Option<i64>,
