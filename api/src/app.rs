@@ -13,7 +13,9 @@ use crate::config::{Mode, Settings};
 use crate::crypto::SecretBox;
 use crate::domain::credits::{CreditService, CreditSettings};
 use crate::domain::integrations::{IntegrationService, IntegrationSettings};
+use crate::domain::messaging::{MessagingService, MessagingSettings};
 use crate::domain::pricing::{Catalogue, DEFAULT_TIERS};
+use crate::domain::types::Provider;
 use crate::events::EventBus;
 use crate::graphql::{Limits, Services, build_schema};
 use crate::http::{CorsPolicy, HttpState, router};
@@ -141,6 +143,8 @@ impl App {
                 fail_after_charge: settings.credits.fail_after_charge,
             },
         );
+        let providers_for_messaging = providers.clone();
+        let secrets_for_messaging = secrets.clone();
         let integrations = IntegrationService::new(
             store.clone(),
             providers,
@@ -154,10 +158,28 @@ impl App {
                 validate_login_per_minute: settings.validate_login_per_minute,
             },
         );
+        let status_poll_interval = settings.status_poll_interval();
+        let messaging = MessagingService::new(
+            store.clone(),
+            providers_for_messaging,
+            secrets_for_messaging,
+            credits.clone(),
+            integrations.clone(),
+            MessagingSettings {
+                outbox_lease: Duration::from_millis(settings.providers.timeout_ms) * 3
+                    + Duration::from_secs(1),
+                status_poll_interval,
+                retry_base: Duration::from_millis(settings.messaging.retry_base_ms.max(1)),
+                retry_max: Duration::from_millis(settings.messaging.retry_max_ms.max(1)),
+                give_up_after: Duration::from_secs(settings.messaging.give_up_after_seconds),
+                provider_preference: vec![Provider::Argus, Provider::ReferralNet],
+            },
+        );
         let schema = build_schema(
             Services {
                 integrations: integrations.clone(),
                 credits: credits.clone(),
+                messaging: messaging.clone(),
                 store: store.clone(),
                 events,
                 subscription_refresh: poll_interval
@@ -174,7 +196,12 @@ impl App {
         let (shutdown, shutdown_receiver) = watch::channel(false);
         let workers = vec![
             workers::spawn_approval_watcher(integrations, poll_interval, shutdown_receiver.clone()),
-            workers::spawn_purchase_recovery(credits.clone(), purchase_lease, shutdown_receiver),
+            workers::spawn_purchase_recovery(
+                credits.clone(),
+                purchase_lease,
+                shutdown_receiver.clone(),
+            ),
+            workers::spawn_outbox(messaging, status_poll_interval, shutdown_receiver),
         ];
 
         let listener = TcpListener::bind(settings.listen).await.map_err(|error| {

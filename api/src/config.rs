@@ -115,6 +115,31 @@ impl Default for CreditConfig {
     }
 }
 
+/// The messaging outbox.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MessagingConfig {
+    /// How often sent messages' delivery is checked, ms (default: dev 2000, production 30000).
+    pub status_poll_interval_ms: Option<u64>,
+    /// First retry delay after a transient provider fault, ms (doubles, with jitter).
+    pub retry_base_ms: u64,
+    /// Longest retry delay, ms.
+    pub retry_max_ms: u64,
+    /// A message the provider has not accepted after this many seconds fails and is refunded.
+    pub give_up_after_seconds: u64,
+}
+
+impl Default for MessagingConfig {
+    fn default() -> Self {
+        Self {
+            status_poll_interval_ms: None,
+            retry_base_ms: 1_000,
+            retry_max_ms: 300_000,
+            give_up_after_seconds: 86_400,
+        }
+    }
+}
+
 /// GraphQL endpoint limits and tools.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -170,6 +195,8 @@ pub struct Settings {
     pub payments: PaymentSettings,
     /// Credit packs and purchase recovery.
     pub credits: CreditConfig,
+    /// The messaging outbox.
+    pub messaging: MessagingConfig,
     /// Approval checks interval, milliseconds.
     pub approval_poll_interval_ms: Option<u64>,
     /// GraphQL endpoint.
@@ -200,6 +227,7 @@ impl Default for Settings {
             providers: ProviderSettings::default(),
             payments: PaymentSettings::default(),
             credits: CreditConfig::default(),
+            messaging: MessagingConfig::default(),
             approval_poll_interval_ms: None,
             graphql: GraphqlSettings::default(),
             cors_allowed_origins: Vec::new(),
@@ -462,6 +490,21 @@ impl Settings {
             60_000
         };
         std::time::Duration::from_millis(self.approval_poll_interval_ms.unwrap_or(default))
+    }
+
+    /// How often sent messages' delivery is checked.
+    pub fn status_poll_interval(&self) -> std::time::Duration {
+        let default = if self.mode == Mode::Dev {
+            2_000
+        } else {
+            30_000
+        };
+        std::time::Duration::from_millis(
+            self.messaging
+                .status_poll_interval_ms
+                .unwrap_or(default)
+                .max(1),
+        )
     }
 
     /// The database URL in effect.

@@ -10,6 +10,7 @@ use tokio::task::JoinHandle;
 
 use crate::domain::credits::CreditService;
 use crate::domain::integrations::IntegrationService;
+use crate::domain::messaging::MessagingService;
 
 /// Starts the watcher; it stops when `shutdown` turns true.
 pub(crate) fn spawn_approval_watcher(
@@ -58,6 +59,31 @@ pub(crate) fn spawn_purchase_recovery(
             }
             if let Err(error) = service.recover_pending_purchases(Utc::now()).await {
                 tracing::error!(error = ?error, "purchase recovery pass failed; retrying next tick");
+            }
+        }
+    })
+}
+
+/// Starts the outbox: it hands queued messages to providers and follows sent ones to
+/// `DELIVERED` and `ACKNOWLEDGED`. Its schedule is `next_attempt_at` in the database, so it
+/// survives restarts, and claims make several nodes share it without sending twice.
+pub(crate) fn spawn_outbox(
+    service: MessagingService,
+    poll_interval: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    let tick = (poll_interval / 2).clamp(Duration::from_millis(50), Duration::from_secs(2));
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(tick) => {}
+                _ = shutdown.changed() => break,
+            }
+            if *shutdown.borrow() {
+                break;
+            }
+            if let Err(error) = service.process_outbox(Utc::now()).await {
+                tracing::error!(error = ?error, "outbox pass failed; retrying next tick");
             }
         }
     })

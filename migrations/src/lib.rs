@@ -6,6 +6,7 @@ pub use sea_orm_migration::prelude::*;
 
 mod m20261124_000001_accounts;
 mod m20261125_000002_credits;
+mod m20261125_000003_messaging;
 
 /// Applies the gateway's migrations, in order.
 pub struct Migrator;
@@ -16,6 +17,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m20261124_000001_accounts::Migration),
             Box::new(m20261125_000002_credits::Migration),
+            Box::new(m20261125_000003_messaging::Migration),
         ]
     }
 }

@@ -1,5 +1,5 @@
 //! The Argus emulator's accounts area, under `/argus/v1`: registration with a promo code, and
-//! the account read that doubles as the credential check. Authenticated calls carry HTTP Basic
+//! the account read that doubles as the credential check (messaging is in `argus_messaging`). Authenticated calls carry HTTP Basic
 //! credentials every time. Errors are `{"error":{"code","message"}}`.
 
 use axum::body::Bytes;
@@ -34,12 +34,16 @@ pub(crate) fn routes() -> Router<SandboxState> {
         .route("/argus/v1/account", get(read_account))
 }
 
-fn error(status: StatusCode, code: ProviderErrorCode, message: impl Into<String>) -> Response {
+pub(crate) fn error(
+    status: StatusCode,
+    code: ProviderErrorCode,
+    message: impl Into<String>,
+) -> Response {
     ProviderError::new(Provider::Argus, status, code, message).into_response()
 }
 
 /// The 401 Argus gives for any failed credential check, with its Basic challenge.
-fn invalid_credentials(message: &str) -> Response {
+pub(crate) fn invalid_credentials(message: &str) -> Response {
     let mut response = error(
         StatusCode::UNAUTHORIZED,
         ProviderErrorCode::InvalidCredentials,
@@ -118,7 +122,7 @@ async fn register(namespace: CurrentNamespace, body: Bytes) -> Response {
 }
 
 /// The username and password of an `Authorization: Basic …` header.
-fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
+pub(crate) fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, encoded) = value.split_once(' ')?;
     if !scheme.eq_ignore_ascii_case("basic") {

@@ -1,6 +1,8 @@
 //! The control API under `/_sandbox`, scoped to the request's namespace like everything else:
 //! read, set and advance the clock; list registrations and decide them early; inject, list and
-//! clear faults; list payment charges; reset the namespace. Errors are `{"error":"…"}`.
+//! clear faults; list payment charges; have a directory practitioner send an account a
+//! referral, list every message sent through the providers, look up a directory entry; reset
+//! the namespace. Errors are `{"error":"…"}`.
 
 use axum::body::Bytes;
 use axum::extract::Path;
@@ -14,7 +16,11 @@ use serde_json::json;
 
 use crate::accounts::{Account, AccountStatus, Decision, EarlyDecisionError};
 use crate::clock::validate_clock_speed;
+use crate::directory::DirectoryEntry;
 use crate::faults::{Fault, FaultRequest};
+use crate::messaging::{
+    DEFAULT_REFERRAL_TEXT, InboundReferral, NewInboxItem, inbound_referral_payload,
+};
 use crate::namespace::{CurrentNamespace, NamespaceState, SandboxState};
 use crate::payments::Charge;
 use crate::provider::Provider;
@@ -38,6 +44,9 @@ pub(crate) fn routes() -> Router<SandboxState> {
             get(list_faults).post(add_fault).delete(clear_faults),
         )
         .route("/_sandbox/charges", get(list_charges))
+        .route("/_sandbox/inbound", post(send_inbound))
+        .route("/_sandbox/messages", get(list_messages))
+        .route("/_sandbox/directory/{hpii}", get(read_directory_entry))
         .route("/_sandbox/reset", post(reset_namespace))
 }
 
@@ -268,6 +277,164 @@ async fn clear_faults(namespace: CurrentNamespace) -> StatusCode {
 /// so tests can count what was really charged.
 async fn list_charges(namespace: CurrentNamespace) -> Json<Vec<Charge>> {
     namespace.with_state(|state| Json(state.payments.charges().to_vec()))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct InboundBody {
+    provider: String,
+    account: String,
+    from_hpii: Option<String>,
+    recipient_hpii: Option<String>,
+    recipient_name: Option<String>,
+    text: Option<String>,
+}
+
+/// `POST /_sandbox/inbound`: a directory practitioner sends a `REF^I12` referral to the inbox
+/// of an account.
+async fn send_inbound(namespace: CurrentNamespace, body: Bytes) -> Result<Response, ControlError> {
+    let inbound: InboundBody = parse_body(&body)?;
+    let provider = Provider::parse(&inbound.provider).ok_or_else(|| {
+        ControlError::BadRequest(format!(
+            "unknown provider {:?}: use argus or referralnet",
+            inbound.provider
+        ))
+    })?;
+    let directory = namespace.directory();
+    let sender = match inbound.from_hpii.as_deref() {
+        Some(hpii) => directory
+            .find(hpii.trim())
+            .filter(|entry| entry.reachable_on(provider))
+            .ok_or_else(|| {
+                ControlError::BadRequest(format!(
+                    "fromHpii {hpii:?} is not a practitioner {} reaches",
+                    provider.as_str()
+                ))
+            })?,
+        None => directory.first_ordinary_on(provider).ok_or_else(|| {
+            ControlError::BadRequest(format!(
+                "the directory has no ordinary practitioner on {}; give fromHpii",
+                provider.as_str()
+            ))
+        })?,
+    };
+    namespace.with_state(|state| {
+        let account = state
+            .accounts(provider)
+            .get(&inbound.account)
+            .ok_or_else(|| {
+                ControlError::NotFound(format!(
+                    "no {} account {:?}",
+                    provider.as_str(),
+                    inbound.account
+                ))
+            })?;
+        let now = state.clock.now().trunc_subsecs(0);
+        let recipient_name = inbound
+            .recipient_name
+            .as_deref()
+            .unwrap_or(&account.practice_name);
+        let payload = inbound_referral_payload(&InboundReferral {
+            provider,
+            sender,
+            receiving_facility: &account.practice_name,
+            recipient_name,
+            recipient_hpii: inbound.recipient_hpii.as_deref(),
+            text: inbound.text.as_deref().unwrap_or(DEFAULT_REFERRAL_TEXT),
+            sent_at: now,
+        });
+        let account_name = account.username.clone();
+        let item = state.messages.deliver_to_inbox(NewInboxItem {
+            provider,
+            account: account_name,
+            sender_hpii: sender.hpii.clone(),
+            sender_name: sender.display_name(),
+            received_at: now,
+            payload,
+        });
+        tracing::info!(
+            namespace = namespace.name(),
+            provider = provider.as_str(),
+            account = item.account,
+            sender = item.sender_hpii,
+            "inbound referral delivered"
+        );
+        let id_field = match provider {
+            Provider::Argus => "inboxId",
+            Provider::ReferralNet => "itemId",
+        };
+        Ok((
+            StatusCode::CREATED,
+            Json(json!({ id_field: item.id, "payload": item.payload })),
+        )
+            .into_response())
+    })
+}
+
+/// One message sent through a provider, as the control API lists it.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct SentMessageView {
+    provider: Provider,
+    account: String,
+    id: String,
+    client_message_id: String,
+    recipient_hpii: String,
+    status: &'static str,
+    payload: String,
+    received_at: DateTime<Utc>,
+}
+
+/// `GET /_sandbox/messages`: every message accepted through the send APIs, oldest first, with
+/// its payload exactly as received.
+async fn list_messages(namespace: CurrentNamespace) -> Json<Vec<SentMessageView>> {
+    namespace.with_state(|state| {
+        let now = state.clock.now();
+        let messages = state
+            .messages
+            .sent()
+            .iter()
+            .map(|message| SentMessageView {
+                provider: message.provider,
+                account: message.account.clone(),
+                id: message.id.clone(),
+                client_message_id: message.client_message_id.clone(),
+                recipient_hpii: message.recipient_hpii.clone(),
+                status: message.progress_at(now).status.word(message.provider),
+                payload: message.payload.clone(),
+                received_at: message.accepted_at,
+            })
+            .collect();
+        Json(messages)
+    })
+}
+
+fn directory_entry_view(entry: &DirectoryEntry) -> serde_json::Value {
+    json!({
+        "hpii": entry.hpii,
+        "givenName": entry.given_name,
+        "familyName": entry.family_name,
+        "specialty": entry.specialty,
+        "organisation": entry.organisation,
+        "suburb": entry.suburb,
+        "state": entry.state,
+        "postcode": entry.postcode,
+        "providers": entry.provider_names(),
+        "argusId": entry.on_argus.then(|| entry.argus_id()),
+        "rnAddress": entry.on_referralnet.then(|| entry.referralnet_address()),
+    })
+}
+
+/// `GET /_sandbox/directory/{hpii}`: one directory entry and the providers that reach it.
+async fn read_directory_entry(
+    namespace: CurrentNamespace,
+    Path(hpii): Path<String>,
+) -> Result<Json<serde_json::Value>, ControlError> {
+    namespace
+        .directory()
+        .find(&hpii)
+        .map(|entry| Json(directory_entry_view(entry)))
+        .ok_or_else(|| ControlError::NotFound(format!("no directory entry with HPI-I {hpii:?}")))
 }
 
 /// `POST /_sandbox/reset`: the namespace back to its initial state.

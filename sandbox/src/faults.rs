@@ -42,6 +42,18 @@ pub(crate) enum FaultRoute {
     Account,
     Sessions,
     Enrolments,
+    /// Argus directory search.
+    Directory,
+    /// Argus messages: sending one and reading its status.
+    Messages,
+    /// Either provider's inbox: listing and acknowledging.
+    Inbox,
+    /// ReferralNet provider search.
+    Providers,
+    /// ReferralNet dispatch: sending one and reading its receipt.
+    Dispatch,
+    /// ReferralNet webhook settings (PUT, GET, DELETE); not the pushes themselves.
+    Webhook,
     /// Both payments charge calls: creating a charge and reading one.
     Charges,
     #[serde(rename = "payment-methods")]
@@ -57,6 +69,12 @@ impl FaultRoute {
             FaultRoute::Account => "account",
             FaultRoute::Sessions => "sessions",
             FaultRoute::Enrolments => "enrolments",
+            FaultRoute::Directory => "directory",
+            FaultRoute::Messages => "messages",
+            FaultRoute::Inbox => "inbox",
+            FaultRoute::Providers => "providers",
+            FaultRoute::Dispatch => "dispatch",
+            FaultRoute::Webhook => "webhook",
             FaultRoute::Charges => "charges",
             FaultRoute::PaymentMethods => "payment-methods",
             FaultRoute::Every => "*",
@@ -67,10 +85,20 @@ impl FaultRoute {
         matches!(
             (self, service),
             (FaultRoute::Every, _)
-                | (FaultRoute::Account, Service::Argus | Service::ReferralNet)
-                | (FaultRoute::Registrations, Service::Argus)
                 | (
-                    FaultRoute::Sessions | FaultRoute::Enrolments,
+                    FaultRoute::Account | FaultRoute::Inbox,
+                    Service::Argus | Service::ReferralNet
+                )
+                | (
+                    FaultRoute::Registrations | FaultRoute::Directory | FaultRoute::Messages,
+                    Service::Argus
+                )
+                | (
+                    FaultRoute::Sessions
+                        | FaultRoute::Enrolments
+                        | FaultRoute::Providers
+                        | FaultRoute::Dispatch
+                        | FaultRoute::Webhook,
                     Service::ReferralNet
                 )
                 | (
@@ -342,6 +370,28 @@ mod tests {
         assert!(!FaultRoute::Account.exists_at(Service::Payments));
         assert!(!FaultRoute::Charges.exists_at(Service::Argus));
         assert!(!FaultRoute::PaymentMethods.exists_at(Service::ReferralNet));
+    }
+
+    #[test]
+    fn messaging_routes_exist_only_at_their_provider() {
+        for route in [
+            FaultRoute::Directory,
+            FaultRoute::Messages,
+            FaultRoute::Inbox,
+        ] {
+            assert!(route.exists_at(Service::Argus), "{route:?}");
+        }
+        for route in [
+            FaultRoute::Providers,
+            FaultRoute::Dispatch,
+            FaultRoute::Inbox,
+            FaultRoute::Webhook,
+        ] {
+            assert!(route.exists_at(Service::ReferralNet), "{route:?}");
+        }
+        assert!(!FaultRoute::Messages.exists_at(Service::ReferralNet));
+        assert!(!FaultRoute::Dispatch.exists_at(Service::Argus));
+        assert!(!FaultRoute::Inbox.exists_at(Service::Payments));
     }
 
     #[test]

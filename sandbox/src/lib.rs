@@ -13,7 +13,12 @@
 //! - `accounts`: the account model shared by both providers (registration, decisions);
 //! - `faults`: injected faults and the answers they give;
 //! - `provider`: provider names, each provider's error shape, and the services faults target;
-//! - `argus`, `referralnet`: the two providers' HTTP APIs;
+//! - `argus`, `referralnet`: the two providers' accounts APIs;
+//! - `directory`: the seeded practitioner directory and its magic recipients (public);
+//! - `hl7`: escaping, and the referrals and acknowledgements the sandbox writes;
+//! - `messaging`: each namespace's sent messages, inboxes and webhook settings;
+//! - `argus_messaging`, `referralnet_messaging`: the two providers' messaging APIs;
+//! - `webhooks`: the background pushes of ReferralNet receipts;
 //! - `payments`: the payment gateway's HTTP API, test cards, charges and idempotency keys;
 //! - `control`: the `/_sandbox` control API.
 
@@ -26,13 +31,19 @@ use tokio::task::JoinHandle;
 
 mod accounts;
 mod argus;
+mod argus_messaging;
 mod clock;
 mod control;
+pub mod directory;
 mod faults;
+mod hl7;
+mod messaging;
 mod namespace;
 mod payments;
 mod provider;
 mod referralnet;
+mod referralnet_messaging;
+mod webhooks;
 
 pub use clock::{InvalidClockSpeed, MAXIMUM_CLOCK_SPEED, validate_clock_speed};
 
@@ -46,6 +57,9 @@ pub struct SandboxConfig {
     pub seed: u64,
     /// Sandbox seconds per real second for new namespaces' clocks; see [`validate_clock_speed`].
     pub clock_speed: f64,
+    /// How many practitioners the directory holds, the five magic recipients included (so at
+    /// least five); generated from `seed`.
+    pub directory_size: usize,
 }
 
 impl Default for SandboxConfig {
@@ -53,6 +67,7 @@ impl Default for SandboxConfig {
         SandboxConfig {
             seed: 42,
             clock_speed: 1.0,
+            directory_size: directory::DEFAULT_DIRECTORY_SIZE,
         }
     }
 }
@@ -72,9 +87,13 @@ pub fn router(config: SandboxConfig) -> Router {
         config.clock_speed = 1.0;
     }
     let state = namespace::SandboxState::new(config);
+    // Pushes webhooks while the router lives; without a runtime here, the first request starts it.
+    state.ensure_webhook_ticker();
     let routes = Router::new()
         .merge(argus::routes())
+        .merge(argus_messaging::routes())
         .merge(referralnet::routes())
+        .merge(referralnet_messaging::routes())
         .merge(payments::routes())
         .merge(control::routes())
         .with_state(state);

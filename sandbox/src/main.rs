@@ -24,6 +24,9 @@ struct Arguments {
     /// Sandbox seconds per real second for new namespaces' clocks.
     #[arg(long, default_value_t = 1.0, value_parser = parse_clock_speed, allow_negative_numbers = true)]
     clock_speed: f64,
+    /// How many practitioners the generated directory holds (the five magic recipients included).
+    #[arg(long, default_value_t = smd_sandbox::directory::DEFAULT_DIRECTORY_SIZE)]
+    directory_size: usize,
 }
 
 fn parse_clock_speed(text: &str) -> Result<f64, String> {
@@ -46,6 +49,7 @@ async fn main() -> anyhow::Result<()> {
     let config = SandboxConfig {
         seed: arguments.seed,
         clock_speed: arguments.clock_speed,
+        directory_size: arguments.directory_size,
     };
     let sandbox = smd_sandbox::spawn(arguments.listen, config)
         .await

@@ -9,7 +9,8 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
 use axum::Json;
 use axum::Router;
@@ -26,7 +27,9 @@ use crate::accounts::{
     REFERRALNET_DEMO_ACCOUNT, RegistrationError,
 };
 use crate::clock::SandboxClock;
+use crate::directory::Directory;
 use crate::faults::{FaultQueue, FaultRoute, TriggeredFault};
+use crate::messaging::MessageStore;
 use crate::payments::PaymentBook;
 use crate::provider::{Provider, Service};
 use crate::referralnet::SessionBook;
@@ -64,8 +67,8 @@ impl NamespaceName {
     }
 }
 
-/// Everything one namespace holds. Later areas (directory, messaging) add their state here as
-/// further fields.
+/// Everything one namespace holds. The directory is not here: it is the same in every
+/// namespace, so the sandbox holds it once.
 #[derive(Debug)]
 pub(crate) struct NamespaceState {
     name: NamespaceName,
@@ -76,6 +79,7 @@ pub(crate) struct NamespaceState {
     pub(crate) referralnet_sessions: SessionBook,
     pub(crate) faults: FaultQueue,
     pub(crate) payments: PaymentBook,
+    pub(crate) messages: MessageStore,
 }
 
 impl NamespaceState {
@@ -92,6 +96,7 @@ impl NamespaceState {
             referralnet_sessions: SessionBook::default(),
             faults: FaultQueue::default(),
             payments: PaymentBook::default(),
+            messages: MessageStore::default(),
         }
     }
 
@@ -145,16 +150,73 @@ pub(crate) struct SandboxState {
 #[derive(Debug)]
 struct NamespaceRegistry {
     config: SandboxConfig,
+    directory: Arc<Directory>,
     namespaces: Mutex<HashMap<NamespaceName, Arc<Mutex<NamespaceState>>>>,
+    webhook_ticker_started: AtomicBool,
+}
+
+/// A reference to the sandbox's state that does not keep it alive, for background tasks that
+/// should end with the sandbox.
+#[derive(Clone, Debug)]
+pub(crate) struct WeakSandboxState(Weak<NamespaceRegistry>);
+
+impl WeakSandboxState {
+    /// The state, while the sandbox still exists.
+    pub(crate) fn upgrade(&self) -> Option<SandboxState> {
+        self.0.upgrade().map(|registry| SandboxState { registry })
+    }
+
+    /// Whether the sandbox still exists.
+    pub(crate) fn is_alive(&self) -> bool {
+        self.0.strong_count() > 0
+    }
 }
 
 impl SandboxState {
+    /// The state of a new sandbox, its directory generated from the seed.
     pub(crate) fn new(config: SandboxConfig) -> SandboxState {
+        let directory = Directory::generate(config.seed, config.directory_size);
         SandboxState {
             registry: Arc::new(NamespaceRegistry {
                 config,
+                directory: Arc::new(directory),
                 namespaces: Mutex::new(HashMap::new()),
+                webhook_ticker_started: AtomicBool::new(false),
             }),
+        }
+    }
+
+    pub(crate) fn downgrade(&self) -> WeakSandboxState {
+        WeakSandboxState(Arc::downgrade(&self.registry))
+    }
+
+    /// Starts the task that pushes webhooks, once per sandbox, when there is a tokio runtime to
+    /// run it on; otherwise it is started by the first request.
+    pub(crate) fn ensure_webhook_ticker(&self) {
+        if self.registry.webhook_ticker_started.load(Ordering::Acquire) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if !self
+            .registry
+            .webhook_ticker_started
+            .swap(true, Ordering::AcqRel)
+        {
+            crate::webhooks::spawn_ticker(&runtime, self.downgrade());
+        }
+    }
+
+    /// Runs `visit` on every namespace in turn, each locked only while it is visited.
+    pub(crate) fn for_each_namespace(&self, mut visit: impl FnMut(&str, &mut NamespaceState)) {
+        let namespaces: Vec<(NamespaceName, Arc<Mutex<NamespaceState>>)> =
+            lock(&self.registry.namespaces)
+                .iter()
+                .map(|(name, state)| (name.clone(), Arc::clone(state)))
+                .collect();
+        for (name, state) in namespaces {
+            visit(name.as_str(), &mut lock(&state));
         }
     }
 
@@ -184,11 +246,17 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 pub(crate) struct CurrentNamespace {
     name: NamespaceName,
     state: Arc<Mutex<NamespaceState>>,
+    directory: Arc<Directory>,
 }
 
 impl CurrentNamespace {
     pub(crate) fn name(&self) -> &str {
         self.name.as_str()
+    }
+
+    /// The practitioner directory (the same in every namespace).
+    pub(crate) fn directory(&self) -> &Directory {
+        &self.directory
     }
 
     /// Runs `change` with the namespace locked. The closure is synchronous on purpose.
@@ -220,10 +288,12 @@ impl FromRequestParts<SandboxState> for CurrentNamespace {
             .get::<NamespaceName>()
             .cloned()
             .unwrap_or_else(|| NamespaceName(DEFAULT_NAMESPACE.to_owned()));
+        state.ensure_webhook_ticker();
         let namespace_state = state.namespace(&name);
         Ok(CurrentNamespace {
             name,
             state: namespace_state,
+            directory: Arc::clone(&state.registry.directory),
         })
     }
 }

@@ -79,6 +79,10 @@ pub(crate) enum ProviderErrorCode {
     NotAuthorised,
     TokenExpired,
     ServiceTemporaryUnavailable,
+    NotFound,
+    BadlyFormedMsg,
+    UnknownEndpoint,
+    UnknownRecipient,
 }
 
 impl ProviderErrorCode {
@@ -92,6 +96,10 @@ impl ProviderErrorCode {
             ProviderErrorCode::NotAuthorised => "notAuthorised",
             ProviderErrorCode::TokenExpired => "tokenExpired",
             ProviderErrorCode::ServiceTemporaryUnavailable => "serviceTemporaryUnavailable",
+            ProviderErrorCode::NotFound => "notFound",
+            ProviderErrorCode::BadlyFormedMsg => "badlyFormedMsg",
+            ProviderErrorCode::UnknownEndpoint => "unknownEndpoint",
+            ProviderErrorCode::UnknownRecipient => "unknownRecipient",
         }
     }
 }

@@ -1,6 +1,6 @@
 //! The ReferralNet emulator's accounts area, under `/referralnet/api`: session login for a bearer
 //! token that expires after 15 sandbox minutes, enrolment with a promotion code, and the
-//! account's enrolment state. Errors are `{"fault":{"faultCode","faultString"}}`.
+//! account's enrolment state (messaging is in `referralnet_messaging`). Errors are `{"fault":{"faultCode","faultString"}}`.
 
 use std::collections::HashMap;
 
@@ -17,10 +17,11 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::accounts::{
-    AccountStatus, NewRegistration, RegistrationError, RegistrationFieldNames, RegistrationForm,
+    Account, AccountStatus, NewRegistration, RegistrationError, RegistrationFieldNames,
+    RegistrationForm,
 };
 use crate::faults::FaultRoute;
-use crate::namespace::{CurrentNamespace, SandboxState};
+use crate::namespace::{CurrentNamespace, NamespaceState, SandboxState};
 use crate::provider::{Provider, ProviderError, ProviderErrorCode};
 
 /// How long a session token stays valid, in sandbox time.
@@ -85,7 +86,11 @@ impl SessionBook {
     }
 }
 
-fn fault(status: StatusCode, code: ProviderErrorCode, message: impl Into<String>) -> Response {
+pub(crate) fn fault(
+    status: StatusCode,
+    code: ProviderErrorCode,
+    message: impl Into<String>,
+) -> Response {
     ProviderError::new(Provider::ReferralNet, status, code, message).into_response()
 }
 
@@ -205,50 +210,65 @@ async fn enrol(namespace: CurrentNamespace, body: Bytes) -> Response {
     }
 }
 
+/// The token of an `Authorization: Bearer …` header.
+pub(crate) fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// The account behind a session token, in any enrolment state; else the 401 fault to answer:
+/// `tokenExpired` for a token past its expiry on the sandbox clock, `notAuthorised` for a
+/// missing or unknown one.
+pub(crate) fn session_account<'state>(
+    state: &'state NamespaceState,
+    token: Option<&str>,
+) -> Result<&'state Account, Response> {
+    let not_recognised = || {
+        fault(
+            StatusCode::UNAUTHORIZED,
+            ProviderErrorCode::NotAuthorised,
+            "session token is not recognised; log in again",
+        )
+    };
+    let Some(token) = token else {
+        return Err(fault(
+            StatusCode::UNAUTHORIZED,
+            ProviderErrorCode::NotAuthorised,
+            "a session token is required: Authorization: Bearer <sessionToken>",
+        ));
+    };
+    let session = state
+        .referralnet_sessions
+        .find(token)
+        .ok_or_else(not_recognised)?;
+    if state.clock.now() >= session.expires_at {
+        return Err(fault(
+            StatusCode::UNAUTHORIZED,
+            ProviderErrorCode::TokenExpired,
+            format!(
+                "session token expired at {}; log in again",
+                session.expires_at.to_rfc3339()
+            ),
+        ));
+    }
+    state
+        .accounts(Provider::ReferralNet)
+        .get(&session.user_id)
+        .ok_or_else(not_recognised)
+}
+
 /// `GET /referralnet/api/account`: the enrolment behind a session token.
 async fn read_account(namespace: CurrentNamespace, headers: HeaderMap) -> Response {
     if let Some(fault) = namespace.take_fault(Provider::ReferralNet, FaultRoute::Account) {
         return fault.respond().await;
     }
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| {
-            let (scheme, token) = value.split_once(' ')?;
-            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
-        });
-    let Some(token) = token else {
-        return fault(
-            StatusCode::UNAUTHORIZED,
-            ProviderErrorCode::NotAuthorised,
-            "a session token is required: Authorization: Bearer <sessionToken>",
-        );
-    };
+    let token = bearer_token(&headers);
     namespace.with_state(|state| {
         let now = state.clock.now();
-        let Some(session) = state.referralnet_sessions.find(token) else {
-            return fault(
-                StatusCode::UNAUTHORIZED,
-                ProviderErrorCode::NotAuthorised,
-                "session token is not recognised; log in again",
-            );
-        };
-        if now >= session.expires_at {
-            return fault(
-                StatusCode::UNAUTHORIZED,
-                ProviderErrorCode::TokenExpired,
-                format!(
-                    "session token expired at {}; log in again",
-                    session.expires_at.to_rfc3339()
-                ),
-            );
-        }
-        let Some(account) = state.accounts(Provider::ReferralNet).get(&session.user_id) else {
-            return fault(
-                StatusCode::UNAUTHORIZED,
-                ProviderErrorCode::NotAuthorised,
-                "session token is not recognised; log in again",
-            );
+        let account = match session_account(state, token) {
+            Ok(account) => account,
+            Err(refusal) => return refusal,
         };
         let enrolment_state = match account.status_at(now) {
             AccountStatus::Pending => "PENDING",

@@ -10,7 +10,8 @@ use tokio::sync::oneshot;
 use serde_json::{Value, json};
 use smd_gateway::auth::{TokenRequest, mint_hs256};
 use smd_gateway::config::{
-    CreditConfig, GraphqlSettings, JwtSettings, Mode, PaymentSettings, ProviderSettings,
+    CreditConfig, GraphqlSettings, JwtSettings, MessagingConfig, Mode, PaymentSettings,
+    ProviderSettings,
 };
 use smd_gateway::crypto::SecretBox;
 use smd_gateway::domain::audit::Principal;
@@ -113,6 +114,12 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
             purchase_lease_ms: options.purchase_lease_ms,
             fail_after_charge: options.fail_after_charge,
             ..CreditConfig::default()
+        },
+        messaging: MessagingConfig {
+            status_poll_interval_ms: Some(100),
+            retry_base_ms: 50,
+            retry_max_ms: 1_000,
+            give_up_after_seconds: 600,
         },
         approval_poll_interval_ms: Some(100),
         graphql: GraphqlSettings {

@@ -6,6 +6,7 @@ mod auth;
 mod credits;
 mod helpers;
 mod integrations;
+mod messaging;
 mod platform;
 mod registration;
 mod schema;

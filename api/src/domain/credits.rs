@@ -30,7 +30,7 @@ use crate::store::credits::{
     DebitOutcome, KeyClaim, KeyRequest, LedgerRow, PaymentMethodRow, PractitionerRow, PurchaseRow,
     WalletRow,
 };
-use crate::store::{Store, new_id};
+use crate::store::{Store, Transaction, new_id};
 
 /// What sending one secure message costs.
 pub const CREDITS_PER_MESSAGE: i64 = 3;
@@ -664,20 +664,82 @@ impl CreditService {
             .await?;
         match outcome {
             DebitOutcome::Insufficient { balance } => {
-                txn.rollback().await.map_err(GatewayError::internal)?;
+                txn.rollback().await?;
                 Ok(Err(balance))
             }
             DebitOutcome::Debited {
                 balance_after,
                 top_up,
             } => {
-                txn.commit().await.map_err(GatewayError::internal)?;
+                txn.commit().await?;
                 if let Some(purchase) = top_up {
                     self.start_top_up(purchase);
                 }
                 Ok(Ok(DebitResult { balance_after }))
             }
         }
+    }
+
+    /// Debits one message's cost inside the caller's transaction (so the message and its
+    /// debit commit together). `Ok(Err(balance))` when short. Call [`Self::after_commit`]
+    /// with the returned top-up once the transaction has committed.
+    pub async fn debit_send_in(
+        &self,
+        txn: &Transaction,
+        principal: &Principal,
+        reference: &str,
+    ) -> Result<Result<(i64, Option<PurchaseRow>), i64>, GatewayError> {
+        let outcome = self
+            .store
+            .debit_in(
+                txn,
+                &principal.group_id,
+                &principal.user_id,
+                CREDITS_PER_MESSAGE,
+                "SEND_DEBIT",
+                reference,
+                |wallet| self.decide_top_up(&principal.group_id, wallet),
+            )
+            .await?;
+        Ok(match outcome {
+            DebitOutcome::Insufficient { balance } => Err(balance),
+            DebitOutcome::Debited {
+                balance_after,
+                top_up,
+            } => Ok((balance_after, top_up)),
+        })
+    }
+
+    /// Starts the top-up a committed debit triggered, if any.
+    pub fn after_commit(&self, top_up: Option<PurchaseRow>) {
+        if let Some(purchase) = top_up {
+            self.start_top_up(purchase);
+        }
+    }
+
+    /// Buys the auto top-up pack (or the smallest) for a send that is short — once per
+    /// message reference.
+    pub async fn buy_for_send(
+        &self,
+        principal: &Principal,
+        reference: &str,
+    ) -> Result<(), GatewayError> {
+        self.buy_at_send(principal, reference).await
+    }
+
+    /// Gives a message's credits back inside the caller's transaction.
+    pub async fn refund_in(
+        &self,
+        txn: &Transaction,
+        group_id: &str,
+        user_id: &str,
+        credits: i64,
+        reference: &str,
+    ) -> Result<i64, GatewayError> {
+        Ok(self
+            .store
+            .credit_in(txn, group_id, user_id, credits, "REFUND", reference)
+            .await?)
     }
 
     /// The auto top-up rule, applied to the wallet as the debit left it.
@@ -824,7 +886,7 @@ impl CreditService {
         match self.store.claim_key(&txn, &key_request).await? {
             KeyClaim::Fresh => {}
             claim => {
-                txn.rollback().await.map_err(GatewayError::internal)?;
+                txn.rollback().await?;
                 let response = match claim {
                     KeyClaim::Completed(response) => response,
                     KeyClaim::Mismatch => return Err(key_reused()),
@@ -868,7 +930,7 @@ impl CreditService {
             DebitOutcome::Insufficient { balance } => {
                 // Nothing happened, so the key is not used up: the same request can be
                 // retried once the balance allows it.
-                txn.rollback().await.map_err(GatewayError::internal)?;
+                txn.rollback().await?;
                 return Err(GatewayError::InsufficientCredits(format!(
                     "{} has {balance} credits, fewer than the {amount} to transfer",
                     from.name
@@ -901,7 +963,7 @@ impl CreditService {
         })
         .to_string();
         self.store
-            .complete_key(&txn, &principal.group_id, key.as_str(), &response)
+            .complete_key_in(&txn, &principal.group_id, key.as_str(), &response)
             .await?;
         let audit = AuditEntry::by(
             principal,
@@ -913,8 +975,8 @@ impl CreditService {
             "{amount} credits from {} ({transfer_id})",
             from.subject
         ));
-        self.store.insert_audit_in(&txn, &audit).await?;
-        txn.commit().await.map_err(GatewayError::internal)?;
+        self.store.audit_in(&txn, &audit).await?;
+        txn.commit().await?;
         Ok(result)
     }
 

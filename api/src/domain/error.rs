@@ -55,6 +55,9 @@ pub enum GatewayError {
         /// When the gateway asked us to come back, if it did.
         retry_after: Option<Duration>,
     },
+    /// The recipient is not on the chosen provider (or on none the practice uses).
+    #[error("recipient not reachable: {0}")]
+    RecipientNotReachable(String),
     /// The wallet does not hold enough credits.
     #[error("insufficient credits: {0}")]
     InsufficientCredits(String),

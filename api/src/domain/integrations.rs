@@ -765,6 +765,20 @@ impl IntegrationService {
         })
     }
 
+    /// The group account's credentials for a provider, when the account is `ACTIVE`.
+    pub(crate) async fn active_group_credentials(
+        &self,
+        group_id: &str,
+        provider: Provider,
+    ) -> Result<Option<ProviderCredentials>, GatewayError> {
+        match self.store.find_account(group_id, provider).await? {
+            Some(account) if account.status == ConnectionStatus::Active => {
+                Ok(Some(self.stored_credentials(&account)?))
+            }
+            _ => Ok(None),
+        }
+    }
+
     fn stored_credentials(
         &self,
         account: &AccountRow,

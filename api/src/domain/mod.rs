@@ -5,7 +5,9 @@
 pub mod audit;
 pub mod credits;
 pub mod error;
+pub mod hl7;
 pub mod integrations;
+pub mod messaging;
 pub mod pricing;
 pub mod types;
 

@@ -260,6 +260,32 @@ impl ContactEmail {
     }
 }
 
+/// Whether a text is a well-formed HPI-I: 16 digits starting `800361` with a valid Luhn
+/// check digit.
+pub fn is_valid_hpii(value: &str) -> bool {
+    if value.len() != 16
+        || !value.starts_with("800361")
+        || !value.bytes().all(|b| b.is_ascii_digit())
+    {
+        return false;
+    }
+    let sum: u32 = value
+        .bytes()
+        .rev()
+        .enumerate()
+        .map(|(index, byte)| {
+            let digit = u32::from(byte - b'0');
+            if index % 2 == 1 {
+                let doubled = digit * 2;
+                if doubled > 9 { doubled - 9 } else { doubled }
+            } else {
+                digit
+            }
+        })
+        .sum();
+    sum % 10 == 0
+}
+
 /// Everything a provider needs to register a new account.
 #[derive(Debug, Clone)]
 pub struct Registration {
@@ -309,6 +335,20 @@ mod tests {
         assert!(ContactEmail::parse("reception@clinic").is_err());
         assert!(ContactEmail::parse("reception clinic.com.au").is_err());
         assert!(ContactEmail::parse("a@b@c.com").is_err());
+    }
+
+    #[test]
+    fn hpii_numbers_need_the_prefix_sixteen_digits_and_a_luhn_check_digit() {
+        // 800361000000000 + check digit: digits sum (Luhn) must be a multiple of 10.
+        let valid = (0..10)
+            .map(|d| format!("800361000000000{d}"))
+            .find(|candidate| is_valid_hpii(candidate));
+        let valid = valid.expect("exactly one check digit works");
+        assert_eq!(valid.len(), 16);
+        let wrong_digit = format!("{}{}", &valid[..15], (valid.as_bytes()[15] - b'0' + 1) % 10);
+        assert!(!is_valid_hpii(&wrong_digit));
+        assert!(!is_valid_hpii("800360000000000000"));
+        assert!(!is_valid_hpii("80036100000000a0"));
     }
 
     #[test]

@@ -75,6 +75,7 @@ impl From<GatewayError> for ApiError {
                 retry_after_seconds: retry_after.map(|delay| delay.as_secs()),
             },
             GatewayError::InsufficientCredits(message) => Self::new("INSUFFICIENT_CREDITS", message),
+            GatewayError::RecipientNotReachable(message) => Self::new("RECIPIENT_NOT_REACHABLE", message),
             GatewayError::Internal(error) => {
                 tracing::error!(error = ?error, "internal error");
                 Self::new(

@@ -7,6 +7,7 @@ mod credits;
 pub mod error;
 mod integrations;
 mod me;
+mod messaging;
 mod types;
 
 use std::time::Duration;
@@ -28,12 +29,17 @@ pub struct Query(
     me::MeQuery,
     integrations::IntegrationQuery,
     credits::CreditsQuery,
+    messaging::MessagingQuery,
     audit::AuditQuery,
 );
 
 /// Write operations.
 #[derive(MergedObject, Default)]
-pub struct Mutation(integrations::IntegrationMutation, credits::CreditsMutation);
+pub struct Mutation(
+    integrations::IntegrationMutation,
+    credits::CreditsMutation,
+    messaging::MessagingMutation,
+);
 
 /// Live updates over WebSocket (graphql-transport-ws; send the token in `connection_init`).
 #[derive(MergedSubscription, Default)]
@@ -60,6 +66,8 @@ pub struct Services {
     pub integrations: IntegrationService,
     /// Credit rules.
     pub credits: crate::domain::credits::CreditService,
+    /// Messaging rules.
+    pub messaging: crate::domain::messaging::MessagingService,
     /// Storage (for read models such as the audit trail).
     pub store: Store,
     /// Change notifications.

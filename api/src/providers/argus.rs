@@ -6,13 +6,49 @@ use reqwest::StatusCode;
 use serde::{Deserialize, Serialize};
 
 use super::http::{endpoint, read_json, transport_failure, unavailable_status};
-use super::{AccountState, ProviderClient, ProviderError};
+use super::{
+    AccountState, DeliveryState, DirectoryEntry, DirectoryPage, OutboundMessage, ProviderClient,
+    ProviderError,
+};
 use crate::domain::types::{Provider, ProviderCredentials, Registration};
 
 /// The Argus adapter.
 pub struct ArgusClient {
     client: reqwest::Client,
     base_url: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct DirectoryBody {
+    results: Vec<DirectoryResult>,
+    total: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct DirectoryResult {
+    hpii: String,
+    given_name: String,
+    family_name: String,
+    specialty: String,
+    organisation: String,
+    suburb: String,
+    state: String,
+    postcode: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SendBody {
+    tracking_id: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StatusBody {
+    status: String,
+    failure_reason: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -129,6 +165,138 @@ impl ProviderClient for ArgusClient {
                 state_from_word(&read_json::<AccountBody>(response).await?.status)
             }
             StatusCode::CONFLICT => Err(ProviderError::Duplicate),
+            _ => Err(refusal(response).await),
+        }
+    }
+
+    async fn search_directory(
+        &self,
+        credentials: &ProviderCredentials,
+        query: &str,
+        offset: u64,
+        limit: u64,
+    ) -> Result<DirectoryPage, ProviderError> {
+        let limit = limit.clamp(1, 50);
+        let page = offset / limit + 1;
+        let response = self
+            .client
+            .get(endpoint(&self.base_url, "/argus/v1/directory"))
+            .basic_auth(
+                credentials.username.as_str(),
+                Some(credentials.password.expose()),
+            )
+            .query(&[
+                ("q", query.to_owned()),
+                ("page", page.to_string()),
+                ("pageSize", limit.to_string()),
+            ])
+            .send()
+            .await
+            .map_err(transport_failure)?;
+        if let Some(error) = unavailable_status(&response) {
+            return Err(error);
+        }
+        match response.status() {
+            StatusCode::OK => {
+                let body: DirectoryBody = read_json(response).await?;
+                Ok(DirectoryPage {
+                    total: body.total,
+                    entries: body
+                        .results
+                        .into_iter()
+                        .map(|entry| DirectoryEntry {
+                            hpii: entry.hpii,
+                            given_name: entry.given_name,
+                            family_name: entry.family_name,
+                            specialty: entry.specialty,
+                            organisation: entry.organisation,
+                            suburb: entry.suburb,
+                            state: entry.state,
+                            postcode: entry.postcode,
+                        })
+                        .collect(),
+                })
+            }
+            StatusCode::UNAUTHORIZED => Err(ProviderError::InvalidCredentials),
+            _ => Err(refusal(response).await),
+        }
+    }
+
+    async fn send(
+        &self,
+        credentials: &ProviderCredentials,
+        message: &OutboundMessage<'_>,
+    ) -> Result<String, ProviderError> {
+        use base64::Engine;
+        let body = serde_json::json!({
+            "clientMessageId": message.client_message_id,
+            "recipientHpii": message.recipient_hpii,
+            "payload": base64::engine::general_purpose::STANDARD.encode(message.payload),
+        });
+        let response = self
+            .client
+            .post(endpoint(&self.base_url, "/argus/v1/messages"))
+            .basic_auth(
+                credentials.username.as_str(),
+                Some(credentials.password.expose()),
+            )
+            .json(&body)
+            .send()
+            .await
+            .map_err(transport_failure)?;
+        if let Some(error) = unavailable_status(&response) {
+            return Err(error);
+        }
+        match response.status() {
+            StatusCode::OK | StatusCode::ACCEPTED | StatusCode::CREATED => {
+                Ok(read_json::<SendBody>(response).await?.tracking_id)
+            }
+            StatusCode::UNAUTHORIZED => Err(ProviderError::InvalidCredentials),
+            _ => Err(refusal(response).await),
+        }
+    }
+
+    async fn delivery_state(
+        &self,
+        credentials: &ProviderCredentials,
+        reference: &str,
+    ) -> Result<DeliveryState, ProviderError> {
+        let response = self
+            .client
+            .get(endpoint(
+                &self.base_url,
+                &format!("/argus/v1/messages/{reference}"),
+            ))
+            .basic_auth(
+                credentials.username.as_str(),
+                Some(credentials.password.expose()),
+            )
+            .send()
+            .await
+            .map_err(transport_failure)?;
+        if let Some(error) = unavailable_status(&response) {
+            return Err(error);
+        }
+        match response.status() {
+            StatusCode::OK => {
+                let body: StatusBody = read_json(response).await?;
+                Ok(match body.status.as_str() {
+                    "ACCEPTED" => DeliveryState::Accepted,
+                    "DELIVERED" => DeliveryState::Delivered,
+                    "ACKNOWLEDGED" => DeliveryState::Acknowledged,
+                    "FAILED" => DeliveryState::Failed(
+                        body.failure_reason
+                            .unwrap_or_else(|| "delivery failed".into()),
+                    ),
+                    other => {
+                        return Err(ProviderError::Unavailable {
+                            reason: format!("unknown status {other:?}"),
+                            retry_after: None,
+                        });
+                    }
+                })
+            }
+            StatusCode::UNAUTHORIZED => Err(ProviderError::InvalidCredentials),
             _ => Err(refusal(response).await),
         }
     }

@@ -55,7 +55,61 @@ pub enum ProviderError {
     },
 }
 
-/// What the gateway needs from every SMD provider (accounts; messaging comes later).
+/// One practitioner as a provider's directory lists them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectoryEntry {
+    /// HPI-I (16 digits).
+    pub hpii: String,
+    /// Given name.
+    pub given_name: String,
+    /// Family name.
+    pub family_name: String,
+    /// Specialty.
+    pub specialty: String,
+    /// Organisation.
+    pub organisation: String,
+    /// Suburb.
+    pub suburb: String,
+    /// State.
+    pub state: String,
+    /// Postcode.
+    pub postcode: String,
+}
+
+/// A page of directory results.
+#[derive(Debug, Clone)]
+pub struct DirectoryPage {
+    /// The entries, in the provider's order (family, given, HPI-I).
+    pub entries: Vec<DirectoryEntry>,
+    /// How many match in all.
+    pub total: u64,
+}
+
+/// A message to hand to a provider.
+#[derive(Debug, Clone)]
+pub struct OutboundMessage<'a> {
+    /// Our id for it; providers treat a repeat as the same message (idempotent retries).
+    pub client_message_id: &'a str,
+    /// The recipient's HPI-I.
+    pub recipient_hpii: &'a str,
+    /// The HL7 v2 text.
+    pub payload: &'a str,
+}
+
+/// Where a sent message is, as the provider reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeliveryState {
+    /// Accepted, not yet delivered.
+    Accepted,
+    /// Reached the recipient's endpoint.
+    Delivered,
+    /// The recipient's system acknowledged it (HL7 application acknowledgement).
+    Acknowledged,
+    /// The provider gave up; the reason is the provider's.
+    Failed(String),
+}
+
+/// What the gateway needs from every SMD provider.
 #[async_trait]
 pub trait ProviderClient: Send + Sync + 'static {
     /// Which provider this adapter speaks to.
@@ -69,6 +123,30 @@ pub trait ProviderClient: Send + Sync + 'static {
 
     /// Registers a new account with a promo code; returns its initial state.
     async fn register(&self, registration: &Registration) -> Result<AccountState, ProviderError>;
+
+    /// Searches the provider's directory (`offset` and `limit` in entries; `limit` ≤ 50).
+    async fn search_directory(
+        &self,
+        credentials: &ProviderCredentials,
+        query: &str,
+        offset: u64,
+        limit: u64,
+    ) -> Result<DirectoryPage, ProviderError>;
+
+    /// Hands a message to the provider; returns the provider's reference for tracking it.
+    /// `Refused` is permanent (the provider will never accept it); `Unavailable` is not.
+    async fn send(
+        &self,
+        credentials: &ProviderCredentials,
+        message: &OutboundMessage<'_>,
+    ) -> Result<String, ProviderError>;
+
+    /// Asks where a sent message is.
+    async fn delivery_state(
+        &self,
+        credentials: &ProviderCredentials,
+        reference: &str,
+    ) -> Result<DeliveryState, ProviderError>;
 }
 
 /// Where and how to reach the providers.

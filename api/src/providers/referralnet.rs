@@ -9,7 +9,10 @@ use reqwest::StatusCode;
 use serde::{Deserialize, Serialize};
 
 use super::http::{endpoint, read_json, transport_failure, unavailable_status};
-use super::{AccountState, ProviderClient, ProviderError};
+use super::{
+    AccountState, DeliveryState, DirectoryEntry, DirectoryPage, OutboundMessage, ProviderClient,
+    ProviderError,
+};
 use crate::domain::types::{Provider, ProviderCredentials, Registration};
 
 /// The ReferralNet adapter.
@@ -58,6 +61,37 @@ struct EnrolmentRequest<'a> {
     promotion_code: &'a str,
     organisation_name: &'a str,
     email: &'a str,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ProvidersBody {
+    providers: Vec<ProviderEntry>,
+    total: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ProviderEntry {
+    provider_number: String,
+    name: String,
+    discipline: String,
+    practice: String,
+    locality: String,
+    state: String,
+    postcode: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct DispatchBody {
+    receipt_id: String,
+}
+
+#[derive(Deserialize)]
+struct ReceiptBody {
+    state: String,
+    reason: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -176,6 +210,135 @@ impl ProviderClient for ReferralNetClient {
                 state_from_word(&read_json::<EnrolmentBody>(response).await?.state)
             }
             StatusCode::CONFLICT => Err(ProviderError::Duplicate),
+            _ => Err(fault(response).await),
+        }
+    }
+
+    async fn search_directory(
+        &self,
+        credentials: &ProviderCredentials,
+        query: &str,
+        offset: u64,
+        limit: u64,
+    ) -> Result<DirectoryPage, ProviderError> {
+        let token = self.login(credentials).await?;
+        let response = self
+            .client
+            .get(endpoint(&self.base_url, "/referralnet/api/providers"))
+            .bearer_auth(token)
+            .query(&[
+                ("search", query.to_owned()),
+                ("offset", offset.to_string()),
+                ("limit", limit.clamp(1, 50).to_string()),
+            ])
+            .send()
+            .await
+            .map_err(transport_failure)?;
+        if let Some(error) = unavailable_status(&response) {
+            return Err(error);
+        }
+        match response.status() {
+            StatusCode::OK => {
+                let body: ProvidersBody = read_json(response).await?;
+                Ok(DirectoryPage {
+                    total: body.total,
+                    entries: body
+                        .providers
+                        .into_iter()
+                        .map(|entry| {
+                            // ReferralNet gives one display name, "Dr Given Family".
+                            let name = entry
+                                .name
+                                .strip_prefix("Dr ")
+                                .unwrap_or(&entry.name)
+                                .to_owned();
+                            let (given_name, family_name) = match name.rsplit_once(' ') {
+                                Some((given, family)) => (given.to_owned(), family.to_owned()),
+                                None => (String::new(), name),
+                            };
+                            DirectoryEntry {
+                                hpii: entry.provider_number,
+                                given_name,
+                                family_name,
+                                specialty: entry.discipline,
+                                organisation: entry.practice,
+                                suburb: entry.locality,
+                                state: entry.state,
+                                postcode: entry.postcode,
+                            }
+                        })
+                        .collect(),
+                })
+            }
+            _ => Err(fault(response).await),
+        }
+    }
+
+    async fn send(
+        &self,
+        credentials: &ProviderCredentials,
+        message: &OutboundMessage<'_>,
+    ) -> Result<String, ProviderError> {
+        let token = self.login(credentials).await?;
+        let response = self
+            .client
+            .post(endpoint(&self.base_url, "/referralnet/api/dispatch"))
+            .bearer_auth(token)
+            .header(reqwest::header::CONTENT_TYPE, "x-application/hl7-v2+er7")
+            .header("X-RN-Recipient", message.recipient_hpii)
+            .header("X-RN-Message-Id", message.client_message_id)
+            .body(message.payload.to_owned())
+            .send()
+            .await
+            .map_err(transport_failure)?;
+        if let Some(error) = unavailable_status(&response) {
+            return Err(error);
+        }
+        match response.status() {
+            StatusCode::OK | StatusCode::ACCEPTED | StatusCode::CREATED => {
+                Ok(read_json::<DispatchBody>(response).await?.receipt_id)
+            }
+            _ => Err(fault(response).await),
+        }
+    }
+
+    async fn delivery_state(
+        &self,
+        credentials: &ProviderCredentials,
+        reference: &str,
+    ) -> Result<DeliveryState, ProviderError> {
+        let token = self.login(credentials).await?;
+        let response = self
+            .client
+            .get(endpoint(
+                &self.base_url,
+                &format!("/referralnet/api/dispatch/{reference}"),
+            ))
+            .bearer_auth(token)
+            .send()
+            .await
+            .map_err(transport_failure)?;
+        if let Some(error) = unavailable_status(&response) {
+            return Err(error);
+        }
+        match response.status() {
+            StatusCode::OK => {
+                let body: ReceiptBody = read_json(response).await?;
+                Ok(match body.state.as_str() {
+                    "QUEUED" => DeliveryState::Accepted,
+                    "DELIVERED" => DeliveryState::Delivered,
+                    "ACKNOWLEDGED" => DeliveryState::Acknowledged,
+                    "UNDELIVERABLE" => {
+                        DeliveryState::Failed(body.reason.unwrap_or_else(|| "undeliverable".into()))
+                    }
+                    other => {
+                        return Err(ProviderError::Unavailable {
+                            reason: format!("unknown state {other:?}"),
+                            retry_after: None,
+                        });
+                    }
+                })
+            }
             _ => Err(fault(response).await),
         }
     }

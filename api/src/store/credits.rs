@@ -8,14 +8,14 @@
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::{Expr, ExprTrait, OnConflict};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseTransaction, EntityTrait, QueryFilter,
-    QueryOrder, QuerySelect,
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder,
+    QuerySelect,
 };
 
 use super::entities::{
     idempotency_keys, ledger_entries, payment_methods, purchases, users, wallets,
 };
-use super::{Store, StoreError, from_millis, new_id, to_millis};
+use super::{Store, StoreError, Transaction, from_millis, new_id, to_millis};
 use crate::domain::audit::AuditEntry;
 use crate::domain::types::Role;
 
@@ -282,7 +282,7 @@ impl Store {
     /// key waits here for the first transaction and then sees its row.
     pub(crate) async fn claim_key(
         &self,
-        txn: &DatabaseTransaction,
+        txn: &Transaction,
         request: &KeyRequest<'_>,
     ) -> Result<KeyClaim, StoreError> {
         let now = Utc::now();
@@ -291,7 +291,7 @@ impl Store {
             .filter(idempotency_keys::Column::GroupId.eq(request.group_id))
             .filter(idempotency_keys::Column::Key.eq(request.key))
             .filter(idempotency_keys::Column::ExpiresAt.lt(to_millis(now)))
-            .exec(txn)
+            .exec(&txn.0)
             .await?;
         let inserted = idempotency_keys::Entity::insert(idempotency_keys::ActiveModel {
             group_id: Set(request.group_id.to_owned()),
@@ -311,7 +311,7 @@ impl Store {
             .do_nothing()
             .to_owned(),
         )
-        .exec_without_returning(txn)
+        .exec_without_returning(&txn.0)
         .await?;
         if inserted == 1 {
             return Ok(KeyClaim::Fresh);
@@ -320,7 +320,7 @@ impl Store {
             request.group_id.to_owned(),
             request.key.to_owned(),
         ))
-        .one(txn)
+        .one(&txn.0)
         .await?
         .ok_or_else(|| StoreError::Corrupt {
             table: "idempotency_keys",
@@ -381,7 +381,7 @@ impl Store {
         key: Option<&KeyRequest<'_>>,
         purchase: &PurchaseRow,
     ) -> Result<KeyClaim, StoreError> {
-        let txn = self.begin_write().await?;
+        let txn = Transaction(self.begin_write().await?);
         if let Some(key) = key {
             let claim = self.claim_key(&txn, key).await?;
             if !matches!(claim, KeyClaim::Fresh) {
@@ -389,8 +389,8 @@ impl Store {
                 return Ok(claim);
             }
         }
-        ensure_wallet(&txn, &purchase.user_id, &purchase.group_id).await?;
-        insert_purchase(&txn, purchase).await?;
+        ensure_wallet(&txn.0, &purchase.user_id, &purchase.group_id).await?;
+        insert_purchase(&txn.0, purchase).await?;
         txn.commit().await?;
         Ok(KeyClaim::Fresh)
     }
@@ -598,7 +598,7 @@ impl Store {
     /// pending top-up purchase to record in the same transaction.
     pub async fn debit_in(
         &self,
-        txn: &DatabaseTransaction,
+        txn: &Transaction,
         group_id: &str,
         user_id: &str,
         credits: i64,
@@ -606,7 +606,7 @@ impl Store {
         reference: &str,
         decide_top_up: impl FnOnce(&WalletRow) -> Option<PurchaseRow>,
     ) -> Result<DebitOutcome, StoreError> {
-        ensure_wallet(txn, user_id, group_id).await?;
+        ensure_wallet(&txn.0, user_id, group_id).await?;
         let debited = wallets::Entity::update_many()
             .col_expr(
                 wallets::Column::Balance,
@@ -618,11 +618,11 @@ impl Store {
             )
             .filter(wallets::Column::UserId.eq(user_id))
             .filter(wallets::Column::Balance.gte(credits))
-            .exec(txn)
+            .exec(&txn.0)
             .await?
             .rows_affected;
         let wallet = wallets::Entity::find_by_id(user_id.to_owned())
-            .one(txn)
+            .one(&txn.0)
             .await?
             .map_or_else(|| empty_wallet(user_id), wallet_from_model);
         if debited != 1 {
@@ -631,7 +631,7 @@ impl Store {
             });
         }
         insert_ledger(
-            txn,
+            &txn.0,
             group_id,
             user_id,
             kind,
@@ -645,9 +645,9 @@ impl Store {
             wallets::Entity::update_many()
                 .col_expr(wallets::Column::TopUpPending, Expr::value(true))
                 .filter(wallets::Column::UserId.eq(user_id))
-                .exec(txn)
+                .exec(&txn.0)
                 .await?;
-            insert_purchase(txn, purchase).await?;
+            insert_purchase(&txn.0, purchase).await?;
         }
         Ok(DebitOutcome::Debited {
             balance_after: wallet.balance,
@@ -658,14 +658,14 @@ impl Store {
     /// Credits a wallet inside the caller's transaction (refunds).
     pub async fn credit_in(
         &self,
-        txn: &DatabaseTransaction,
+        txn: &Transaction,
         group_id: &str,
         user_id: &str,
         credits: i64,
         kind: &str,
         reference: &str,
     ) -> Result<i64, StoreError> {
-        ensure_wallet(txn, user_id, group_id).await?;
+        ensure_wallet(&txn.0, user_id, group_id).await?;
         wallets::Entity::update_many()
             .col_expr(
                 wallets::Column::Balance,
@@ -676,11 +676,11 @@ impl Store {
                 Expr::value(to_millis(Utc::now())),
             )
             .filter(wallets::Column::UserId.eq(user_id))
-            .exec(txn)
+            .exec(&txn.0)
             .await?;
-        let balance_after = current_balance(txn, user_id).await?;
+        let balance_after = current_balance(&txn.0, user_id).await?;
         insert_ledger(
-            txn,
+            &txn.0,
             group_id,
             user_id,
             kind,
@@ -692,9 +692,25 @@ impl Store {
         Ok(balance_after)
     }
 
+    /// Completes an idempotency key inside the caller's transaction.
+    pub async fn complete_key_in(
+        &self,
+        txn: &Transaction,
+        group_id: &str,
+        key: &str,
+        response: &str,
+    ) -> Result<(), StoreError> {
+        self.complete_key(&txn.0, group_id, key, response).await
+    }
+
+    /// Appends an audit event inside the caller's transaction.
+    pub async fn audit_in(&self, txn: &Transaction, entry: &AuditEntry) -> Result<(), StoreError> {
+        self.insert_audit_in(&txn.0, entry).await
+    }
+
     /// Opens a write transaction for a caller that composes several changes.
-    pub async fn begin_credit_transaction(&self) -> Result<DatabaseTransaction, StoreError> {
-        Ok(self.begin_write().await?)
+    pub async fn begin_credit_transaction(&self) -> Result<Transaction, StoreError> {
+        Ok(Transaction(self.begin_write().await?))
     }
 
     /// Changes a practitioner's auto top-up settings. Switching it on clears earlier failures.

@@ -245,3 +245,81 @@ pub mod idempotency_keys {
 
     impl ActiveModelBehavior for ActiveModel {}
 }
+
+pub mod patients {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "patients")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        pub group_id: String,
+        pub owner_user_id: String,
+        pub details_ciphertext: String,
+        pub created_at: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod clinical_notes {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "clinical_notes")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        pub group_id: String,
+        pub owner_user_id: String,
+        pub patient_id: String,
+        pub content_ciphertext: String,
+        pub created_at: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod messages {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "messages")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        pub group_id: String,
+        pub owner_user_id: String,
+        pub direction: String,
+        pub provider: String,
+        pub status: String,
+        pub counterpart_hpii: String,
+        pub counterpart_name: String,
+        pub note_id: Option<String>,
+        pub payload_ciphertext: String,
+        pub idempotency_key: Option<String>,
+        pub provider_reference: Option<String>,
+        pub failure_reason: Option<String>,
+        pub credits_charged: i64,
+        pub refunded: bool,
+        pub attempts: i32,
+        pub next_attempt_at: Option<i64>,
+        pub created_at: i64,
+        pub sent_at: Option<i64>,
+        pub delivered_at: Option<i64>,
+        pub acknowledged_at: Option<i64>,
+        pub updated_at: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}

@@ -11,6 +11,7 @@ pub(crate) mod accounts;
 pub(crate) mod audit;
 pub(crate) mod credits;
 pub(crate) mod entities;
+pub(crate) mod messaging;
 pub(crate) mod users;
 
 use std::time::Duration;
@@ -120,6 +121,24 @@ impl Store {
     }
 }
 
+/// A write transaction handed to services that compose several changes (a message and its
+/// debit). It keeps sea-orm's type inside `store/`.
+pub struct Transaction(pub(crate) DatabaseTransaction);
+
+impl Transaction {
+    /// Makes every change durable.
+    pub async fn commit(self) -> Result<(), StoreError> {
+        self.0.commit().await?;
+        Ok(())
+    }
+
+    /// Undoes every change.
+    pub async fn rollback(self) -> Result<(), StoreError> {
+        self.0.rollback().await?;
+        Ok(())
+    }
+}
+
 /// Milliseconds since the epoch, the unit of every stored timestamp.
 pub(crate) fn to_millis(time: DateTime<Utc>) -> i64 {
     time.timestamp_millis()
@@ -142,7 +161,7 @@ impl Store {
     /// prove nothing was stored; the table name is checked against the known tables.
     #[doc(hidden)]
     pub async fn count_rows_for_tests(&self, table: &str) -> i64 {
-        const TABLES: [&str; 10] = [
+        const TABLES: [&str; 13] = [
             "groups",
             "users",
             "provider_accounts",
@@ -153,6 +172,9 @@ impl Store {
             "ledger_entries",
             "purchases",
             "idempotency_keys",
+            "patients",
+            "clinical_notes",
+            "messages",
         ];
         assert!(TABLES.contains(&table), "unknown table {table}");
         let statement = sea_orm::Statement::from_string(

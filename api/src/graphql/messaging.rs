@@ -1,0 +1,582 @@
+//! Clinical notes, the practitioner directory, and secure messages.
+
+use async_graphql::{Context, Enum, ID, InputObject, Object, SimpleObject};
+use chrono::{DateTime, NaiveDate, Utc};
+
+use super::audit::PageInfo;
+use super::error::ApiError;
+use super::types::Provider;
+use super::{principal, services};
+use crate::domain::credits::IdempotencyKey;
+use crate::domain::messaging::{ClinicalNote as DomainNote, NoteSection, SendRequest};
+use crate::domain::types::Provider as DomainProvider;
+use crate::store::messaging::MessageRow;
+
+/// A patient of the signed-in practitioner.
+#[derive(SimpleObject)]
+pub struct Patient {
+    /// Patient id.
+    pub id: ID,
+    /// Given name.
+    pub given_name: String,
+    /// Family name.
+    pub family_name: String,
+    /// Date of birth.
+    pub date_of_birth: NaiveDate,
+}
+
+/// One section of a clinical note.
+#[derive(SimpleObject, InputObject, Clone)]
+#[graphql(input_name = "NoteSectionInput")]
+pub struct Section {
+    /// Machine key, unique in the note (a-z, 0-9, `_`, `-`); pass in `sectionKeys` to share it.
+    pub key: String,
+    /// Title people read.
+    pub title: String,
+    /// The text.
+    pub body: String,
+}
+
+/// A clinical note of the signed-in practitioner.
+#[derive(SimpleObject)]
+pub struct ClinicalNote {
+    /// Note id.
+    pub id: ID,
+    /// The patient it is about.
+    pub patient_id: ID,
+    /// Title.
+    pub title: String,
+    /// Sections, in order.
+    pub sections: Vec<Section>,
+    /// When it was written.
+    pub created_at: Option<DateTime<Utc>>,
+}
+
+impl From<DomainNote> for ClinicalNote {
+    fn from(note: DomainNote) -> Self {
+        Self {
+            id: ID(note.id),
+            patient_id: ID(note.patient_id),
+            title: note.title,
+            sections: note
+                .sections
+                .into_iter()
+                .map(|section| Section {
+                    key: section.key,
+                    title: section.title,
+                    body: section.body,
+                })
+                .collect(),
+            created_at: note.created_at,
+        }
+    }
+}
+
+/// A page of clinical notes.
+#[derive(SimpleObject)]
+pub struct ClinicalNoteConnection {
+    /// Notes with cursors.
+    pub edges: Vec<ClinicalNoteEdge>,
+    /// Where this page sits.
+    pub page_info: PageInfo,
+}
+
+/// A note and its cursor.
+#[derive(SimpleObject)]
+pub struct ClinicalNoteEdge {
+    /// Pass as `after` to continue.
+    pub cursor: String,
+    /// The note.
+    pub node: ClinicalNote,
+}
+
+/// A practitioner in the providers' directories.
+#[derive(SimpleObject)]
+pub struct DirectoryPractitioner {
+    /// Their HPI-I; pass as `recipientId`.
+    pub id: ID,
+    /// Display name.
+    pub name: String,
+    /// Specialty.
+    pub specialty: String,
+    /// Organisation.
+    pub organisation: String,
+    /// Suburb.
+    pub suburb: String,
+    /// State.
+    pub state: String,
+    /// Postcode.
+    pub postcode: String,
+    /// The providers (among those your practice is active on) that reach them.
+    pub providers: Vec<Provider>,
+}
+
+/// A page of directory results.
+#[derive(SimpleObject)]
+pub struct PractitionerSearchConnection {
+    /// Results with cursors.
+    pub edges: Vec<PractitionerSearchEdge>,
+    /// Where this page sits.
+    pub page_info: PageInfo,
+    /// Providers that could not be asked (the results may miss people only they reach).
+    pub warnings: Vec<String>,
+}
+
+/// A directory result and its cursor.
+#[derive(SimpleObject)]
+pub struct PractitionerSearchEdge {
+    /// Pass as `after` to continue.
+    pub cursor: String,
+    /// The practitioner.
+    pub node: DirectoryPractitioner,
+}
+
+/// Where a secure message is.
+#[derive(Enum, Copy, Clone, Debug, PartialEq, Eq)]
+pub enum MessageStatus {
+    /// Stored and waiting for the provider.
+    Queued,
+    /// The provider accepted it.
+    Sent,
+    /// It reached the recipient's endpoint.
+    Delivered,
+    /// The recipient's system acknowledged it (HL7 application acknowledgement).
+    Acknowledged,
+    /// It could not be delivered; see `failureReason`.
+    Failed,
+}
+
+impl MessageStatus {
+    fn from_code(code: &str) -> Self {
+        match code {
+            "QUEUED" => Self::Queued,
+            "SENT" => Self::Sent,
+            "DELIVERED" => Self::Delivered,
+            "ACKNOWLEDGED" => Self::Acknowledged,
+            _ => Self::Failed,
+        }
+    }
+
+    fn code(self) -> &'static str {
+        match self {
+            Self::Queued => "QUEUED",
+            Self::Sent => "SENT",
+            Self::Delivered => "DELIVERED",
+            Self::Acknowledged => "ACKNOWLEDGED",
+            Self::Failed => "FAILED",
+        }
+    }
+}
+
+/// Which way a message went.
+#[derive(Enum, Copy, Clone, Debug, PartialEq, Eq)]
+pub enum MessageDirection {
+    /// Received by the practice.
+    Inbound,
+    /// Sent by the practitioner.
+    Outbound,
+}
+
+/// A secure message.
+#[derive(SimpleObject)]
+pub struct SecureMessage {
+    /// Message id.
+    pub id: ID,
+    /// Sent or received.
+    pub direction: MessageDirection,
+    /// Through which provider.
+    pub provider: Provider,
+    /// Where it is.
+    pub status: MessageStatus,
+    /// The other practitioner's HPI-I.
+    pub counterpart_id: ID,
+    /// The other practitioner's name.
+    pub counterpart_name: String,
+    /// The note it was made from.
+    pub note_id: Option<ID>,
+    /// Why it failed.
+    pub failure_reason: Option<String>,
+    /// Credits it cost (3 for a send, 0 received).
+    pub credits_charged: i64,
+    /// Whether those credits were refunded.
+    pub refunded: bool,
+    /// When it was created.
+    pub created_at: DateTime<Utc>,
+    /// When the provider accepted it.
+    pub sent_at: Option<DateTime<Utc>>,
+    /// When it reached the recipient's endpoint.
+    pub delivered_at: Option<DateTime<Utc>>,
+    /// When the recipient's system acknowledged it.
+    pub acknowledged_at: Option<DateTime<Utc>>,
+    /// The shared sections (only on `message(id)`, whose reading is audited).
+    pub sections: Option<Vec<Section>>,
+}
+
+impl SecureMessage {
+    fn from_row(row: MessageRow, sections: Option<Vec<Section>>) -> Self {
+        Self {
+            id: ID(row.id),
+            direction: if row.direction == "INBOUND" {
+                MessageDirection::Inbound
+            } else {
+                MessageDirection::Outbound
+            },
+            provider: DomainProvider::from_code(&row.provider)
+                .unwrap_or(DomainProvider::Argus)
+                .into(),
+            status: MessageStatus::from_code(&row.status),
+            counterpart_id: ID(row.counterpart_hpii),
+            counterpart_name: row.counterpart_name,
+            note_id: row.note_id.map(ID),
+            failure_reason: row.failure_reason,
+            credits_charged: row.credits_charged,
+            refunded: row.refunded,
+            created_at: row.created_at,
+            sent_at: row.sent_at,
+            delivered_at: row.delivered_at,
+            acknowledged_at: row.acknowledged_at,
+            sections,
+        }
+    }
+}
+
+/// A page of messages.
+#[derive(SimpleObject)]
+pub struct SecureMessageConnection {
+    /// Messages with cursors.
+    pub edges: Vec<SecureMessageEdge>,
+    /// Where this page sits.
+    pub page_info: PageInfo,
+}
+
+/// A message and its cursor.
+#[derive(SimpleObject)]
+pub struct SecureMessageEdge {
+    /// Pass as `after` to continue.
+    pub cursor: String,
+    /// The message.
+    pub node: SecureMessage,
+}
+
+/// The result of `sendSecureMessage`.
+#[derive(SimpleObject)]
+pub struct SendSecureMessagePayload {
+    /// The queued message (follow it with `message(id)` or `messages`).
+    pub message: SecureMessage,
+    /// The sender's credits after the 3-credit debit.
+    pub credits_remaining: i64,
+}
+
+/// A new patient.
+#[derive(InputObject)]
+pub struct CreatePatientInput {
+    /// Given name.
+    pub given_name: String,
+    /// Family name.
+    pub family_name: String,
+    /// Date of birth, ISO (`1984-07-21`).
+    pub date_of_birth: String,
+}
+
+/// A new clinical note.
+#[derive(InputObject)]
+pub struct CreateClinicalNoteInput {
+    /// One of your patients.
+    pub patient_id: ID,
+    /// Title.
+    pub title: String,
+    /// 1–50 sections with unique keys.
+    pub sections: Vec<Section>,
+}
+
+/// What to send, to whom, how.
+#[derive(InputObject)]
+pub struct SendSecureMessageInput {
+    /// The clinical note.
+    pub note_id: ID,
+    /// The sections of the note to share (only these leave the gateway).
+    pub section_keys: Vec<String>,
+    /// The recipient's id from `searchPractitioners` (their HPI-I).
+    pub recipient_id: ID,
+    /// The provider to send through; omit to let the gateway choose one both use.
+    pub provider: Option<Provider>,
+    /// A fresh key per message; retrying with it never sends or charges twice.
+    pub idempotency_key: String,
+    /// Buy credits (your auto top-up pack, or the smallest) if you have fewer than 3.
+    pub top_up_if_short: Option<bool>,
+}
+
+fn paging(first: Option<i32>, max: i32) -> Result<u64, ApiError> {
+    let first = first.unwrap_or(20);
+    if !(1..=max).contains(&first) {
+        return Err(ApiError::bad_input(format!(
+            "first must be between 1 and {max}"
+        )));
+    }
+    Ok(first as u64)
+}
+
+fn page_info<T>(
+    edges: &[T],
+    cursor: impl Fn(&T) -> String,
+    has_next_page: bool,
+    after: bool,
+) -> PageInfo {
+    PageInfo {
+        has_next_page,
+        has_previous_page: after,
+        start_cursor: edges.first().map(&cursor),
+        end_cursor: edges.last().map(&cursor),
+    }
+}
+
+#[derive(Default)]
+pub struct MessagingQuery;
+
+#[Object]
+impl MessagingQuery {
+    /// Your clinical notes, newest first.
+    async fn clinical_notes(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(desc = "How many (1–50, default 20).")] first: Option<i32>,
+        #[graphql(desc = "Continue after this cursor.")] after: Option<String>,
+    ) -> Result<ClinicalNoteConnection, ApiError> {
+        let principal = principal(ctx)?;
+        let first = paging(first, 50)?;
+        let mut notes = services(ctx)
+            .messaging
+            .notes(principal, after.as_deref(), first + 1)
+            .await?;
+        let has_next_page = notes.len() as u64 > first;
+        notes.truncate(first as usize);
+        let edges: Vec<ClinicalNoteEdge> = notes
+            .into_iter()
+            .map(|note| ClinicalNoteEdge {
+                cursor: note.id.clone(),
+                node: note.into(),
+            })
+            .collect();
+        let page_info = page_info(
+            &edges,
+            |edge| edge.cursor.clone(),
+            has_next_page,
+            after.is_some(),
+        );
+        Ok(ClinicalNoteConnection { edges, page_info })
+    }
+
+    /// One of your clinical notes (reading it is audited).
+    async fn clinical_note(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(desc = "Note id.")] id: ID,
+    ) -> Result<ClinicalNote, ApiError> {
+        let principal = principal(ctx)?;
+        Ok(services(ctx).messaging.note(principal, &id).await?.into())
+    }
+
+    /// Searches the directories of every provider your practice is ACTIVE on and merges them
+    /// by HPI-I; `providers` on each result says who reaches them.
+    async fn search_practitioners(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(
+            desc = "Words to match in name, specialty, organisation, suburb, state, postcode or HPI-I."
+        )]
+        query: String,
+        #[graphql(desc = "Only this provider's directory.")] provider: Option<Provider>,
+        #[graphql(desc = "How many (1–50, default 20).")] first: Option<i32>,
+        #[graphql(desc = "Continue after this cursor.")] after: Option<String>,
+    ) -> Result<PractitionerSearchConnection, ApiError> {
+        let principal = principal(ctx)?;
+        let first = paging(first, 50)?;
+        let offset = match &after {
+            Some(cursor) => {
+                cursor
+                    .parse::<u64>()
+                    .map_err(|_| ApiError::bad_input("after is not a cursor from this search"))?
+                    + 1
+            }
+            None => 0,
+        };
+        let result = services(ctx)
+            .messaging
+            .search(principal, &query, provider.map(Into::into), offset, first)
+            .await?;
+        let edges: Vec<PractitionerSearchEdge> = result
+            .hits
+            .into_iter()
+            .enumerate()
+            .map(|(index, hit)| PractitionerSearchEdge {
+                cursor: (offset + index as u64).to_string(),
+                node: DirectoryPractitioner {
+                    id: ID(hit.entry.hpii),
+                    name: format!("Dr {} {}", hit.entry.given_name, hit.entry.family_name),
+                    specialty: hit.entry.specialty,
+                    organisation: hit.entry.organisation,
+                    suburb: hit.entry.suburb,
+                    state: hit.entry.state,
+                    postcode: hit.entry.postcode,
+                    providers: hit.providers.into_iter().map(Into::into).collect(),
+                },
+            })
+            .collect();
+        let page_info = page_info(
+            &edges,
+            |edge| edge.cursor.clone(),
+            result.has_next_page,
+            after.is_some(),
+        );
+        Ok(PractitionerSearchConnection {
+            edges,
+            page_info,
+            warnings: result.warnings,
+        })
+    }
+
+    /// Your secure messages, newest first.
+    async fn messages(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(desc = "Only sent or only received.")] direction: Option<MessageDirection>,
+        #[graphql(desc = "Only in this status.")] status: Option<MessageStatus>,
+        #[graphql(desc = "How many (1–100, default 20).")] first: Option<i32>,
+        #[graphql(desc = "Continue after this cursor.")] after: Option<String>,
+    ) -> Result<SecureMessageConnection, ApiError> {
+        let principal = principal(ctx)?;
+        let first = paging(first, 100)?;
+        let direction = direction.map(|direction| match direction {
+            MessageDirection::Inbound => "INBOUND",
+            MessageDirection::Outbound => "OUTBOUND",
+        });
+        let mut rows = services(ctx)
+            .messaging
+            .messages(
+                principal,
+                direction,
+                status.map(MessageStatus::code),
+                after.as_deref(),
+                first + 1,
+            )
+            .await?;
+        let has_next_page = rows.len() as u64 > first;
+        rows.truncate(first as usize);
+        let edges: Vec<SecureMessageEdge> = rows
+            .into_iter()
+            .map(|row| SecureMessageEdge {
+                cursor: row.id.clone(),
+                node: SecureMessage::from_row(row, None),
+            })
+            .collect();
+        let page_info = page_info(
+            &edges,
+            |edge| edge.cursor.clone(),
+            has_next_page,
+            after.is_some(),
+        );
+        Ok(SecureMessageConnection { edges, page_info })
+    }
+
+    /// One of your messages with its shared sections (reading content is audited).
+    async fn message(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(desc = "Message id.")] id: ID,
+    ) -> Result<SecureMessage, ApiError> {
+        let principal = principal(ctx)?;
+        let (row, sections) = services(ctx).messaging.message(principal, &id).await?;
+        let sections = sections
+            .into_iter()
+            .map(|section| Section {
+                key: section.key,
+                title: section.title,
+                body: section.body,
+            })
+            .collect();
+        Ok(SecureMessage::from_row(row, Some(sections)))
+    }
+}
+
+#[derive(Default)]
+pub struct MessagingMutation;
+
+#[Object]
+impl MessagingMutation {
+    /// Records a patient (practitioners only; details are encrypted at rest).
+    async fn create_patient(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(desc = "The patient's details.")] input: CreatePatientInput,
+    ) -> Result<Patient, ApiError> {
+        let principal = principal(ctx)?;
+        let patient = services(ctx)
+            .messaging
+            .create_patient(
+                principal,
+                &input.given_name,
+                &input.family_name,
+                &input.date_of_birth,
+            )
+            .await?;
+        Ok(Patient {
+            id: ID(patient.id),
+            given_name: patient.given_name,
+            family_name: patient.family_name,
+            date_of_birth: patient.date_of_birth,
+        })
+    }
+
+    /// Writes a clinical note for one of your patients (encrypted at rest).
+    async fn create_clinical_note(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(desc = "The note.")] input: CreateClinicalNoteInput,
+    ) -> Result<ClinicalNote, ApiError> {
+        let principal = principal(ctx)?;
+        let sections = input
+            .sections
+            .into_iter()
+            .map(|section| NoteSection {
+                key: section.key,
+                title: section.title,
+                body: section.body,
+            })
+            .collect();
+        Ok(services(ctx)
+            .messaging
+            .create_note(principal, &input.patient_id, &input.title, sections)
+            .await?
+            .into())
+    }
+
+    /// Sends the chosen sections of a clinical note as a secure message (3 credits from your
+    /// own balance, in the same transaction that queues it). Practitioners only.
+    async fn send_secure_message(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(desc = "What to send, to whom, how.")] input: SendSecureMessageInput,
+    ) -> Result<SendSecureMessagePayload, ApiError> {
+        let principal = principal(ctx)?;
+        let idempotency_key = IdempotencyKey::parse(&input.idempotency_key)
+            .map_err(|problem| ApiError::bad_input(format!("idempotencyKey: {problem}")))?;
+        let result = services(ctx)
+            .messaging
+            .send(
+                principal,
+                SendRequest {
+                    note_id: input.note_id.to_string(),
+                    section_keys: input.section_keys,
+                    recipient_hpii: input.recipient_id.to_string(),
+                    provider: input.provider.map(Into::into),
+                    idempotency_key,
+                    top_up_if_short: input.top_up_if_short.unwrap_or(false),
+                },
+            )
+            .await?;
+        Ok(SendSecureMessagePayload {
+            message: SecureMessage::from_row(result.message, None),
+            credits_remaining: result.credits_remaining,
+        })
+    }
+}

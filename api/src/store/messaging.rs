@@ -1,0 +1,474 @@
+//! Patients, clinical notes and secure messages (inbound and outbound) with the outbox
+//! schedule. Clinical content arrives here already sealed; this module never sees it in clear.
+
+use chrono::{DateTime, Utc};
+use sea_orm::sea_query::{Expr, ExprTrait};
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder,
+    QuerySelect,
+};
+
+use super::entities::{clinical_notes, messages, patients};
+use super::{Store, StoreError, Transaction, from_millis, to_millis};
+
+/// A stored patient (details sealed).
+#[derive(Debug, Clone)]
+pub struct PatientRow {
+    /// Id.
+    pub id: String,
+    /// Group.
+    pub group_id: String,
+    /// The practitioner whose patient record this is.
+    pub owner_user_id: String,
+    /// Sealed JSON of the patient's details.
+    pub details_ciphertext: String,
+    /// When created.
+    pub created_at: DateTime<Utc>,
+}
+
+/// A stored clinical note (content sealed).
+#[derive(Debug, Clone)]
+pub struct NoteRow {
+    /// Id.
+    pub id: String,
+    /// Group.
+    pub group_id: String,
+    /// The practitioner who wrote it.
+    pub owner_user_id: String,
+    /// The patient it is about.
+    pub patient_id: String,
+    /// Sealed JSON of title and sections.
+    pub content_ciphertext: String,
+    /// When created.
+    pub created_at: DateTime<Utc>,
+}
+
+/// A stored secure message.
+#[derive(Debug, Clone)]
+pub struct MessageRow {
+    /// Id (also the provider-side client message id, so provider retries are idempotent).
+    pub id: String,
+    /// Group.
+    pub group_id: String,
+    /// Sender (outbound) or addressee (inbound) practitioner.
+    pub owner_user_id: String,
+    /// `OUTBOUND` or `INBOUND`.
+    pub direction: String,
+    /// Provider code.
+    pub provider: String,
+    /// `QUEUED`, `SENT`, `DELIVERED`, `ACKNOWLEDGED`, `FAILED` (outbound) or `RECEIVED`/`READ`.
+    pub status: String,
+    /// The other party's HPI-I.
+    pub counterpart_hpii: String,
+    /// The other party's name.
+    pub counterpart_name: String,
+    /// The note it was made from (outbound).
+    pub note_id: Option<String>,
+    /// Sealed HL7 payload.
+    pub payload_ciphertext: String,
+    /// The client's idempotency key (outbound).
+    pub idempotency_key: Option<String>,
+    /// The provider's tracking / receipt / inbox id.
+    pub provider_reference: Option<String>,
+    /// Why it failed.
+    pub failure_reason: Option<String>,
+    /// Credits debited for it.
+    pub credits_charged: i64,
+    /// Whether those credits were refunded.
+    pub refunded: bool,
+    /// Delivery attempts so far.
+    pub attempts: i32,
+    /// When the outbox should look at it next.
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    /// Created.
+    pub created_at: DateTime<Utc>,
+    /// Accepted by the provider.
+    pub sent_at: Option<DateTime<Utc>>,
+    /// Delivered to the recipient's endpoint.
+    pub delivered_at: Option<DateTime<Utc>>,
+    /// Acknowledged by the recipient's system.
+    pub acknowledged_at: Option<DateTime<Utc>>,
+}
+
+/// A change of a message's delivery state.
+#[derive(Debug, Clone, Default)]
+pub struct MessageUpdate {
+    /// New status.
+    pub status: Option<String>,
+    /// Provider reference learnt.
+    pub provider_reference: Option<String>,
+    /// Failure reason.
+    pub failure_reason: Option<String>,
+    /// Next outbox visit (`Some(None)` clears it).
+    pub next_attempt_at: Option<Option<DateTime<Utc>>>,
+    /// Timestamps reached.
+    pub sent_at: Option<DateTime<Utc>>,
+    /// Timestamps reached.
+    pub delivered_at: Option<DateTime<Utc>>,
+    /// Timestamps reached.
+    pub acknowledged_at: Option<DateTime<Utc>>,
+    /// Mark refunded.
+    pub refunded: bool,
+}
+
+impl Store {
+    /// Stores a patient.
+    pub async fn insert_patient(&self, row: &PatientRow) -> Result<(), StoreError> {
+        let txn = self.begin_write().await?;
+        patients::Entity::insert(patients::ActiveModel {
+            id: Set(row.id.clone()),
+            group_id: Set(row.group_id.clone()),
+            owner_user_id: Set(row.owner_user_id.clone()),
+            details_ciphertext: Set(row.details_ciphertext.clone()),
+            created_at: Set(to_millis(row.created_at)),
+        })
+        .exec_without_returning(&txn)
+        .await?;
+        txn.commit().await?;
+        Ok(())
+    }
+
+    /// A practitioner's own patient.
+    pub async fn find_patient(
+        &self,
+        owner_user_id: &str,
+        id: &str,
+    ) -> Result<Option<PatientRow>, StoreError> {
+        Ok(patients::Entity::find_by_id(id.to_owned())
+            .filter(patients::Column::OwnerUserId.eq(owner_user_id))
+            .one(self.connection())
+            .await?
+            .map(|model| PatientRow {
+                id: model.id,
+                group_id: model.group_id,
+                owner_user_id: model.owner_user_id,
+                details_ciphertext: model.details_ciphertext,
+                created_at: from_millis(model.created_at),
+            }))
+    }
+
+    /// Stores a clinical note.
+    pub async fn insert_note(&self, row: &NoteRow) -> Result<(), StoreError> {
+        let txn = self.begin_write().await?;
+        clinical_notes::Entity::insert(clinical_notes::ActiveModel {
+            id: Set(row.id.clone()),
+            group_id: Set(row.group_id.clone()),
+            owner_user_id: Set(row.owner_user_id.clone()),
+            patient_id: Set(row.patient_id.clone()),
+            content_ciphertext: Set(row.content_ciphertext.clone()),
+            created_at: Set(to_millis(row.created_at)),
+        })
+        .exec_without_returning(&txn)
+        .await?;
+        txn.commit().await?;
+        Ok(())
+    }
+
+    /// A practitioner's own note.
+    pub async fn find_note(
+        &self,
+        owner_user_id: &str,
+        id: &str,
+    ) -> Result<Option<NoteRow>, StoreError> {
+        Ok(clinical_notes::Entity::find_by_id(id.to_owned())
+            .filter(clinical_notes::Column::OwnerUserId.eq(owner_user_id))
+            .one(self.connection())
+            .await?
+            .map(note_from_model))
+    }
+
+    /// A practitioner's notes, newest first.
+    pub async fn list_notes(
+        &self,
+        owner_user_id: &str,
+        before_id: Option<&str>,
+        limit: u64,
+    ) -> Result<Vec<NoteRow>, StoreError> {
+        let mut query = clinical_notes::Entity::find()
+            .filter(clinical_notes::Column::OwnerUserId.eq(owner_user_id));
+        if let Some(before_id) = before_id {
+            query = query.filter(clinical_notes::Column::Id.lt(before_id));
+        }
+        Ok(query
+            .order_by_desc(clinical_notes::Column::Id)
+            .limit(limit)
+            .all(self.connection())
+            .await?
+            .into_iter()
+            .map(note_from_model)
+            .collect())
+    }
+
+    /// Stores a message inside the caller's transaction (the send debit's).
+    pub async fn insert_message_in(
+        &self,
+        txn: &Transaction,
+        row: &MessageRow,
+    ) -> Result<(), StoreError> {
+        insert_message(&txn.0, row).await
+    }
+
+    /// A practitioner's outbound message by their idempotency key.
+    pub async fn find_message_by_key(
+        &self,
+        owner_user_id: &str,
+        key: &str,
+    ) -> Result<Option<MessageRow>, StoreError> {
+        Ok(messages::Entity::find()
+            .filter(messages::Column::OwnerUserId.eq(owner_user_id))
+            .filter(messages::Column::IdempotencyKey.eq(key))
+            .one(self.connection())
+            .await?
+            .map(message_from_model))
+    }
+
+    /// A practitioner's own message.
+    pub async fn find_message(
+        &self,
+        owner_user_id: &str,
+        id: &str,
+    ) -> Result<Option<MessageRow>, StoreError> {
+        Ok(messages::Entity::find_by_id(id.to_owned())
+            .filter(messages::Column::OwnerUserId.eq(owner_user_id))
+            .one(self.connection())
+            .await?
+            .map(message_from_model))
+    }
+
+    /// A message by id (workers).
+    pub async fn message_by_id(&self, id: &str) -> Result<Option<MessageRow>, StoreError> {
+        Ok(messages::Entity::find_by_id(id.to_owned())
+            .one(self.connection())
+            .await?
+            .map(message_from_model))
+    }
+
+    /// A practitioner's messages, newest first.
+    pub async fn list_messages(
+        &self,
+        owner_user_id: &str,
+        direction: Option<&str>,
+        status: Option<&str>,
+        before_id: Option<&str>,
+        limit: u64,
+    ) -> Result<Vec<MessageRow>, StoreError> {
+        let mut query =
+            messages::Entity::find().filter(messages::Column::OwnerUserId.eq(owner_user_id));
+        if let Some(direction) = direction {
+            query = query.filter(messages::Column::Direction.eq(direction));
+        }
+        if let Some(status) = status {
+            query = query.filter(messages::Column::Status.eq(status));
+        }
+        if let Some(before_id) = before_id {
+            query = query.filter(messages::Column::Id.lt(before_id));
+        }
+        Ok(query
+            .order_by_desc(messages::Column::Id)
+            .limit(limit)
+            .all(self.connection())
+            .await?
+            .into_iter()
+            .map(message_from_model)
+            .collect())
+    }
+
+    /// Outbound messages the outbox should look at now (to send, or to track).
+    pub async fn due_messages(
+        &self,
+        now: DateTime<Utc>,
+        limit: u64,
+    ) -> Result<Vec<MessageRow>, StoreError> {
+        Ok(messages::Entity::find()
+            .filter(messages::Column::Direction.eq("OUTBOUND"))
+            .filter(messages::Column::Status.is_in(["QUEUED", "SENT", "DELIVERED"]))
+            .filter(messages::Column::NextAttemptAt.lte(to_millis(now)))
+            .order_by_asc(messages::Column::NextAttemptAt)
+            .limit(limit)
+            .all(self.connection())
+            .await?
+            .into_iter()
+            .map(message_from_model)
+            .collect())
+    }
+
+    /// Claims a due message for this node until `lease_until` (compare-and-set on
+    /// `next_attempt_at`), counting the attempt. Only one node's claim can succeed.
+    pub async fn claim_message(
+        &self,
+        message: &MessageRow,
+        lease_until: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let Some(expected) = message.next_attempt_at else {
+            return Ok(false);
+        };
+        let txn = self.begin_write().await?;
+        let claimed = messages::Entity::update_many()
+            .col_expr(
+                messages::Column::NextAttemptAt,
+                Expr::value(to_millis(lease_until)),
+            )
+            .col_expr(
+                messages::Column::Attempts,
+                Expr::col(messages::Column::Attempts).add(1),
+            )
+            .filter(messages::Column::Id.eq(message.id.as_str()))
+            .filter(messages::Column::Status.eq(message.status.as_str()))
+            .filter(messages::Column::NextAttemptAt.eq(to_millis(expected)))
+            .exec(&txn)
+            .await?
+            .rows_affected
+            == 1;
+        txn.commit().await?;
+        Ok(claimed)
+    }
+
+    /// Applies a delivery update if the message is still in `from_status`, inside the caller's
+    /// transaction (so a refund can share it). Returns whether it applied.
+    pub async fn update_message_in(
+        &self,
+        connection: &impl ConnectionTrait,
+        id: &str,
+        from_status: &str,
+        update: &MessageUpdate,
+    ) -> Result<bool, StoreError> {
+        let mut query = messages::Entity::update_many().col_expr(
+            messages::Column::UpdatedAt,
+            Expr::value(to_millis(Utc::now())),
+        );
+        if let Some(status) = &update.status {
+            query = query.col_expr(messages::Column::Status, Expr::value(status.clone()));
+        }
+        if let Some(reference) = &update.provider_reference {
+            query = query.col_expr(
+                messages::Column::ProviderReference,
+                Expr::value(reference.clone()),
+            );
+        }
+        if let Some(reason) = &update.failure_reason {
+            query = query.col_expr(messages::Column::FailureReason, Expr::value(reason.clone()));
+        }
+        if let Some(next) = update.next_attempt_at {
+            query = query.col_expr(
+                messages::Column::NextAttemptAt,
+                Expr::value(next.map(to_millis)),
+            );
+        }
+        if let Some(at) = update.sent_at {
+            query = query.col_expr(messages::Column::SentAt, Expr::value(to_millis(at)));
+        }
+        if let Some(at) = update.delivered_at {
+            query = query.col_expr(messages::Column::DeliveredAt, Expr::value(to_millis(at)));
+        }
+        if let Some(at) = update.acknowledged_at {
+            query = query.col_expr(messages::Column::AcknowledgedAt, Expr::value(to_millis(at)));
+        }
+        if update.refunded {
+            query = query.col_expr(messages::Column::Refunded, Expr::value(true));
+        }
+        Ok(query
+            .filter(messages::Column::Id.eq(id))
+            .filter(messages::Column::Status.eq(from_status))
+            .exec(connection)
+            .await?
+            .rows_affected
+            == 1)
+    }
+
+    /// Applies a delivery update inside a composed transaction (a failure and its refund).
+    pub async fn update_message_in_transaction(
+        &self,
+        txn: &Transaction,
+        id: &str,
+        from_status: &str,
+        update: &MessageUpdate,
+    ) -> Result<bool, StoreError> {
+        self.update_message_in(&txn.0, id, from_status, update)
+            .await
+    }
+
+    /// Applies a delivery update on its own.
+    pub async fn update_message(
+        &self,
+        id: &str,
+        from_status: &str,
+        update: &MessageUpdate,
+    ) -> Result<bool, StoreError> {
+        let txn = self.begin_write().await?;
+        let applied = self
+            .update_message_in(&txn, id, from_status, update)
+            .await?;
+        txn.commit().await?;
+        Ok(applied)
+    }
+}
+
+async fn insert_message(
+    connection: &impl ConnectionTrait,
+    row: &MessageRow,
+) -> Result<(), StoreError> {
+    messages::Entity::insert(messages::ActiveModel {
+        id: Set(row.id.clone()),
+        group_id: Set(row.group_id.clone()),
+        owner_user_id: Set(row.owner_user_id.clone()),
+        direction: Set(row.direction.clone()),
+        provider: Set(row.provider.clone()),
+        status: Set(row.status.clone()),
+        counterpart_hpii: Set(row.counterpart_hpii.clone()),
+        counterpart_name: Set(row.counterpart_name.clone()),
+        note_id: Set(row.note_id.clone()),
+        payload_ciphertext: Set(row.payload_ciphertext.clone()),
+        idempotency_key: Set(row.idempotency_key.clone()),
+        provider_reference: Set(row.provider_reference.clone()),
+        failure_reason: Set(row.failure_reason.clone()),
+        credits_charged: Set(row.credits_charged),
+        refunded: Set(row.refunded),
+        attempts: Set(row.attempts),
+        next_attempt_at: Set(row.next_attempt_at.map(to_millis)),
+        created_at: Set(to_millis(row.created_at)),
+        sent_at: Set(row.sent_at.map(to_millis)),
+        delivered_at: Set(row.delivered_at.map(to_millis)),
+        acknowledged_at: Set(row.acknowledged_at.map(to_millis)),
+        updated_at: Set(to_millis(Utc::now())),
+    })
+    .exec_without_returning(connection)
+    .await?;
+    Ok(())
+}
+
+fn note_from_model(model: clinical_notes::Model) -> NoteRow {
+    NoteRow {
+        id: model.id,
+        group_id: model.group_id,
+        owner_user_id: model.owner_user_id,
+        patient_id: model.patient_id,
+        content_ciphertext: model.content_ciphertext,
+        created_at: from_millis(model.created_at),
+    }
+}
+
+fn message_from_model(model: messages::Model) -> MessageRow {
+    MessageRow {
+        id: model.id,
+        group_id: model.group_id,
+        owner_user_id: model.owner_user_id,
+        direction: model.direction,
+        provider: model.provider,
+        status: model.status,
+        counterpart_hpii: model.counterpart_hpii,
+        counterpart_name: model.counterpart_name,
+        note_id: model.note_id,
+        payload_ciphertext: model.payload_ciphertext,
+        idempotency_key: model.idempotency_key,
+        provider_reference: model.provider_reference,
+        failure_reason: model.failure_reason,
+        credits_charged: model.credits_charged,
+        refunded: model.refunded,
+        attempts: model.attempts,
+        next_attempt_at: model.next_attempt_at.map(from_millis),
+        created_at: from_millis(model.created_at),
+        sent_at: model.sent_at.map(from_millis),
+        delivered_at: model.delivered_at.map(from_millis),
+        acknowledged_at: model.acknowledged_at.map(from_millis),
+    }
+}

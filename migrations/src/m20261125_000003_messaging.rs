@@ -1,0 +1,269 @@
+//! Messaging: patients and clinical notes (content sealed at rest), and secure messages with
+//! their outbox schedule. Clinical content is stored only as ciphertext.
+
+use sea_orm_migration::prelude::*;
+
+#[derive(DeriveMigrationName)]
+pub struct Migration;
+
+#[derive(DeriveIden)]
+enum Patients {
+    Table,
+    Id,
+    GroupId,
+    OwnerUserId,
+    DetailsCiphertext,
+    CreatedAt,
+}
+
+#[derive(DeriveIden)]
+enum ClinicalNotes {
+    Table,
+    Id,
+    GroupId,
+    OwnerUserId,
+    PatientId,
+    ContentCiphertext,
+    CreatedAt,
+}
+
+#[derive(DeriveIden)]
+enum Messages {
+    Table,
+    Id,
+    GroupId,
+    OwnerUserId,
+    Direction,
+    Provider,
+    Status,
+    CounterpartHpii,
+    CounterpartName,
+    NoteId,
+    PayloadCiphertext,
+    IdempotencyKey,
+    ProviderReference,
+    FailureReason,
+    CreditsCharged,
+    Refunded,
+    Attempts,
+    NextAttemptAt,
+    CreatedAt,
+    SentAt,
+    DeliveredAt,
+    AcknowledgedAt,
+    UpdatedAt,
+}
+
+#[sea_orm_migration::async_trait::async_trait]
+impl MigrationTrait for Migration {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_table(
+                Table::create()
+                    .table(Patients::Table)
+                    .col(
+                        ColumnDef::new(Patients::Id)
+                            .string_len(36)
+                            .not_null()
+                            .primary_key(),
+                    )
+                    .col(ColumnDef::new(Patients::GroupId).string_len(128).not_null())
+                    .col(
+                        ColumnDef::new(Patients::OwnerUserId)
+                            .string_len(36)
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(Patients::DetailsCiphertext)
+                            .text()
+                            .not_null(),
+                    )
+                    .col(ColumnDef::new(Patients::CreatedAt).big_integer().not_null())
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(ClinicalNotes::Table)
+                    .col(
+                        ColumnDef::new(ClinicalNotes::Id)
+                            .string_len(36)
+                            .not_null()
+                            .primary_key(),
+                    )
+                    .col(
+                        ColumnDef::new(ClinicalNotes::GroupId)
+                            .string_len(128)
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(ClinicalNotes::OwnerUserId)
+                            .string_len(36)
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(ClinicalNotes::PatientId)
+                            .string_len(36)
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(ClinicalNotes::ContentCiphertext)
+                            .text()
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(ClinicalNotes::CreatedAt)
+                            .big_integer()
+                            .not_null(),
+                    )
+                    .foreign_key(
+                        ForeignKey::create()
+                            .from(ClinicalNotes::Table, ClinicalNotes::PatientId)
+                            .to(Patients::Table, Patients::Id),
+                    )
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("ix_clinical_notes_owner")
+                    .table(ClinicalNotes::Table)
+                    .col(ClinicalNotes::OwnerUserId)
+                    .col(ClinicalNotes::Id)
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(Messages::Table)
+                    .col(
+                        ColumnDef::new(Messages::Id)
+                            .string_len(36)
+                            .not_null()
+                            .primary_key(),
+                    )
+                    .col(ColumnDef::new(Messages::GroupId).string_len(128).not_null())
+                    .col(
+                        ColumnDef::new(Messages::OwnerUserId)
+                            .string_len(36)
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(Messages::Direction)
+                            .string_len(16)
+                            .not_null(),
+                    )
+                    .col(ColumnDef::new(Messages::Provider).string_len(32).not_null())
+                    .col(ColumnDef::new(Messages::Status).string_len(32).not_null())
+                    .col(
+                        ColumnDef::new(Messages::CounterpartHpii)
+                            .string_len(16)
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(Messages::CounterpartName)
+                            .string_len(256)
+                            .not_null(),
+                    )
+                    .col(ColumnDef::new(Messages::NoteId).string_len(36).null())
+                    .col(
+                        ColumnDef::new(Messages::PayloadCiphertext)
+                            .text()
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(Messages::IdempotencyKey)
+                            .string_len(128)
+                            .null(),
+                    )
+                    .col(
+                        ColumnDef::new(Messages::ProviderReference)
+                            .string_len(128)
+                            .null(),
+                    )
+                    .col(
+                        ColumnDef::new(Messages::FailureReason)
+                            .string_len(256)
+                            .null(),
+                    )
+                    .col(
+                        ColumnDef::new(Messages::CreditsCharged)
+                            .big_integer()
+                            .not_null()
+                            .default(0),
+                    )
+                    .col(
+                        ColumnDef::new(Messages::Refunded)
+                            .boolean()
+                            .not_null()
+                            .default(false),
+                    )
+                    .col(
+                        ColumnDef::new(Messages::Attempts)
+                            .integer()
+                            .not_null()
+                            .default(0),
+                    )
+                    .col(ColumnDef::new(Messages::NextAttemptAt).big_integer().null())
+                    .col(ColumnDef::new(Messages::CreatedAt).big_integer().not_null())
+                    .col(ColumnDef::new(Messages::SentAt).big_integer().null())
+                    .col(ColumnDef::new(Messages::DeliveredAt).big_integer().null())
+                    .col(
+                        ColumnDef::new(Messages::AcknowledgedAt)
+                            .big_integer()
+                            .null(),
+                    )
+                    .col(ColumnDef::new(Messages::UpdatedAt).big_integer().not_null())
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("ix_messages_due")
+                    .table(Messages::Table)
+                    .col(Messages::Status)
+                    .col(Messages::NextAttemptAt)
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("ix_messages_owner")
+                    .table(Messages::Table)
+                    .col(Messages::OwnerUserId)
+                    .col(Messages::Id)
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("ux_messages_owner_key")
+                    .table(Messages::Table)
+                    .col(Messages::OwnerUserId)
+                    .col(Messages::IdempotencyKey)
+                    .unique()
+                    .to_owned(),
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        for table in [
+            Messages::Table.into_iden(),
+            ClinicalNotes::Table.into_iden(),
+            Patients::Table.into_iden(),
+        ] {
+            manager
+                .drop_table(Table::drop().table(table).to_owned())
+                .await?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,555 @@
+//! Secure messaging: notes, directory, send, deliver, refund — gateway and sandbox over HTTP.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use smd_sandbox::directory::{MAGIC_REJECTS_PAYLOAD, MAGIC_UNKNOWN_ENDPOINT};
+
+use crate::helpers::*;
+
+const SEND: &str = "mutation($input: SendSecureMessageInput!) { sendSecureMessage(input: $input) { message { id status provider counterpartId counterpartName } creditsRemaining } }";
+
+fn key() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+struct Practice {
+    chen: String,
+    note_id: String,
+}
+
+impl TestApp {
+    /// A practitioner linked to both demo accounts, with 100 credits and a three-section note.
+    async fn practice(&self, group: &str) -> Practice {
+        let chen = practitioner("dr-chen", group);
+        let linked = self
+            .link(&chen, "linkArgus", ARGUS_USER, ARGUS_PASSWORD)
+            .await;
+        assert_eq!(
+            linked["data"]["linkArgus"]["individualStatus"], "ACTIVE",
+            "{linked}"
+        );
+        self.link(&chen, "linkReferralNet", RN_USER, RN_PASSWORD)
+            .await;
+        self.gql(
+            Some(&chen),
+            "mutation { setPaymentMethod(input: {token: \"pm_sandbox_approve\"}) { last4 } }",
+            json!({}),
+        )
+        .await;
+        let bought = self
+            .gql(
+                Some(&chen),
+                "mutation($key: String!) { purchaseCredits(input: {packId: \"pack-100\", idempotencyKey: $key}) { balance } }",
+                json!({"key": key()}),
+            )
+            .await;
+        assert_eq!(
+            bought["data"]["purchaseCredits"]["balance"], 100,
+            "{bought}"
+        );
+        let patient = self
+            .gql(
+                Some(&chen),
+                "mutation { createPatient(input: {givenName: \"Ada\", familyName: \"O'Brien\", dateOfBirth: \"1961-03-04\"}) { id } }",
+                json!({}),
+            )
+            .await;
+        let patient_id = patient["data"]["createPatient"]["id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{patient}"))
+            .to_owned();
+        let note = self
+            .gql(
+                Some(&chen),
+                "mutation($input: CreateClinicalNoteInput!) { createClinicalNote(input: $input) { id sections { key } } }",
+                json!({"input": {"patientId": patient_id, "title": "Chest pain review", "sections": [
+                    {"key": "history", "title": "History", "body": "Chest pain on exertion | 3 weeks ^ worse ~ at night\nNo syncope & no palpitations \\ none"},
+                    {"key": "medications", "title": "Medications", "body": "Aspirin 100 mg daily"},
+                    {"key": "private", "title": "Private notes", "body": "SECRET-NOT-FOR-SHARING"}
+                ]}}),
+            )
+            .await;
+        let note_id = note["data"]["createClinicalNote"]["id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{note}"))
+            .to_owned();
+        Practice { chen, note_id }
+    }
+
+    async fn search(&self, token: &str, query: &str) -> Value {
+        self.gql(
+            Some(token),
+            "query($q: String!) { searchPractitioners(query: $q, first: 50) { edges { node { id name specialty providers } } warnings pageInfo { hasNextPage } } }",
+            json!({"q": query}),
+        )
+        .await
+    }
+
+    /// A directory practitioner reached exactly by `providers`.
+    async fn recipient_on(&self, token: &str, providers: &[&str]) -> String {
+        let result = self.search(token, "").await;
+        let edges = result["data"]["searchPractitioners"]["edges"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{result}"))
+            .clone();
+        edges
+            .iter()
+            .find(|edge| {
+                let on: Vec<&str> = edge["node"]["providers"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|p| p.as_str().unwrap())
+                    .collect();
+                on == providers && !edge["node"]["name"].as_str().unwrap().contains("Test ")
+            })
+            .map(|edge| edge["node"]["id"].as_str().unwrap().to_owned())
+            .unwrap_or_else(|| panic!("no practitioner on exactly {providers:?} in {result}"))
+    }
+
+    async fn send(
+        &self,
+        token: &str,
+        note_id: &str,
+        sections: &[&str],
+        recipient: &str,
+        provider: Option<&str>,
+        key: &str,
+    ) -> Value {
+        self.gql(
+            Some(token),
+            SEND,
+            json!({"input": {"noteId": note_id, "sectionKeys": sections, "recipientId": recipient, "provider": provider, "idempotencyKey": key}}),
+        )
+        .await
+    }
+
+    async fn message_status(&self, token: &str, id: &str) -> String {
+        let response = self
+            .gql(
+                Some(token),
+                "query($id: ID!) { message(id: $id) { status } }",
+                json!({"id": id}),
+            )
+            .await;
+        response["data"]["message"]["status"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{response}"))
+            .to_owned()
+    }
+
+    async fn sandbox_messages(&self) -> Vec<Value> {
+        self.sandbox_control(reqwest::Method::GET, "/_sandbox/messages", None)
+            .await
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    async fn wait_for_status(&self, token: &str, id: &str, wanted: &str) {
+        eventually(Duration::from_secs(15), || async {
+            (self.message_status(token, id).await == wanted).then_some(())
+        })
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn a_note_goes_from_a_fresh_practice_to_acknowledged_with_only_the_chosen_sections() {
+    let app = spawn_app().await;
+    let Practice { chen, note_id } = app.practice("clinic-1").await;
+    let recipient = app.recipient_on(&chen, &["ARGUS"]).await;
+
+    let sent = app
+        .send(
+            &chen,
+            &note_id,
+            &["history", "medications"],
+            &recipient,
+            Some("ARGUS"),
+            &key(),
+        )
+        .await;
+
+    let payload = &sent["data"]["sendSecureMessage"];
+    assert_eq!(payload["message"]["status"], "QUEUED", "{sent}");
+    assert_eq!(payload["creditsRemaining"], 97);
+    let id = payload["message"]["id"].as_str().unwrap().to_owned();
+    app.wait_for_status(&chen, &id, "SENT").await;
+    app.advance_sandbox_clock(6).await;
+    app.wait_for_status(&chen, &id, "DELIVERED").await;
+    app.advance_sandbox_clock(11).await;
+    app.wait_for_status(&chen, &id, "ACKNOWLEDGED").await;
+
+    let received = app.sandbox_messages().await;
+    assert_eq!(received.len(), 1, "exactly one copy reached the provider");
+    let hl7_text = received[0]["payload"].as_str().unwrap();
+    let parsed = smd_gateway::domain::hl7::parse(hl7_text).expect("the payload parses back");
+    let sections = parsed.referral_sections();
+    let keys: Vec<&str> = sections
+        .iter()
+        .map(|section| section.key.as_str())
+        .collect();
+    assert_eq!(keys, ["history", "medications"]);
+    assert_eq!(
+        sections[0].body,
+        "Chest pain on exertion | 3 weeks ^ worse ~ at night\nNo syncope & no palpitations \\ none"
+    );
+    assert!(
+        !hl7_text.contains("SECRET-NOT-FOR-SHARING"),
+        "an unchosen section never leaves the gateway"
+    );
+    assert_eq!(parsed.message_type().as_deref(), Some("REF^I12"));
+}
+
+#[tokio::test]
+async fn an_administrator_cannot_send_a_secure_message() {
+    let app = spawn_app().await;
+    let Practice { chen: _, note_id } = app.practice("clinic-1").await;
+    let admin = administrator("manager", "clinic-1");
+
+    let response = app
+        .send(
+            &admin,
+            &note_id,
+            &["history"],
+            MAGIC_UNKNOWN_ENDPOINT,
+            None,
+            &key(),
+        )
+        .await;
+
+    assert_eq!(error_code(&response), Some("FORBIDDEN"), "{response}");
+    assert!(
+        response["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("practitioners")
+    );
+    assert!(app.sandbox_messages().await.is_empty());
+}
+
+#[tokio::test]
+async fn sending_needs_the_callers_own_active_connection_and_charges_nothing_otherwise() {
+    let app = spawn_app().await;
+    let Practice { chen, note_id: _ } = app.practice("clinic-1").await;
+    let recipient = app.recipient_on(&chen, &["ARGUS"]).await;
+    let patel = practitioner("dr-patel", "clinic-1");
+    let patient = app.gql(Some(&patel), "mutation { createPatient(input: {givenName: \"B\", familyName: \"C\", dateOfBirth: \"1990-01-01\"}) { id } }", json!({})).await;
+    let note = app
+        .gql(
+            Some(&patel),
+            "mutation($p: ID!) { createClinicalNote(input: {patientId: $p, title: \"t\", sections: [{key: \"a\", title: \"A\", body: \"b\"}]}) { id } }",
+            json!({"p": patient["data"]["createPatient"]["id"]}),
+        )
+        .await;
+    let note_id = note["data"]["createClinicalNote"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let response = app
+        .send(&patel, &note_id, &["a"], &recipient, Some("ARGUS"), &key())
+        .await;
+
+    assert_eq!(
+        error_code(&response),
+        Some("INTEGRATION_NOT_ACTIVE"),
+        "{response}"
+    );
+    assert_eq!(app.count_rows("messages").await, 0);
+}
+
+#[tokio::test]
+async fn a_recipient_not_on_the_chosen_provider_is_refused_naming_the_providers_that_reach_them() {
+    let app = spawn_app().await;
+    let Practice { chen, note_id } = app.practice("clinic-1").await;
+    let referralnet_only = app.recipient_on(&chen, &["REFERRALNET"]).await;
+
+    let response = app
+        .send(
+            &chen,
+            &note_id,
+            &["history"],
+            &referralnet_only,
+            Some("ARGUS"),
+            &key(),
+        )
+        .await;
+
+    assert_eq!(
+        error_code(&response),
+        Some("RECIPIENT_NOT_REACHABLE"),
+        "{response}"
+    );
+    assert!(
+        response["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("ReferralNet")
+    );
+    assert_eq!(app.count_rows("messages").await, 0);
+    let credits = app
+        .gql(Some(&chen), "{ credits { balance } }", json!({}))
+        .await;
+    assert_eq!(credits["data"]["credits"]["balance"], 100, "no debit");
+
+    // Without a provider, the gateway routes through the one that reaches them.
+    let routed = app
+        .send(
+            &chen,
+            &note_id,
+            &["history"],
+            &referralnet_only,
+            None,
+            &key(),
+        )
+        .await;
+    assert_eq!(
+        routed["data"]["sendSecureMessage"]["message"]["provider"], "REFERRALNET",
+        "{routed}"
+    );
+}
+
+#[tokio::test]
+async fn unknown_or_no_sections_are_bad_user_input_and_charge_nothing() {
+    let app = spawn_app().await;
+    let Practice { chen, note_id } = app.practice("clinic-1").await;
+    let recipient = app.recipient_on(&chen, &["ARGUS"]).await;
+
+    let none = app
+        .send(&chen, &note_id, &[], &recipient, None, &key())
+        .await;
+    let unknown = app
+        .send(
+            &chen,
+            &note_id,
+            &["history", "nope"],
+            &recipient,
+            None,
+            &key(),
+        )
+        .await;
+
+    assert_eq!(error_code(&none), Some("BAD_USER_INPUT"), "{none}");
+    assert_eq!(error_code(&unknown), Some("BAD_USER_INPUT"), "{unknown}");
+    assert!(
+        unknown["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("nope")
+    );
+    assert_eq!(app.count_rows("messages").await, 0);
+}
+
+#[tokio::test]
+async fn replaying_a_send_returns_the_same_message_and_charges_once() {
+    let app = spawn_app().await;
+    let Practice { chen, note_id } = app.practice("clinic-1").await;
+    let recipient = app.recipient_on(&chen, &["ARGUS"]).await;
+    let key = key();
+
+    let responses = futures::future::join_all(
+        (0..5).map(|_| app.send(&chen, &note_id, &["history"], &recipient, None, &key)),
+    )
+    .await;
+
+    let ids: std::collections::HashSet<&str> = responses
+        .iter()
+        .map(|r| {
+            r["data"]["sendSecureMessage"]["message"]["id"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{r}"))
+        })
+        .collect();
+    assert_eq!(ids.len(), 1);
+    let credits = app
+        .gql(Some(&chen), "{ credits { balance } }", json!({}))
+        .await;
+    assert_eq!(credits["data"]["credits"]["balance"], 97);
+    let id = ids.into_iter().next().unwrap().to_owned();
+    app.wait_for_status(&chen, &id, "SENT").await;
+    assert_eq!(app.sandbox_messages().await.len(), 1);
+    let other = app
+        .send(&chen, &note_id, &["medications"], &recipient, None, &key)
+        .await;
+    assert_eq!(error_code(&other), Some("CONFLICT"), "{other}");
+}
+
+#[tokio::test]
+async fn short_of_credits_is_refused_unless_buying_at_send_time() {
+    let app = spawn_app().await;
+    let Practice { chen, note_id } = app.practice("clinic-1").await;
+    let recipient = app.recipient_on(&chen, &["ARGUS"]).await;
+    let patel = practitioner("dr-patel", "clinic-1");
+    app.gql(Some(&patel), "{ me { id } }", json!({})).await;
+    app.gql(
+        Some(&chen),
+        "mutation($key: String!) { transferCredits(input: {fromPractitionerId: \"dr-chen\", toPractitionerId: \"dr-patel\", credits: 99, idempotencyKey: $key}) { fromBalance } }",
+        json!({"key": key()}),
+    )
+    .await;
+
+    let refused = app
+        .send(&chen, &note_id, &["history"], &recipient, None, &key())
+        .await;
+    assert_eq!(
+        error_code(&refused),
+        Some("INSUFFICIENT_CREDITS"),
+        "{refused}"
+    );
+    assert_eq!(app.count_rows("messages").await, 0);
+
+    let bought = app
+        .gql(
+            Some(&chen),
+            SEND,
+            json!({"input": {"noteId": note_id, "sectionKeys": ["history"], "recipientId": recipient, "idempotencyKey": key(), "topUpIfShort": true}}),
+        )
+        .await;
+    assert_eq!(
+        bought["data"]["sendSecureMessage"]["creditsRemaining"], 98,
+        "1 + 100 bought − 3: {bought}"
+    );
+}
+
+#[tokio::test]
+async fn transient_provider_faults_are_retried_and_deliver_exactly_one_copy() {
+    let app = spawn_app().await;
+    let Practice { chen, note_id } = app.practice("clinic-1").await;
+    let recipient = app.recipient_on(&chen, &["ARGUS"]).await;
+    app.inject_fault("argus", "messages", "server_error", 2, json!({}))
+        .await;
+    app.inject_fault(
+        "argus",
+        "messages",
+        "rate_limited",
+        1,
+        json!({"retryAfterSeconds": 1}),
+    )
+    .await;
+
+    let sent = app
+        .send(
+            &chen,
+            &note_id,
+            &["history"],
+            &recipient,
+            Some("ARGUS"),
+            &key(),
+        )
+        .await;
+    let id = sent["data"]["sendSecureMessage"]["message"]["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{sent}"))
+        .to_owned();
+
+    app.wait_for_status(&chen, &id, "SENT").await;
+    assert_eq!(app.sandbox_messages().await.len(), 1);
+}
+
+#[tokio::test]
+async fn a_message_the_provider_refuses_fails_and_is_refunded() {
+    let app = spawn_app().await;
+    let Practice { chen, note_id } = app.practice("clinic-1").await;
+
+    for magic in [MAGIC_UNKNOWN_ENDPOINT, MAGIC_REJECTS_PAYLOAD] {
+        let sent = app
+            .send(&chen, &note_id, &["history"], magic, Some("ARGUS"), &key())
+            .await;
+        let id = sent["data"]["sendSecureMessage"]["message"]["id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{sent}"))
+            .to_owned();
+        app.wait_for_status(&chen, &id, "FAILED").await;
+        let message = app
+            .gql(
+                Some(&chen),
+                "query($id: ID!) { message(id: $id) { failureReason refunded } }",
+                json!({"id": id}),
+            )
+            .await;
+        assert_eq!(message["data"]["message"]["refunded"], true, "{message}");
+    }
+    let credits = app
+        .gql(
+            Some(&chen),
+            "{ credits { balance ledger(first: 10) { edges { node { kind } } } } }",
+            json!({}),
+        )
+        .await;
+    assert_eq!(credits["data"]["credits"]["balance"], 100, "{credits}");
+}
+
+#[tokio::test]
+async fn another_group_sees_none_of_the_notes_or_messages() {
+    let app = spawn_app().await;
+    let Practice { chen, note_id } = app.practice("clinic-1").await;
+    let recipient = app.recipient_on(&chen, &["ARGUS"]).await;
+    let sent = app
+        .send(&chen, &note_id, &["history"], &recipient, None, &key())
+        .await;
+    let id = sent["data"]["sendSecureMessage"]["message"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let outsider = practitioner("dr-chen", "clinic-2");
+
+    let note = app
+        .gql(
+            Some(&outsider),
+            "query($id: ID!) { clinicalNote(id: $id) { title } }",
+            json!({"id": note_id}),
+        )
+        .await;
+    let message = app
+        .gql(
+            Some(&outsider),
+            "query($id: ID!) { message(id: $id) { status } }",
+            json!({"id": id}),
+        )
+        .await;
+    let list = app
+        .gql(
+            Some(&outsider),
+            "{ messages { edges { node { id } } } clinicalNotes { edges { node { id } } } }",
+            json!({}),
+        )
+        .await;
+
+    assert_eq!(error_code(&note), Some("NOT_FOUND"));
+    assert_eq!(error_code(&message), Some("NOT_FOUND"));
+    assert_eq!(list["data"]["messages"]["edges"], json!([]));
+    assert_eq!(list["data"]["clinicalNotes"]["edges"], json!([]));
+}
+
+#[tokio::test]
+async fn clinical_content_is_not_readable_in_the_database_file() {
+    let app = spawn_app().await;
+    let Some(path) = app.sqlite_path.clone() else {
+        return;
+    };
+    let Practice { chen, note_id } = app.practice("clinic-1").await;
+    let recipient = app.recipient_on(&chen, &["ARGUS"]).await;
+    app.send(
+        &chen,
+        &note_id,
+        &["history", "private"],
+        &recipient,
+        None,
+        &key(),
+    )
+    .await;
+
+    let mut bytes = Vec::new();
+    for suffix in ["", "-wal"] {
+        if let Ok(content) = std::fs::read(format!("{}{suffix}", path.display())) {
+            bytes.extend(content);
+        }
+    }
+    let haystack = String::from_utf8_lossy(&bytes);
+    for secret in ["SECRET-NOT-FOR-SHARING", "Aspirin", "O'Brien", "1961"] {
+        assert!(!haystack.contains(secret), "{secret} is stored in clear");
+    }
+}
