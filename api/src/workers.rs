@@ -85,6 +85,9 @@ pub(crate) fn spawn_outbox(
             if let Err(error) = service.process_outbox(Utc::now()).await {
                 tracing::error!(error = ?error, "outbox pass failed; retrying next tick");
             }
+            if let Err(error) = service.poll_inboxes().await {
+                tracing::error!(error = ?error, "inbox pass failed; retrying next tick");
+            }
         }
     })
 }

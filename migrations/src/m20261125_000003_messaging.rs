@@ -7,6 +7,12 @@ use sea_orm_migration::prelude::*;
 pub struct Migration;
 
 #[derive(DeriveIden)]
+enum Users {
+    Table,
+    Hpii,
+}
+
+#[derive(DeriveIden)]
 enum Patients {
     Table,
     Id,
@@ -57,6 +63,16 @@ enum Messages {
 #[sea_orm_migration::async_trait::async_trait]
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        // A practitioner's HPI-I: sender identity in referrals, and how inbound messages find
+        // their addressee.
+        manager
+            .alter_table(
+                Table::alter()
+                    .table(Users::Table)
+                    .add_column(ColumnDef::new(Users::Hpii).string_len(16).null())
+                    .to_owned(),
+            )
+            .await?;
         manager
             .create_table(
                 Table::create()
@@ -247,6 +263,19 @@ impl MigrationTrait for Migration {
                     .table(Messages::Table)
                     .col(Messages::OwnerUserId)
                     .col(Messages::IdempotencyKey)
+                    .unique()
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("ux_messages_provider_reference")
+                    .table(Messages::Table)
+                    .col(Messages::GroupId)
+                    .col(Messages::Provider)
+                    .col(Messages::Direction)
+                    .col(Messages::ProviderReference)
                     .unique()
                     .to_owned(),
             )

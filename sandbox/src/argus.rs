@@ -34,26 +34,18 @@ pub(crate) fn routes() -> Router<SandboxState> {
         .route("/argus/v1/account", get(read_account))
 }
 
-pub(crate) fn error(
-    status: StatusCode,
-    code: ProviderErrorCode,
-    message: impl Into<String>,
-) -> Response {
+fn error(status: StatusCode, code: ProviderErrorCode, message: impl Into<String>) -> Response {
     ProviderError::new(Provider::Argus, status, code, message).into_response()
 }
 
-/// The 401 Argus gives for any failed credential check, with its Basic challenge.
-pub(crate) fn invalid_credentials(message: &str) -> Response {
-    let mut response = error(
+/// The 401 Argus gives for any failed credential check (`ProviderError` adds its Basic
+/// challenge).
+fn invalid_credentials(message: &str) -> Response {
+    error(
         StatusCode::UNAUTHORIZED,
         ProviderErrorCode::InvalidCredentials,
         message,
-    );
-    response.headers_mut().insert(
-        header::WWW_AUTHENTICATE,
-        HeaderValue::from_static(r#"Basic realm="argus""#),
-    );
-    response
+    )
 }
 
 #[derive(Deserialize)]

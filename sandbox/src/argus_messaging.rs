@@ -27,7 +27,7 @@ use crate::messaging::{
     InboxItem, NewMessage, SentMessage, count_parameter, is_valid_client_message_id,
 };
 use crate::namespace::{CurrentNamespace, NamespaceState, SandboxState};
-use crate::provider::{Provider, ProviderErrorCode};
+use crate::provider::{Provider, ProviderError, ProviderErrorCode};
 
 /// The largest page of directory results or inbox messages.
 const LARGEST_PAGE: usize = 50;
@@ -111,9 +111,9 @@ async fn search_directory(
     namespace: CurrentNamespace,
     headers: HeaderMap,
     parameters: Parameters,
-) -> Response {
+) -> Result<Response, ProviderError> {
     if let Some(fault) = namespace.take_fault(Provider::Argus, FaultRoute::Directory) {
-        return fault.respond().await;
+        return Ok(fault.respond().await);
     }
     let credentials = basic_credentials(&headers);
     if let Err(refusal) = namespace.with_state(|state| active_account(state, credentials.as_ref()))
@@ -214,9 +214,9 @@ fn decode_payload(payload: &str) -> Result<String, String> {
 
 /// `POST /argus/v1/messages`: accepts a message for a directory practitioner, once per
 /// `clientMessageId`.
-async fn send_message(namespace: CurrentNamespace, headers: HeaderMap, body: Bytes) -> Response {
+async fn send_message(namespace: CurrentNamespace, headers: HeaderMap, body: Bytes) -> Result<Response, ProviderError> {
     if let Some(fault) = namespace.take_fault(Provider::Argus, FaultRoute::Messages) {
-        return fault.respond().await;
+        return Ok(fault.respond().await);
     }
     let credentials = basic_credentials(&headers);
     let request = parse_send_body(&body);
@@ -316,9 +316,9 @@ async fn read_message(
     namespace: CurrentNamespace,
     headers: HeaderMap,
     Path(tracking_id): Path<String>,
-) -> Response {
+) -> Result<Response, ProviderError> {
     if let Some(fault) = namespace.take_fault(Provider::Argus, FaultRoute::Messages) {
-        return fault.respond().await;
+        return Ok(fault.respond().await);
     }
     let credentials = basic_credentials(&headers);
     namespace.with_state(|state| {
@@ -351,9 +351,9 @@ async fn list_inbox(
     namespace: CurrentNamespace,
     headers: HeaderMap,
     parameters: Parameters,
-) -> Response {
+) -> Result<Response, ProviderError> {
     if let Some(fault) = namespace.take_fault(Provider::Argus, FaultRoute::Inbox) {
-        return fault.respond().await;
+        return Ok(fault.respond().await);
     }
     let credentials = basic_credentials(&headers);
     namespace.with_state(|state| {
@@ -390,9 +390,9 @@ async fn acknowledge_inbox_item(
     namespace: CurrentNamespace,
     headers: HeaderMap,
     Path(inbox_id): Path<String>,
-) -> Response {
+) -> Result<Response, ProviderError> {
     if let Some(fault) = namespace.take_fault(Provider::Argus, FaultRoute::Inbox) {
-        return fault.respond().await;
+        return Ok(fault.respond().await);
     }
     let credentials = basic_credentials(&headers);
     namespace.with_state(|state| {

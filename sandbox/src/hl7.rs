@@ -141,7 +141,7 @@ pub(crate) fn referral(referral: &Referral<'_>) -> String {
             practitioner_identifier(sender.hpii),
         ),
         format!(
-            "PRD|RT|{}||||{}",
+            "PRD|RT|{}|||||{}",
             escape(referral.recipient_name),
             referral
                 .recipient_hpii
@@ -267,7 +267,7 @@ mod tests {
         );
         assert!(segments[2].starts_with("PRD|RP|O'Brien^Mei^^^Dr|"));
         assert!(segments[2].ends_with("|8003619999900019^^^AUSHICPR^NPII"));
-        assert_eq!(segments[3], "PRD|RT|Dr Recipient||||");
+        assert_eq!(segments[3], "PRD|RT|Dr Recipient|||||");
         assert!(segments[6].contains(&escape(sample_referral_text())));
         assert!(!segments[6].contains('\n'));
     }

@@ -7,7 +7,7 @@
 //! `payments`.
 
 use axum::Json;
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -143,6 +143,14 @@ impl ProviderError {
 
 impl IntoResponse for ProviderError {
     fn into_response(self) -> Response {
-        (self.status, Json(self.body())).into_response()
+        let mut response = (self.status, Json(self.body())).into_response();
+        // Argus answers every failed credential check with its Basic challenge.
+        if self.provider == Provider::Argus && self.code == ProviderErrorCode::InvalidCredentials {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(r#"Basic realm="argus""#),
+            );
+        }
+        response
     }
 }

@@ -24,7 +24,7 @@ use crate::messaging::{
     InboxItem, NewMessage, SentMessage, count_parameter, is_valid_client_message_id,
 };
 use crate::namespace::{CurrentNamespace, NamespaceState, SandboxState};
-use crate::provider::{Provider, ProviderErrorCode};
+use crate::provider::{Provider, ProviderError, ProviderErrorCode};
 use crate::referralnet::{bearer_token, fault, session_account};
 
 /// The largest page of providers or inbox items.
@@ -104,9 +104,9 @@ async fn search_providers(
     namespace: CurrentNamespace,
     headers: HeaderMap,
     parameters: Parameters,
-) -> Response {
+) -> Result<Response, ProviderError> {
     if let Some(fault) = namespace.take_fault(Provider::ReferralNet, FaultRoute::Providers) {
-        return fault.respond().await;
+        return Ok(fault.respond().await);
     }
     let token = bearer_token(&headers);
     if let Err(refusal) = namespace.with_state(|state| approved_account(state, token)) {
@@ -203,9 +203,9 @@ fn parse_dispatch(headers: &HeaderMap, body: &Bytes) -> Result<DispatchRequest, 
 
 /// `POST /referralnet/api/dispatch`: queues a raw HL7 message for a provider, once per
 /// `X-RN-Message-Id`.
-async fn dispatch(namespace: CurrentNamespace, headers: HeaderMap, body: Bytes) -> Response {
+async fn dispatch(namespace: CurrentNamespace, headers: HeaderMap, body: Bytes) -> Result<Response, ProviderError> {
     if let Some(fault) = namespace.take_fault(Provider::ReferralNet, FaultRoute::Dispatch) {
-        return fault.respond().await;
+        return Ok(fault.respond().await);
     }
     let token = bearer_token(&headers);
     let request = parse_dispatch(&headers, &body);
@@ -297,9 +297,9 @@ async fn read_receipt(
     namespace: CurrentNamespace,
     headers: HeaderMap,
     Path(receipt_id): Path<String>,
-) -> Response {
+) -> Result<Response, ProviderError> {
     if let Some(fault) = namespace.take_fault(Provider::ReferralNet, FaultRoute::Dispatch) {
-        return fault.respond().await;
+        return Ok(fault.respond().await);
     }
     let token = bearer_token(&headers);
     namespace.with_state(|state| {
@@ -339,9 +339,9 @@ fn parse_webhook_url(body: &Bytes) -> Result<String, Response> {
 }
 
 /// `PUT /referralnet/api/webhook`: where this account's receipts are pushed.
-async fn set_webhook(namespace: CurrentNamespace, headers: HeaderMap, body: Bytes) -> Response {
+async fn set_webhook(namespace: CurrentNamespace, headers: HeaderMap, body: Bytes) -> Result<Response, ProviderError> {
     if let Some(fault) = namespace.take_fault(Provider::ReferralNet, FaultRoute::Webhook) {
-        return fault.respond().await;
+        return Ok(fault.respond().await);
     }
     let token = bearer_token(&headers);
     let url = parse_webhook_url(&body);
@@ -362,9 +362,9 @@ async fn set_webhook(namespace: CurrentNamespace, headers: HeaderMap, body: Byte
 }
 
 /// `GET /referralnet/api/webhook`: this account's webhook and its signing secret.
-async fn read_webhook(namespace: CurrentNamespace, headers: HeaderMap) -> Response {
+async fn read_webhook(namespace: CurrentNamespace, headers: HeaderMap) -> Result<Response, ProviderError> {
     if let Some(fault) = namespace.take_fault(Provider::ReferralNet, FaultRoute::Webhook) {
-        return fault.respond().await;
+        return Ok(fault.respond().await);
     }
     let token = bearer_token(&headers);
     namespace.with_state(|state| {
@@ -380,9 +380,9 @@ async fn read_webhook(namespace: CurrentNamespace, headers: HeaderMap) -> Respon
 }
 
 /// `DELETE /referralnet/api/webhook`: stops pushes to this account (polling still works).
-async fn remove_webhook(namespace: CurrentNamespace, headers: HeaderMap) -> Response {
+async fn remove_webhook(namespace: CurrentNamespace, headers: HeaderMap) -> Result<Response, ProviderError> {
     if let Some(fault) = namespace.take_fault(Provider::ReferralNet, FaultRoute::Webhook) {
-        return fault.respond().await;
+        return Ok(fault.respond().await);
     }
     let token = bearer_token(&headers);
     namespace.with_state(|state| {
@@ -411,9 +411,9 @@ async fn list_inbox(
     namespace: CurrentNamespace,
     headers: HeaderMap,
     parameters: Parameters,
-) -> Response {
+) -> Result<Response, ProviderError> {
     if let Some(fault) = namespace.take_fault(Provider::ReferralNet, FaultRoute::Inbox) {
-        return fault.respond().await;
+        return Ok(fault.respond().await);
     }
     let token = bearer_token(&headers);
     namespace.with_state(|state| {
@@ -450,9 +450,9 @@ async fn acknowledge_item(
     namespace: CurrentNamespace,
     headers: HeaderMap,
     Path(item_id): Path<String>,
-) -> Response {
+) -> Result<Response, ProviderError> {
     if let Some(fault) = namespace.take_fault(Provider::ReferralNet, FaultRoute::Inbox) {
-        return fault.respond().await;
+        return Ok(fault.respond().await);
     }
     let token = bearer_token(&headers);
     namespace.with_state(|state| {

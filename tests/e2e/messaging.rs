@@ -553,3 +553,113 @@ async fn clinical_content_is_not_readable_in_the_database_file() {
         assert!(!haystack.contains(secret), "{secret} is stored in clear");
     }
 }
+
+fn valid_hpii(prefix15: &str) -> String {
+    (0..10)
+        .map(|digit| format!("{prefix15}{digit}"))
+        .find(|candidate| smd_gateway::domain::types::is_valid_hpii(candidate))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn an_inbound_message_is_stored_for_its_addressee_acknowledged_after_and_costs_nothing() {
+    let app = spawn_app().await;
+    let Practice { chen, note_id: _ } = app.practice("clinic-1").await;
+    let patel = practitioner("dr-patel", "clinic-1");
+    app.link(&patel, "linkArgus", ARGUS_USER, ARGUS_PASSWORD)
+        .await;
+    let patel_hpii = valid_hpii("800361555000111");
+    let set = app
+        .gql(
+            Some(&patel),
+            "mutation($h: String!) { setMyHpii(hpii: $h) }",
+            json!({"h": patel_hpii}),
+        )
+        .await;
+    assert_eq!(set["data"]["setMyHpii"], true, "{set}");
+    // The first acknowledgement fails: the message is listed again, and must be stored once.
+    app.inject_fault("argus", "inbox", "server_error", 1, json!({}))
+        .await;
+
+    app.sandbox_control(
+        reqwest::Method::POST,
+        "/_sandbox/inbound",
+        Some(json!({"provider": "argus", "account": ARGUS_USER, "recipientHpii": patel_hpii, "text": "Thanks | see attached ^ results"})),
+    )
+    .await;
+
+    let query = "{ messages(direction: INBOUND) { edges { node { id status creditsCharged counterpartName } } } }";
+    let inbound = eventually(Duration::from_secs(15), || async {
+        let response = app.gql(Some(&patel), query, json!({})).await;
+        let edges = response["data"]["messages"]["edges"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        (!edges.is_empty()).then_some(edges)
+    })
+    .await;
+    assert_eq!(inbound.len(), 1);
+    assert_eq!(inbound[0]["node"]["creditsCharged"], 0);
+    // The sandbox's inbox empties only once the gateway has stored and acknowledged it.
+    eventually(Duration::from_secs(15), || async {
+        let listed = app
+            .client
+            .get(format!("{}/argus/v1/inbox", app.sandbox.base_url()))
+            .basic_auth(ARGUS_USER, Some(ARGUS_PASSWORD))
+            .send()
+            .await
+            .ok()?
+            .json::<Value>()
+            .await
+            .ok()?;
+        listed["messages"]
+            .as_array()
+            .is_some_and(Vec::is_empty)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        app.gql(Some(&patel), query, json!({})).await["data"]["messages"]["edges"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1,
+        "stored once"
+    );
+    let mine = app.gql(Some(&chen), query, json!({})).await;
+    assert_eq!(
+        mine["data"]["messages"]["edges"],
+        json!([]),
+        "addressed to Dr Patel, not Dr Chen"
+    );
+    let id = inbound[0]["node"]["id"].as_str().unwrap();
+    let read = app
+        .gql(
+            Some(&patel),
+            "query($id: ID!) { message(id: $id) { sections { body } } }",
+            json!({"id": id}),
+        )
+        .await;
+    assert!(
+        read.to_string().contains("Thanks | see attached ^ results"),
+        "{read}"
+    );
+    let acknowledged = app
+        .gql(
+            Some(&patel),
+            "mutation($id: ID!) { acknowledgeMessage(id: $id) { status } }",
+            json!({"id": id}),
+        )
+        .await;
+    assert_eq!(
+        acknowledged["data"]["acknowledgeMessage"]["status"], "ACKNOWLEDGED",
+        "{acknowledged}"
+    );
+    let credits = app
+        .gql(Some(&patel), "{ credits { balance } }", json!({}))
+        .await;
+    assert_eq!(
+        credits["data"]["credits"]["balance"], 0,
+        "receiving is free"
+    );
+}

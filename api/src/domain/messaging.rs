@@ -33,6 +33,8 @@ pub mod actions {
     pub const READ_MESSAGE: &str = "READ_MESSAGE";
     /// A clinical note was read.
     pub const READ_NOTE: &str = "READ_NOTE";
+    /// A message was received and stored.
+    pub const RECEIVE_MESSAGE: &str = "RECEIVE_MESSAGE";
     /// A failed message's credits were refunded.
     pub const REFUND_MESSAGE: &str = "REFUND_MESSAGE";
 }
@@ -1100,6 +1102,165 @@ impl MessagingService {
         self.store.audit_in(&txn, &audit).await?;
         txn.commit().await?;
         Ok(())
+    }
+
+    /// Records the calling practitioner's HPI-I (their identity in referrals they send, and
+    /// how inbound messages addressed to them find them).
+    pub async fn set_my_hpii(&self, principal: &Principal, hpii: &str) -> Result<(), GatewayError> {
+        practitioner_only(principal, "have an HPI-I")?;
+        let hpii = hpii.trim();
+        if !crate::domain::types::is_valid_hpii(hpii) {
+            return Err(GatewayError::BadUserInput(
+                "hpii must be 16 digits starting 800361 with a valid check digit".into(),
+            ));
+        }
+        if let Some(other) = self
+            .store
+            .practitioner_by_hpii(&principal.group_id, hpii)
+            .await?
+            && other.id != principal.user_id
+        {
+            return Err(GatewayError::Conflict(
+                "another practitioner of your practice has that HPI-I".into(),
+            ));
+        }
+        self.store.set_user_hpii(&principal.user_id, hpii).await?;
+        Ok(())
+    }
+
+    /// Marks a received message as acknowledged by its practitioner.
+    pub async fn acknowledge(
+        &self,
+        principal: &Principal,
+        id: &str,
+    ) -> Result<MessageRow, GatewayError> {
+        practitioner_only(principal, "acknowledge secure messages")?;
+        let row = self
+            .store
+            .find_message(&principal.user_id, id)
+            .await?
+            .ok_or_else(|| GatewayError::NotFound(format!("you have no message {id:?}")))?;
+        if row.direction != "INBOUND" {
+            return Err(GatewayError::BadUserInput(
+                "only received messages can be acknowledged".into(),
+            ));
+        }
+        let update = MessageUpdate {
+            status: Some("ACKNOWLEDGED".into()),
+            acknowledged_at: Some(Utc::now()),
+            ..MessageUpdate::default()
+        };
+        self.store
+            .update_message(&row.id, "DELIVERED", &update)
+            .await?;
+        Ok(self
+            .store
+            .find_message(&principal.user_id, id)
+            .await?
+            .unwrap_or(row))
+    }
+
+    /// One pass of the inbox poller: for every ACTIVE account, fetch waiting messages, store
+    /// each for its addressee, and only then acknowledge it to the provider. A duplicate (already
+    /// stored) is acknowledged again and dropped. Receiving costs nothing.
+    pub async fn poll_inboxes(&self) -> Result<usize, GatewayError> {
+        let mut received = 0;
+        for account in self.store.active_accounts().await? {
+            let Some(credentials) = self
+                .integrations
+                .active_group_credentials(&account.group_id, account.provider)
+                .await?
+            else {
+                continue;
+            };
+            let adapter = self.providers.get(account.provider);
+            let items = match adapter.fetch_inbox(&credentials).await {
+                Ok(items) => items,
+                Err(error) => {
+                    tracing::warn!(provider = %account.provider, error = %error, "inbox fetch failed; will retry");
+                    continue;
+                }
+            };
+            for item in items {
+                let parsed = hl7::parse(&item.payload).ok();
+                let addressed_hpii = parsed
+                    .as_ref()
+                    .and_then(|message| message.party(hl7::ROLE_REFERRED_TO_PROVIDER))
+                    .map(|party| party.hpii);
+                let owner = match &addressed_hpii {
+                    Some(hpii) if !hpii.is_empty() => self
+                        .store
+                        .practitioner_by_hpii(&account.group_id, hpii)
+                        .await?
+                        .map(|user| user.id),
+                    _ => None,
+                };
+                let owner = match owner {
+                    Some(owner) => owner,
+                    None => self
+                        .store
+                        .first_linked_user(&account.id)
+                        .await?
+                        .unwrap_or_else(|| account.created_by_user_id.clone()),
+                };
+                let id = new_id();
+                let stored = StoredPayload {
+                    hl7: item.payload.clone(),
+                    section_keys: Vec::new(),
+                };
+                let sealed = self
+                    .secrets
+                    .seal(
+                        &serde_json::to_string(&stored).map_err(GatewayError::internal)?,
+                        &format!("message/{}/{id}", account.group_id),
+                    )
+                    .map_err(GatewayError::internal)?;
+                let now = Utc::now();
+                let row = MessageRow {
+                    id: id.clone(),
+                    group_id: account.group_id.clone(),
+                    owner_user_id: owner,
+                    direction: "INBOUND".into(),
+                    provider: account.provider.code().into(),
+                    status: "DELIVERED".into(),
+                    counterpart_hpii: item.sender_hpii.chars().take(16).collect(),
+                    counterpart_name: item.sender_name.chars().take(256).collect(),
+                    note_id: None,
+                    payload_ciphertext: sealed,
+                    idempotency_key: None,
+                    provider_reference: Some(item.id.clone()),
+                    failure_reason: None,
+                    credits_charged: 0,
+                    refunded: false,
+                    attempts: 0,
+                    next_attempt_at: None,
+                    created_at: now,
+                    sent_at: None,
+                    delivered_at: Some(now),
+                    acknowledged_at: None,
+                };
+                let audit = AuditEntry::by_gateway(
+                    &account.group_id,
+                    actions::RECEIVE_MESSAGE,
+                    format!("message:{id}"),
+                    AuditOutcome::Success,
+                )
+                .with_detail(format!(
+                    "{} from {}",
+                    account.provider.code(),
+                    row.counterpart_hpii
+                ));
+                // Stored (or stored before) first; only then may the provider forget it.
+                let is_new = self.store.insert_inbound_message(&row, &audit).await?;
+                if let Err(error) = adapter.acknowledge_inbox(&credentials, &item.id).await {
+                    tracing::warn!(provider = %account.provider, error = %error, "inbox acknowledgement failed; the duplicate will be dropped next time");
+                }
+                if is_new {
+                    received += 1;
+                }
+            }
+        }
+        Ok(received)
     }
 
     async fn audit(&self, entry: AuditEntry) {

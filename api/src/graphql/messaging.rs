@@ -550,6 +550,32 @@ impl MessagingMutation {
             .into())
     }
 
+    /// Records your HPI-I: it identifies you in the referrals you send, and routes messages
+    /// addressed to you into your inbox.
+    async fn set_my_hpii(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(desc = "Your 16-digit HPI-I.")] hpii: String,
+    ) -> Result<bool, ApiError> {
+        let principal = principal(ctx)?;
+        services(ctx)
+            .messaging
+            .set_my_hpii(principal, &hpii)
+            .await?;
+        Ok(true)
+    }
+
+    /// Acknowledges a received message (you have read and accepted it).
+    async fn acknowledge_message(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(desc = "Message id.")] id: ID,
+    ) -> Result<SecureMessage, ApiError> {
+        let principal = principal(ctx)?;
+        let row = services(ctx).messaging.acknowledge(principal, &id).await?;
+        Ok(SecureMessage::from_row(row, None))
+    }
+
     /// Sends the chosen sections of a clinical note as a secure message (3 credits from your
     /// own balance, in the same transaction that queues it). Practitioners only.
     async fn send_secure_message(
@@ -578,5 +604,110 @@ impl MessagingMutation {
             message: SecureMessage::from_row(result.message, None),
             credits_remaining: result.credits_remaining,
         })
+    }
+}
+
+#[derive(Default)]
+pub struct MessagingSubscription;
+
+#[async_graphql::Subscription]
+impl MessagingSubscription {
+    /// Emits your messages whenever their status changes (QUEUED → SENT → DELIVERED →
+    /// ACKNOWLEDGED, or FAILED).
+    async fn message_status_changed(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(desc = "Only this message (default: all of yours).")] id: Option<ID>,
+    ) -> Result<impl futures::Stream<Item = SecureMessage> + use<>, ApiError> {
+        let watch = MessageWatch::start(ctx, id.map(|id| id.to_string()), false).await?;
+        Ok(watch.into_stream())
+    }
+
+    /// Emits each secure message received for you.
+    async fn message_received(
+        &self,
+        ctx: &Context<'_>,
+    ) -> Result<impl futures::Stream<Item = SecureMessage> + use<>, ApiError> {
+        let watch = MessageWatch::start(ctx, None, true).await?;
+        Ok(watch.into_stream())
+    }
+}
+
+/// Re-reads the subscriber's latest messages on a short tick and yields what changed. Reading
+/// the database (rather than an in-process signal) makes changes made by any gateway node
+/// visible.
+struct MessageWatch {
+    service: crate::domain::messaging::MessagingService,
+    principal: crate::domain::audit::Principal,
+    only: Option<String>,
+    received_only: bool,
+    seen: std::collections::HashMap<String, String>,
+    pending: std::collections::VecDeque<MessageRow>,
+    refresh: std::time::Duration,
+}
+
+impl MessageWatch {
+    async fn start(
+        ctx: &Context<'_>,
+        only: Option<String>,
+        received_only: bool,
+    ) -> Result<Self, ApiError> {
+        let principal = principal(ctx)?.clone();
+        let services = services(ctx).clone();
+        let rows = services
+            .messaging
+            .messages(&principal, None, None, None, 100)
+            .await?;
+        Ok(Self {
+            service: services.messaging,
+            principal,
+            only,
+            received_only,
+            seen: rows.into_iter().map(|row| (row.id, row.status)).collect(),
+            pending: std::collections::VecDeque::new(),
+            refresh: services
+                .subscription_refresh
+                .min(std::time::Duration::from_secs(1)),
+        })
+    }
+
+    fn into_stream(self) -> impl futures::Stream<Item = SecureMessage> {
+        futures::stream::unfold(self, |mut watch| async move {
+            let next = watch.next().await?;
+            Some((next, watch))
+        })
+    }
+
+    async fn next(&mut self) -> Option<SecureMessage> {
+        loop {
+            if self.principal.expires_at <= Utc::now() {
+                return None;
+            }
+            if let Some(row) = self.pending.pop_front() {
+                return Some(SecureMessage::from_row(row, None));
+            }
+            tokio::time::sleep(self.refresh).await;
+            let direction = self.received_only.then_some("INBOUND");
+            let Ok(rows) = self
+                .service
+                .messages(&self.principal, direction, None, None, 100)
+                .await
+            else {
+                continue;
+            };
+            for row in rows.into_iter().rev() {
+                if self.only.as_ref().is_some_and(|only| only != &row.id) {
+                    continue;
+                }
+                let changed = match self.seen.get(&row.id) {
+                    None => true,
+                    Some(status) => !self.received_only && status != &row.status,
+                };
+                if changed {
+                    self.seen.insert(row.id.clone(), row.status.clone());
+                    self.pending.push_back(row);
+                }
+            }
+        }
     }
 }

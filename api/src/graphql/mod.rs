@@ -43,7 +43,10 @@ pub struct Mutation(
 
 /// Live updates over WebSocket (graphql-transport-ws; send the token in `connection_init`).
 #[derive(MergedSubscription, Default)]
-pub struct Subscription(integrations::IntegrationSubscription);
+pub struct Subscription(
+    integrations::IntegrationSubscription,
+    messaging::MessagingSubscription,
+);
 
 /// The schema's shape without any data attached: enough to export the SDL.
 pub fn schema_builder() -> SchemaBuilder<Query, Mutation, Subscription> {

@@ -7,8 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use super::http::{endpoint, read_json, transport_failure, unavailable_status};
 use super::{
-    AccountState, DeliveryState, DirectoryEntry, DirectoryPage, OutboundMessage, ProviderClient,
-    ProviderError,
+    AccountState, DeliveryState, DirectoryEntry, DirectoryPage, InboxItem, OutboundMessage,
+    ProviderClient, ProviderError,
 };
 use crate::domain::types::{Provider, ProviderCredentials, Registration};
 
@@ -49,6 +49,20 @@ struct SendBody {
 struct StatusBody {
     status: String,
     failure_reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct InboxBody {
+    messages: Vec<InboxEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct InboxEntry {
+    inbox_id: String,
+    sender_hpii: String,
+    sender_name: String,
+    payload: String,
 }
 
 #[derive(Deserialize)]
@@ -296,6 +310,79 @@ impl ProviderClient for ArgusClient {
                     }
                 })
             }
+            StatusCode::UNAUTHORIZED => Err(ProviderError::InvalidCredentials),
+            _ => Err(refusal(response).await),
+        }
+    }
+
+    async fn fetch_inbox(
+        &self,
+        credentials: &ProviderCredentials,
+    ) -> Result<Vec<InboxItem>, ProviderError> {
+        use base64::Engine;
+        let response = self
+            .client
+            .get(endpoint(&self.base_url, "/argus/v1/inbox"))
+            .basic_auth(
+                credentials.username.as_str(),
+                Some(credentials.password.expose()),
+            )
+            .query(&[("limit", "50")])
+            .send()
+            .await
+            .map_err(transport_failure)?;
+        if let Some(error) = unavailable_status(&response) {
+            return Err(error);
+        }
+        match response.status() {
+            StatusCode::OK => {
+                let body: InboxBody = read_json(response).await?;
+                body.messages
+                    .into_iter()
+                    .map(|item| {
+                        let bytes = base64::engine::general_purpose::STANDARD
+                            .decode(&item.payload)
+                            .map_err(|_| ProviderError::Unavailable {
+                                reason: "inbox payload is not base64".into(),
+                                retry_after: None,
+                            })?;
+                        Ok(InboxItem {
+                            id: item.inbox_id,
+                            sender_hpii: item.sender_hpii,
+                            sender_name: item.sender_name,
+                            payload: String::from_utf8_lossy(&bytes).into_owned(),
+                        })
+                    })
+                    .collect()
+            }
+            StatusCode::UNAUTHORIZED => Err(ProviderError::InvalidCredentials),
+            _ => Err(refusal(response).await),
+        }
+    }
+
+    async fn acknowledge_inbox(
+        &self,
+        credentials: &ProviderCredentials,
+        id: &str,
+    ) -> Result<(), ProviderError> {
+        let response = self
+            .client
+            .post(endpoint(
+                &self.base_url,
+                &format!("/argus/v1/inbox/{id}/ack"),
+            ))
+            .basic_auth(
+                credentials.username.as_str(),
+                Some(credentials.password.expose()),
+            )
+            .send()
+            .await
+            .map_err(transport_failure)?;
+        if let Some(error) = unavailable_status(&response) {
+            return Err(error);
+        }
+        match response.status() {
+            status if status.is_success() => Ok(()),
             StatusCode::UNAUTHORIZED => Err(ProviderError::InvalidCredentials),
             _ => Err(refusal(response).await),
         }

@@ -109,6 +109,19 @@ pub enum DeliveryState {
     Failed(String),
 }
 
+/// A message waiting in the practice's provider inbox.
+#[derive(Debug, Clone)]
+pub struct InboxItem {
+    /// The provider's id for it (acknowledge with this).
+    pub id: String,
+    /// The sender's HPI-I.
+    pub sender_hpii: String,
+    /// The sender's name.
+    pub sender_name: String,
+    /// The HL7 v2 text.
+    pub payload: String,
+}
+
 /// What the gateway needs from every SMD provider.
 #[async_trait]
 pub trait ProviderClient: Send + Sync + 'static {
@@ -147,6 +160,19 @@ pub trait ProviderClient: Send + Sync + 'static {
         credentials: &ProviderCredentials,
         reference: &str,
     ) -> Result<DeliveryState, ProviderError>;
+
+    /// Messages waiting in the account's inbox (not yet acknowledged), oldest first.
+    async fn fetch_inbox(
+        &self,
+        credentials: &ProviderCredentials,
+    ) -> Result<Vec<InboxItem>, ProviderError>;
+
+    /// Tells the provider a message is safely stored (it will not be listed again).
+    async fn acknowledge_inbox(
+        &self,
+        credentials: &ProviderCredentials,
+        id: &str,
+    ) -> Result<(), ProviderError>;
 }
 
 /// Where and how to reach the providers.

@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use super::http::{endpoint, read_json, transport_failure, unavailable_status};
 use super::{
-    AccountState, DeliveryState, DirectoryEntry, DirectoryPage, OutboundMessage, ProviderClient,
-    ProviderError,
+    AccountState, DeliveryState, DirectoryEntry, DirectoryPage, InboxItem, OutboundMessage,
+    ProviderClient, ProviderError,
 };
 use crate::domain::types::{Provider, ProviderCredentials, Registration};
 
@@ -92,6 +92,20 @@ struct DispatchBody {
 struct ReceiptBody {
     state: String,
     reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RnInboxBody {
+    items: Vec<RnInboxItem>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RnInboxItem {
+    item_id: String,
+    from: String,
+    from_name: String,
+    hl7: String,
 }
 
 #[derive(Deserialize)]
@@ -339,6 +353,65 @@ impl ProviderClient for ReferralNetClient {
                     }
                 })
             }
+            _ => Err(fault(response).await),
+        }
+    }
+
+    async fn fetch_inbox(
+        &self,
+        credentials: &ProviderCredentials,
+    ) -> Result<Vec<InboxItem>, ProviderError> {
+        let token = self.login(credentials).await?;
+        let response = self
+            .client
+            .get(endpoint(&self.base_url, "/referralnet/api/inbox"))
+            .bearer_auth(token)
+            .query(&[("limit", "50")])
+            .send()
+            .await
+            .map_err(transport_failure)?;
+        if let Some(error) = unavailable_status(&response) {
+            return Err(error);
+        }
+        match response.status() {
+            StatusCode::OK => {
+                let body: RnInboxBody = read_json(response).await?;
+                Ok(body
+                    .items
+                    .into_iter()
+                    .map(|item| InboxItem {
+                        id: item.item_id,
+                        sender_hpii: item.from,
+                        sender_name: item.from_name,
+                        payload: item.hl7,
+                    })
+                    .collect())
+            }
+            _ => Err(fault(response).await),
+        }
+    }
+
+    async fn acknowledge_inbox(
+        &self,
+        credentials: &ProviderCredentials,
+        id: &str,
+    ) -> Result<(), ProviderError> {
+        let token = self.login(credentials).await?;
+        let response = self
+            .client
+            .delete(endpoint(
+                &self.base_url,
+                &format!("/referralnet/api/inbox/{id}"),
+            ))
+            .bearer_auth(token)
+            .send()
+            .await
+            .map_err(transport_failure)?;
+        if let Some(error) = unavailable_status(&response) {
+            return Err(error);
+        }
+        match response.status() {
+            status if status.is_success() => Ok(()),
             _ => Err(fault(response).await),
         }
     }

@@ -32,6 +32,7 @@ pub mod users {
         pub name: String,
         pub created_at: i64,
         pub updated_at: i64,
+        pub hpii: Option<String>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -208,6 +208,25 @@ impl Store {
         insert_message(&txn.0, row).await
     }
 
+    /// Stores a received message; `false` if it was stored before (same provider reference).
+    pub async fn insert_inbound_message(
+        &self,
+        row: &MessageRow,
+        audit: &crate::domain::audit::AuditEntry,
+    ) -> Result<bool, StoreError> {
+        let txn = self.begin_write().await?;
+        match insert_message(&txn, row).await {
+            Err(StoreError::Database(error)) if super::is_unique_violation(&error) => {
+                txn.rollback().await?;
+                return Ok(false);
+            }
+            other => other?,
+        }
+        self.insert_audit_in(&txn, audit).await?;
+        txn.commit().await?;
+        Ok(true)
+    }
+
     /// A practitioner's outbound message by their idempotency key.
     pub async fn find_message_by_key(
         &self,

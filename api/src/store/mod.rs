@@ -7,12 +7,12 @@
 //! `synchronous = FULL`: WAL with `NORMAL` may lose the last commits on power loss, and this
 //! database will hold a credit ledger, so every commit is made durable before it is reported.
 
-pub(crate) mod accounts;
-pub(crate) mod audit;
-pub(crate) mod credits;
+pub mod accounts;
+pub mod audit;
+pub mod credits;
 pub(crate) mod entities;
-pub(crate) mod messaging;
-pub(crate) mod users;
+pub mod messaging;
+pub mod users;
 
 use std::time::Duration;
 

@@ -21,6 +21,8 @@ pub struct UserRow {
     pub role: Role,
     /// The display name the latest token gave.
     pub name: String,
+    /// The practitioner's HPI-I, once they set it.
+    pub hpii: Option<String>,
 }
 
 impl Store {
@@ -60,6 +62,7 @@ impl Store {
             name: Set(name.to_owned()),
             created_at: Set(now),
             updated_at: Set(now),
+            hpii: Set(None),
         })
         .on_conflict(
             OnConflict::columns([users::Column::GroupId, users::Column::Subject])
@@ -79,6 +82,44 @@ impl Store {
                 table: "users",
                 problem: "user missing right after upsert".into(),
             })
+    }
+
+    /// Sets a user's HPI-I.
+    pub async fn set_user_hpii(&self, user_id: &str, hpii: &str) -> Result<(), StoreError> {
+        use sea_orm::sea_query::Expr;
+        let txn = self.begin_write().await?;
+        users::Entity::update_many()
+            .col_expr(users::Column::Hpii, Expr::value(hpii))
+            .filter(users::Column::Id.eq(user_id))
+            .exec(&txn)
+            .await?;
+        txn.commit().await?;
+        Ok(())
+    }
+
+    /// A user by id.
+    pub async fn user_by_id(&self, user_id: &str) -> Result<Option<UserRow>, StoreError> {
+        users::Entity::find_by_id(user_id.to_owned())
+            .one(self.connection())
+            .await?
+            .map(user_from_model)
+            .transpose()
+    }
+
+    /// The practitioner of a group with this HPI-I.
+    pub async fn practitioner_by_hpii(
+        &self,
+        group_id: &str,
+        hpii: &str,
+    ) -> Result<Option<UserRow>, StoreError> {
+        users::Entity::find()
+            .filter(users::Column::GroupId.eq(group_id))
+            .filter(users::Column::Hpii.eq(hpii))
+            .filter(users::Column::Role.eq(Role::Practitioner.code()))
+            .one(self.connection())
+            .await?
+            .map(user_from_model)
+            .transpose()
     }
 
     async fn find_user(
@@ -106,5 +147,6 @@ fn user_from_model(model: users::Model) -> Result<UserRow, StoreError> {
         subject: model.subject,
         role,
         name: model.name,
+        hpii: model.hpii,
     })
 }

@@ -5,6 +5,7 @@ mod binary;
 mod control;
 mod faults;
 mod helpers;
+mod messaging;
 mod namespaces;
 mod payments;
 mod referralnet;

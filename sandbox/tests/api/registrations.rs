@@ -211,6 +211,7 @@ async fn decision_time_with_seed(seed: u64) -> Value {
     let sandbox = spawn_sandbox_with(SandboxConfig {
         seed,
         clock_speed: 1.0,
+        ..SandboxConfig::default()
     })
     .await;
     // A near-stopped clock keeps registeredAt on the same whole second in every run.
