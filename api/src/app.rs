@@ -158,7 +158,19 @@ impl App {
                 validate_login_per_minute: settings.validate_login_per_minute,
             },
         );
+        let listener = TcpListener::bind(settings.listen).await.map_err(|error| {
+            anyhow::anyhow!(
+                "cannot listen on {}: {error} (set SMD_LISTEN to a free address)",
+                settings.listen
+            )
+        })?;
+        let address = listener.local_addr()?;
         let status_poll_interval = settings.status_poll_interval();
+        // Where providers push receipts: configured, else this node's own address (dev, tests).
+        let public_url = match &settings.public_url {
+            Some(url) => url.clone(),
+            None => format!("http://{address}"),
+        };
         let messaging = MessagingService::new(
             store.clone(),
             providers_for_messaging,
@@ -173,6 +185,8 @@ impl App {
                 retry_max: Duration::from_millis(settings.messaging.retry_max_ms.max(1)),
                 give_up_after: Duration::from_secs(settings.messaging.give_up_after_seconds),
                 provider_preference: vec![Provider::Argus, Provider::ReferralNet],
+                public_url: Some(public_url.clone()),
+                webhook_tolerance: Duration::from_secs(300),
             },
         );
         let schema = build_schema(
@@ -201,16 +215,8 @@ impl App {
                 purchase_lease,
                 shutdown_receiver.clone(),
             ),
-            workers::spawn_outbox(messaging, status_poll_interval, shutdown_receiver),
+            workers::spawn_outbox(messaging.clone(), status_poll_interval, shutdown_receiver),
         ];
-
-        let listener = TcpListener::bind(settings.listen).await.map_err(|error| {
-            anyhow::anyhow!(
-                "cannot listen on {}: {error} (set SMD_LISTEN to a free address)",
-                settings.listen
-            )
-        })?;
-        let address = listener.local_addr()?;
 
         let mut banner = None;
         if dev_keys.is_some() {
@@ -267,6 +273,7 @@ impl App {
                 store: store.clone(),
                 playground: settings.playground_enabled(),
                 max_aliases: settings.graphql.max_aliases,
+                messaging: messaging.clone(),
             },
             cors,
             settings.graphql.max_body_bytes,

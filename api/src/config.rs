@@ -197,6 +197,9 @@ pub struct Settings {
     pub credits: CreditConfig,
     /// The messaging outbox.
     pub messaging: MessagingConfig,
+    /// The gateway's externally reachable base URL (for provider webhooks); default: the
+    /// listen address.
+    pub public_url: Option<String>,
     /// Approval checks interval, milliseconds.
     pub approval_poll_interval_ms: Option<u64>,
     /// GraphQL endpoint.
@@ -228,6 +231,7 @@ impl Default for Settings {
             payments: PaymentSettings::default(),
             credits: CreditConfig::default(),
             messaging: MessagingConfig::default(),
+            public_url: None,
             approval_poll_interval_ms: None,
             graphql: GraphqlSettings::default(),
             cors_allowed_origins: Vec::new(),
@@ -334,6 +338,7 @@ impl Settings {
         if let Some(timeout) = get("SMD_PROVIDER_TIMEOUT_MS") {
             self.providers.timeout_ms = parse_number("SMD_PROVIDER_TIMEOUT_MS", &timeout)?;
         }
+        set_opt(&mut self.public_url, get("SMD_PUBLIC_URL"));
         set_opt(&mut self.payments.base_url, get("SMD_PAYMENTS_BASE_URL"));
         set_opt(&mut self.payments.api_key, get("SMD_PAYMENTS_API_KEY"));
         if let Some(packs) = get("SMD_CREDIT_PACKS") {

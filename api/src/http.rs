@@ -30,6 +30,7 @@ pub(crate) struct HttpState {
     pub store: Store,
     pub playground: bool,
     pub max_aliases: usize,
+    pub messaging: crate::domain::messaging::MessagingService,
 }
 
 /// Which browser origins may call the API.
@@ -69,6 +70,10 @@ pub(crate) fn router(state: HttpState, cors: CorsPolicy, max_body_bytes: usize) 
     Router::new()
         .route("/graphql", get(graphql_get).post(graphql_post))
         .route("/graphql/ws", get(graphql_ws))
+        .route(
+            "/webhooks/referralnet/{account_id}",
+            axum::routing::post(referralnet_webhook),
+        )
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .layer(RequestBodyLimitLayer::new(max_body_bytes))
@@ -271,6 +276,39 @@ async fn graphql_ws(
                 })
                 .serve()
         })
+}
+
+/// Delivery receipts pushed by ReferralNet: 204 when accepted, 401 when the signature or
+/// timestamp does not check out (forged or replayed), 400 for an unreadable body.
+async fn referralnet_webhook(
+    State(state): State<HttpState>,
+    axum::extract::Path(account_id): axum::extract::Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let header = |name: &str| headers.get(name).and_then(|value| value.to_str().ok());
+    match state
+        .messaging
+        .receive_receipt(
+            &account_id,
+            header("x-rn-timestamp"),
+            header("x-rn-signature"),
+            &body,
+        )
+        .await
+    {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(crate::domain::GatewayError::Unauthenticated(message)) => {
+            (StatusCode::UNAUTHORIZED, message).into_response()
+        }
+        Err(crate::domain::GatewayError::BadUserInput(message)) => {
+            (StatusCode::BAD_REQUEST, message).into_response()
+        }
+        Err(error) => {
+            tracing::error!(error = ?error, "webhook handling failed");
+            (StatusCode::INTERNAL_SERVER_ERROR, "try again later").into_response()
+        }
+    }
 }
 
 async fn readyz(State(state): State<HttpState>) -> Response {

@@ -13,6 +13,12 @@ enum Users {
 }
 
 #[derive(DeriveIden)]
+enum ProviderAccounts {
+    Table,
+    WebhookSecretCiphertext,
+}
+
+#[derive(DeriveIden)]
 enum Patients {
     Table,
     Id,
@@ -63,6 +69,19 @@ enum Messages {
 #[sea_orm_migration::async_trait::async_trait]
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        // The secret a provider signs pushed delivery receipts with (sealed).
+        manager
+            .alter_table(
+                Table::alter()
+                    .table(ProviderAccounts::Table)
+                    .add_column(
+                        ColumnDef::new(ProviderAccounts::WebhookSecretCiphertext)
+                            .text()
+                            .null(),
+                    )
+                    .to_owned(),
+            )
+            .await?;
         // A practitioner's HPI-I: sender identity in referrals, and how inbound messages find
         // their addressee.
         manager

@@ -3,7 +3,7 @@
 //! credentials every time. Errors are `{"error":{"code","message"}}`.
 
 use axum::body::Bytes;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -157,6 +157,7 @@ async fn read_account(namespace: CurrentNamespace, headers: HeaderMap) -> Respon
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::http::HeaderValue;
 
     #[test]
     fn basic_credentials_are_read_from_the_authorization_header() {

@@ -14,12 +14,12 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use chrono::DateTime;
+use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::accounts::AccountStatus;
-use crate::argus::{basic_credentials, error, invalid_credentials};
+use crate::argus::basic_credentials;
 use crate::directory::{DirectoryEntry, MagicBehaviour};
 use crate::faults::FaultRoute;
 use crate::hl7;
@@ -49,16 +49,40 @@ pub(crate) fn routes() -> Router<SandboxState> {
 
 type Parameters = Result<Query<HashMap<String, String>>, QueryRejection>;
 
-fn bad_param(message: impl Into<String>) -> Response {
-    error(
+fn refusal(
+    status: StatusCode,
+    code: ProviderErrorCode,
+    message: impl Into<String>,
+) -> ProviderError {
+    ProviderError::new(Provider::Argus, status, code, message)
+}
+
+fn bad_param(message: impl Into<String>) -> ProviderError {
+    refusal(
         StatusCode::BAD_REQUEST,
         ProviderErrorCode::BadParam,
         message,
     )
 }
 
-fn not_found(message: impl Into<String>) -> Response {
-    error(StatusCode::NOT_FOUND, ProviderErrorCode::NotFound, message)
+fn badly_formed(message: impl Into<String>) -> ProviderError {
+    refusal(
+        StatusCode::BAD_REQUEST,
+        ProviderErrorCode::BadlyFormedMsg,
+        message,
+    )
+}
+
+fn not_found(message: impl Into<String>) -> ProviderError {
+    refusal(StatusCode::NOT_FOUND, ProviderErrorCode::NotFound, message)
+}
+
+fn invalid_credentials(message: &str) -> ProviderError {
+    refusal(
+        StatusCode::UNAUTHORIZED,
+        ProviderErrorCode::InvalidCredentials,
+        message,
+    )
 }
 
 /// The username of the ACTIVE account whose Basic credentials came with the call; else the 401
@@ -66,7 +90,7 @@ fn not_found(message: impl Into<String>) -> Response {
 fn active_account(
     state: &NamespaceState,
     credentials: Option<&(String, String)>,
-) -> Result<String, Response> {
+) -> Result<String, ProviderError> {
     let Some((username, password)) = credentials else {
         return Err(invalid_credentials(
             "authentication required: HTTP Basic with your Argus username and password",
@@ -76,19 +100,16 @@ fn active_account(
         .accounts(Provider::Argus)
         .authenticate(username, password)
         .ok_or_else(|| invalid_credentials("username or password is incorrect"))?;
-    match account.status_at(state.clock.now()) {
-        AccountStatus::Active => Ok(account.username.clone()),
-        AccountStatus::Pending => Err(error(
-            StatusCode::FORBIDDEN,
-            ProviderErrorCode::NotAuthorised,
-            "the account is PENDING: messaging needs an ACTIVE account",
-        )),
-        AccountStatus::Rejected => Err(error(
-            StatusCode::FORBIDDEN,
-            ProviderErrorCode::NotAuthorised,
-            "the account is REJECTED: messaging needs an ACTIVE account",
-        )),
-    }
+    let status = match account.status_at(state.clock.now()) {
+        AccountStatus::Active => return Ok(account.username.clone()),
+        AccountStatus::Pending => "PENDING",
+        AccountStatus::Rejected => "REJECTED",
+    };
+    Err(refusal(
+        StatusCode::FORBIDDEN,
+        ProviderErrorCode::NotAuthorised,
+        format!("the account is {status}: messaging needs an ACTIVE account"),
+    ))
 }
 
 fn directory_entry_view(entry: &DirectoryEntry) -> Value {
@@ -116,26 +137,17 @@ async fn search_directory(
         return Ok(fault.respond().await);
     }
     let credentials = basic_credentials(&headers);
-    if let Err(refusal) = namespace.with_state(|state| active_account(state, credentials.as_ref()))
-    {
-        return refusal;
-    }
-    let Ok(Query(parameters)) = parameters else {
-        return bad_param("the query string is not understood");
-    };
-    let page = match count_parameter(&parameters, "page", 1, 1..=usize::MAX) {
-        Ok(page) => page,
-        Err(message) => return bad_param(message),
-    };
-    let page_size = match count_parameter(
+    namespace.with_state(|state| active_account(state, credentials.as_ref()))?;
+    let Query(parameters) =
+        parameters.map_err(|_| bad_param("the query string is not understood"))?;
+    let page = count_parameter(&parameters, "page", 1, 1..=usize::MAX).map_err(bad_param)?;
+    let page_size = count_parameter(
         &parameters,
         "pageSize",
         DEFAULT_DIRECTORY_PAGE_SIZE,
         1..=LARGEST_PAGE,
-    ) {
-        Ok(page_size) => page_size,
-        Err(message) => return bad_param(message),
-    };
+    )
+    .map_err(bad_param)?;
     let query = parameters.get("q").map(String::as_str).unwrap_or_default();
     let offset = (page - 1).saturating_mul(page_size);
     let found = namespace
@@ -146,13 +158,13 @@ async fn search_directory(
         .iter()
         .map(|entry| directory_entry_view(entry))
         .collect();
-    Json(json!({
+    Ok(Json(json!({
         "results": results,
         "page": page,
         "pageSize": page_size,
         "total": found.total,
     }))
-    .into_response()
+    .into_response())
 }
 
 #[derive(Deserialize)]
@@ -171,7 +183,7 @@ struct SendRequest {
     payload: Result<String, String>,
 }
 
-fn parse_send_body(body: &Bytes) -> Result<SendRequest, Response> {
+fn parse_send_body(body: &Bytes) -> Result<SendRequest, ProviderError> {
     let body: SendBody = serde_json::from_slice(body)
         .map_err(|error| bad_param(format!("body is not the expected JSON: {error}")))?;
     let (Some(client_message_id), Some(recipient_hpii), Some(payload)) =
@@ -186,7 +198,8 @@ fn parse_send_body(body: &Bytes) -> Result<SendRequest, Response> {
             "clientMessageId must be 1 to 64 of A-Z, a-z, 0-9, '.', '_', ':' and '-'",
         ));
     }
-    if recipient_hpii.trim().is_empty() {
+    let recipient_hpii = recipient_hpii.trim().to_owned();
+    if recipient_hpii.is_empty() {
         return Err(bad_param("recipientHpii is required"));
     }
     Ok(SendRequest {
@@ -214,86 +227,75 @@ fn decode_payload(payload: &str) -> Result<String, String> {
 
 /// `POST /argus/v1/messages`: accepts a message for a directory practitioner, once per
 /// `clientMessageId`.
-async fn send_message(namespace: CurrentNamespace, headers: HeaderMap, body: Bytes) -> Result<Response, ProviderError> {
+async fn send_message(
+    namespace: CurrentNamespace,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ProviderError> {
     if let Some(fault) = namespace.take_fault(Provider::Argus, FaultRoute::Messages) {
         return Ok(fault.respond().await);
     }
     let credentials = basic_credentials(&headers);
     let request = parse_send_body(&body);
     let directory = namespace.directory();
-    namespace
-        .with_state(|state| {
-            let username = active_account(state, credentials.as_ref())?;
-            let request = request?;
-            let now = state.clock.now();
-            if let Some(original) = state.messages.find_sent_by_client_message_id(
-                Provider::Argus,
-                &username,
-                &request.client_message_id,
-            ) {
-                let status = original.progress_at(now).status.word(Provider::Argus);
-                return Ok(Json(json!({
-                    "trackingId": original.id,
-                    "status": status,
-                    "duplicate": true,
-                }))
-                .into_response());
-            }
-            let payload = request.payload.map_err(|reason| {
-                error(
-                    StatusCode::BAD_REQUEST,
-                    ProviderErrorCode::BadlyFormedMsg,
-                    reason,
+    namespace.with_state(|state| {
+        let username = active_account(state, credentials.as_ref())?;
+        let request = request?;
+        let now = state.clock.now();
+        if let Some(original) = state.messages.find_sent_by_client_message_id(
+            Provider::Argus,
+            &username,
+            &request.client_message_id,
+        ) {
+            let status = original.progress_at(now).status.word(Provider::Argus);
+            return Ok(Json(json!({
+                "trackingId": original.id,
+                "status": status,
+                "duplicate": true,
+            }))
+            .into_response());
+        }
+        let payload = request.payload.map_err(badly_formed)?;
+        let recipient = directory
+            .find(&request.recipient_hpii)
+            .filter(|entry| entry.on_argus)
+            .filter(|entry| entry.magic != Some(MagicBehaviour::UnknownEndpoint))
+            .ok_or_else(|| {
+                refusal(
+                    StatusCode::NOT_FOUND,
+                    ProviderErrorCode::UnknownEndpoint,
+                    format!("no Argus endpoint for HPI-I {:?}", request.recipient_hpii),
                 )
             })?;
-            let recipient = directory
-                .find(request.recipient_hpii.trim())
-                .filter(|entry| entry.on_argus)
-                .filter(|entry| entry.magic != Some(MagicBehaviour::UnknownEndpoint))
-                .ok_or_else(|| {
-                    error(
-                        StatusCode::NOT_FOUND,
-                        ProviderErrorCode::UnknownEndpoint,
-                        format!(
-                            "no Argus endpoint for HPI-I {:?}",
-                            request.recipient_hpii.trim()
-                        ),
-                    )
-                })?;
-            if recipient.magic == Some(MagicBehaviour::RejectsPayload) {
-                return Err(error(
-                    StatusCode::BAD_REQUEST,
-                    ProviderErrorCode::BadlyFormedMsg,
-                    "the recipient's system rejected the payload",
-                ));
-            }
-            let message = state.messages.accept(
-                NewMessage {
-                    provider: Provider::Argus,
-                    account: &username,
-                    client_message_id: &request.client_message_id,
-                    recipient,
-                    payload,
-                },
-                now,
-            );
-            tracing::info!(
-                namespace = namespace.name(),
-                account = username,
-                tracking_id = message.id,
-                recipient = message.recipient_hpii,
-                "argus message accepted"
-            );
-            Ok((
-                StatusCode::ACCEPTED,
-                Json(json!({ "trackingId": message.id, "status": "ACCEPTED" })),
-            )
-                .into_response())
-        })
-        .unwrap_or_else(|refusal| refusal)
+        if recipient.magic == Some(MagicBehaviour::RejectsPayload) {
+            return Err(badly_formed("the recipient's system rejected the payload"));
+        }
+        let message = state.messages.accept(
+            NewMessage {
+                provider: Provider::Argus,
+                account: &username,
+                client_message_id: &request.client_message_id,
+                recipient,
+                payload,
+            },
+            now,
+        );
+        tracing::info!(
+            namespace = namespace.name(),
+            account = username,
+            tracking_id = message.id,
+            recipient = message.recipient_hpii,
+            "argus message accepted"
+        );
+        Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({ "trackingId": message.id, "status": "ACCEPTED" })),
+        )
+            .into_response())
+    })
 }
 
-fn message_view(message: &SentMessage, now: DateTime<chrono::Utc>) -> Value {
+fn message_view(message: &SentMessage, now: DateTime<Utc>) -> Value {
     let progress = message.progress_at(now);
     let acknowledgement = message
         .acknowledgement_at(now)
@@ -322,17 +324,12 @@ async fn read_message(
     }
     let credentials = basic_credentials(&headers);
     namespace.with_state(|state| {
-        let username = match active_account(state, credentials.as_ref()) {
-            Ok(username) => username,
-            Err(refusal) => return refusal,
-        };
-        match state
+        let username = active_account(state, credentials.as_ref())?;
+        let message = state
             .messages
             .find_sent(Provider::Argus, &username, &tracking_id)
-        {
-            Some(message) => Json(message_view(message, state.clock.now())).into_response(),
-            None => not_found(format!("no message {tracking_id:?} from this account")),
-        }
+            .ok_or_else(|| not_found(format!("no message {tracking_id:?} from this account")))?;
+        Ok(Json(message_view(message, state.clock.now())).into_response())
     })
 }
 
@@ -357,30 +354,22 @@ async fn list_inbox(
     }
     let credentials = basic_credentials(&headers);
     namespace.with_state(|state| {
-        let username = match active_account(state, credentials.as_ref()) {
-            Ok(username) => username,
-            Err(refusal) => return refusal,
-        };
-        let Ok(Query(parameters)) = parameters else {
-            return bad_param("the query string is not understood");
-        };
-        let limit = match count_parameter(&parameters, "limit", LARGEST_PAGE, 1..=LARGEST_PAGE) {
-            Ok(limit) => limit,
-            Err(message) => return bad_param(message),
-        };
+        let username = active_account(state, credentials.as_ref())?;
+        let Query(parameters) =
+            parameters.map_err(|_| bad_param("the query string is not understood"))?;
+        let limit = count_parameter(&parameters, "limit", LARGEST_PAGE, 1..=LARGEST_PAGE)
+            .map_err(bad_param)?;
         let after = parameters.get("after").map(String::as_str);
-        let Some(page) = state
+        let page = state
             .messages
             .inbox_page(Provider::Argus, &username, after, limit)
-        else {
-            return bad_param("after is not a cursor this inbox gave");
-        };
+            .ok_or_else(|| bad_param("after is not a cursor this inbox gave"))?;
         let messages: Vec<Value> = page
             .items
             .iter()
             .map(|item| inbox_item_view(item))
             .collect();
-        Json(json!({ "messages": messages, "nextCursor": page.next_cursor })).into_response()
+        Ok(Json(json!({ "messages": messages, "nextCursor": page.next_cursor })).into_response())
     })
 }
 
@@ -396,17 +385,16 @@ async fn acknowledge_inbox_item(
     }
     let credentials = basic_credentials(&headers);
     namespace.with_state(|state| {
-        let username = match active_account(state, credentials.as_ref()) {
-            Ok(username) => username,
-            Err(refusal) => return refusal,
-        };
+        let username = active_account(state, credentials.as_ref())?;
         if state
             .messages
             .acknowledge_inbox_item(Provider::Argus, &username, &inbox_id)
         {
-            StatusCode::NO_CONTENT.into_response()
+            Ok(StatusCode::NO_CONTENT.into_response())
         } else {
-            not_found(format!("no inbox message {inbox_id:?} for this account"))
+            Err(not_found(format!(
+                "no inbox message {inbox_id:?} for this account"
+            )))
         }
     })
 }

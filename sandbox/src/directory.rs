@@ -92,7 +92,7 @@ const MAGIC_RECIPIENTS: [(&str, &str, MagicBehaviour); 5] = [
 pub fn luhn_valid(number: &str) -> bool {
     !number.is_empty()
         && number.bytes().all(|byte| byte.is_ascii_digit())
-        && luhn_sum(number, false) % 10 == 0
+        && luhn_sum(number, false).is_multiple_of(10)
 }
 
 /// The Luhn check digit to append to `payload` (ASCII digits).

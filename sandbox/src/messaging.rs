@@ -126,12 +126,12 @@ pub(crate) fn inbound_referral_payload(referral: &InboundReferral<'_>) -> String
         receiving_application,
         receiving_facility: referral.receiving_facility,
         sender: hl7::PractitionerParty {
-            given_name: &sender.given_name,
-            family_name: &sender.family_name,
+            given_name: sender.given_name,
+            family_name: sender.family_name,
             hpii: &sender.hpii,
-            suburb: &sender.suburb,
-            state: &sender.state,
-            postcode: &sender.postcode,
+            suburb: sender.suburb,
+            state: sender.state,
+            postcode: sender.postcode,
         },
         recipient_name: referral.recipient_name,
         recipient_hpii: referral.recipient_hpii,
@@ -506,7 +506,7 @@ impl MessageStore {
         self.webhook_urls.insert(account.to_owned(), url);
         self.webhook_secrets
             .entry(account.to_owned())
-            .or_insert_with(|| random_secret());
+            .or_insert_with(random_secret);
         self.webhook(account).expect("just set")
     }
 

@@ -204,7 +204,8 @@ impl SandboxState {
             .webhook_ticker_started
             .swap(true, Ordering::AcqRel)
         {
-            crate::webhooks::spawn_ticker(&runtime, self.downgrade());
+            // The ticker holds the state weakly and ends with it; nobody needs to join it.
+            drop(crate::webhooks::spawn_ticker(&runtime, self.downgrade()));
         }
     }
 

@@ -223,19 +223,25 @@ pub(crate) fn bearer_token(headers: &HeaderMap) -> Option<&str> {
 pub(crate) fn session_account<'state>(
     state: &'state NamespaceState,
     token: Option<&str>,
-) -> Result<&'state Account, Response> {
-    let not_recognised = || {
-        fault(
+) -> Result<&'state Account, ProviderError> {
+    let unauthorised = |code, message: String| {
+        ProviderError::new(
+            Provider::ReferralNet,
             StatusCode::UNAUTHORIZED,
+            code,
+            message,
+        )
+    };
+    let not_recognised = || {
+        unauthorised(
             ProviderErrorCode::NotAuthorised,
-            "session token is not recognised; log in again",
+            "session token is not recognised; log in again".to_owned(),
         )
     };
     let Some(token) = token else {
-        return Err(fault(
-            StatusCode::UNAUTHORIZED,
+        return Err(unauthorised(
             ProviderErrorCode::NotAuthorised,
-            "a session token is required: Authorization: Bearer <sessionToken>",
+            "a session token is required: Authorization: Bearer <sessionToken>".to_owned(),
         ));
     };
     let session = state
@@ -243,8 +249,7 @@ pub(crate) fn session_account<'state>(
         .find(token)
         .ok_or_else(not_recognised)?;
     if state.clock.now() >= session.expires_at {
-        return Err(fault(
-            StatusCode::UNAUTHORIZED,
+        return Err(unauthorised(
             ProviderErrorCode::TokenExpired,
             format!(
                 "session token expired at {}; log in again",
@@ -268,7 +273,7 @@ async fn read_account(namespace: CurrentNamespace, headers: HeaderMap) -> Respon
         let now = state.clock.now();
         let account = match session_account(state, token) {
             Ok(account) => account,
-            Err(refusal) => return refusal,
+            Err(refusal) => return refusal.into_response(),
         };
         let enrolment_state = match account.status_at(now) {
             AccountStatus::Pending => "PENDING",

@@ -25,7 +25,7 @@ use crate::messaging::{
 };
 use crate::namespace::{CurrentNamespace, NamespaceState, SandboxState};
 use crate::provider::{Provider, ProviderError, ProviderErrorCode};
-use crate::referralnet::{bearer_token, fault, session_account};
+use crate::referralnet::{bearer_token, session_account};
 
 /// The largest page of providers or inbox items.
 const LARGEST_PAGE: usize = 50;
@@ -54,35 +54,48 @@ pub(crate) fn routes() -> Router<SandboxState> {
 
 type Parameters = Result<Query<HashMap<String, String>>, QueryRejection>;
 
-fn bad_param(message: impl Into<String>) -> Response {
-    fault(
+fn refusal(
+    status: StatusCode,
+    code: ProviderErrorCode,
+    message: impl Into<String>,
+) -> ProviderError {
+    ProviderError::new(Provider::ReferralNet, status, code, message)
+}
+
+fn bad_param(message: impl Into<String>) -> ProviderError {
+    refusal(
         StatusCode::UNPROCESSABLE_ENTITY,
         ProviderErrorCode::BadParam,
         message,
     )
 }
 
-fn not_found(message: impl Into<String>) -> Response {
-    fault(StatusCode::NOT_FOUND, ProviderErrorCode::NotFound, message)
+fn badly_formed(message: impl Into<String>) -> ProviderError {
+    refusal(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        ProviderErrorCode::BadlyFormedMsg,
+        message,
+    )
+}
+
+fn not_found(message: impl Into<String>) -> ProviderError {
+    refusal(StatusCode::NOT_FOUND, ProviderErrorCode::NotFound, message)
 }
 
 /// The user id of the APPROVED enrolment behind the call's session token; else the 401
 /// (`tokenExpired`, `notAuthorised`) or 403 (`notAuthorised`) to answer.
-fn approved_account(state: &NamespaceState, token: Option<&str>) -> Result<String, Response> {
+fn approved_account(state: &NamespaceState, token: Option<&str>) -> Result<String, ProviderError> {
     let account = session_account(state, token)?;
-    match account.status_at(state.clock.now()) {
-        AccountStatus::Active => Ok(account.username.clone()),
-        AccountStatus::Pending => Err(fault(
-            StatusCode::FORBIDDEN,
-            ProviderErrorCode::NotAuthorised,
-            "the enrolment is PENDING: messaging needs an APPROVED enrolment",
-        )),
-        AccountStatus::Rejected => Err(fault(
-            StatusCode::FORBIDDEN,
-            ProviderErrorCode::NotAuthorised,
-            "the enrolment is DECLINED: messaging needs an APPROVED enrolment",
-        )),
-    }
+    let enrolment_state = match account.status_at(state.clock.now()) {
+        AccountStatus::Active => return Ok(account.username.clone()),
+        AccountStatus::Pending => "PENDING",
+        AccountStatus::Rejected => "DECLINED",
+    };
+    Err(refusal(
+        StatusCode::FORBIDDEN,
+        ProviderErrorCode::NotAuthorised,
+        format!("the enrolment is {enrolment_state}: messaging needs an APPROVED enrolment"),
+    ))
 }
 
 fn provider_view(entry: &DirectoryEntry) -> Value {
@@ -109,25 +122,17 @@ async fn search_providers(
         return Ok(fault.respond().await);
     }
     let token = bearer_token(&headers);
-    if let Err(refusal) = namespace.with_state(|state| approved_account(state, token)) {
-        return refusal;
-    }
-    let Ok(Query(parameters)) = parameters else {
-        return bad_param("the query string is not understood");
-    };
-    let offset = match count_parameter(&parameters, "offset", 0, 0..=usize::MAX) {
-        Ok(offset) => offset,
-        Err(message) => return bad_param(message),
-    };
-    let limit = match count_parameter(
+    namespace.with_state(|state| approved_account(state, token))?;
+    let Query(parameters) =
+        parameters.map_err(|_| bad_param("the query string is not understood"))?;
+    let offset = count_parameter(&parameters, "offset", 0, 0..=usize::MAX).map_err(bad_param)?;
+    let limit = count_parameter(
         &parameters,
         "limit",
         DEFAULT_PROVIDERS_PAGE_SIZE,
         1..=LARGEST_PAGE,
-    ) {
-        Ok(limit) => limit,
-        Err(message) => return bad_param(message),
-    };
+    )
+    .map_err(bad_param)?;
     let search = parameters
         .get("search")
         .map(String::as_str)
@@ -142,12 +147,12 @@ async fn search_providers(
         .iter()
         .map(|entry| provider_view(entry))
         .collect();
-    Json(json!({
+    Ok(Json(json!({
         "providers": providers,
         "total": found.total,
         "nextOffset": next_offset,
     }))
-    .into_response()
+    .into_response())
 }
 
 /// A dispatch whose headers passed.
@@ -158,7 +163,8 @@ struct DispatchRequest {
     payload: Result<String, String>,
 }
 
-fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+/// The value of a header sent exactly once, as trimmed text.
+fn single_header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     let mut values = headers.get_all(name).iter();
     let value = values.next()?;
     if values.next().is_some() {
@@ -167,17 +173,17 @@ fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     value.to_str().ok().map(str::trim)
 }
 
-fn parse_dispatch(headers: &HeaderMap, body: &Bytes) -> Result<DispatchRequest, Response> {
-    let media_type = header_text(headers, header::CONTENT_TYPE.as_str())
+fn parse_dispatch(headers: &HeaderMap, body: &Bytes) -> Result<DispatchRequest, ProviderError> {
+    let media_type = single_header(headers, header::CONTENT_TYPE.as_str())
         .and_then(|value| value.split(';').next())
         .map(str::trim);
     if !media_type.is_some_and(|media_type| media_type.eq_ignore_ascii_case(HL7_MEDIA_TYPE)) {
         return Err(bad_param(format!("Content-Type must be {HL7_MEDIA_TYPE}")));
     }
-    let recipient = header_text(headers, RECIPIENT_HEADER)
+    let recipient = single_header(headers, RECIPIENT_HEADER)
         .filter(|recipient| !recipient.is_empty())
         .ok_or_else(|| bad_param("X-RN-Recipient is required: the provider number"))?;
-    let message_id = header_text(headers, MESSAGE_ID_HEADER)
+    let message_id = single_header(headers, MESSAGE_ID_HEADER)
         .filter(|message_id| is_valid_client_message_id(message_id))
         .ok_or_else(|| {
             bad_param("X-RN-Message-Id must be 1 to 64 of A-Z, a-z, 0-9, '.', '_', ':' and '-'")
@@ -203,80 +209,72 @@ fn parse_dispatch(headers: &HeaderMap, body: &Bytes) -> Result<DispatchRequest, 
 
 /// `POST /referralnet/api/dispatch`: queues a raw HL7 message for a provider, once per
 /// `X-RN-Message-Id`.
-async fn dispatch(namespace: CurrentNamespace, headers: HeaderMap, body: Bytes) -> Result<Response, ProviderError> {
+async fn dispatch(
+    namespace: CurrentNamespace,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ProviderError> {
     if let Some(fault) = namespace.take_fault(Provider::ReferralNet, FaultRoute::Dispatch) {
         return Ok(fault.respond().await);
     }
     let token = bearer_token(&headers);
     let request = parse_dispatch(&headers, &body);
     let directory = namespace.directory();
-    namespace
-        .with_state(|state| {
-            let user_id = approved_account(state, token)?;
-            let request = request?;
-            let now = state.clock.now();
-            if let Some(original) = state.messages.find_sent_by_client_message_id(
-                Provider::ReferralNet,
-                &user_id,
-                &request.message_id,
-            ) {
-                let current = original.progress_at(now).status.word(Provider::ReferralNet);
-                return Ok(Json(json!({
-                    "receiptId": original.id,
-                    "state": current,
-                    "duplicate": true,
-                }))
-                .into_response());
-            }
-            let payload = request.payload.map_err(|reason| {
-                fault(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    ProviderErrorCode::BadlyFormedMsg,
-                    reason,
+    namespace.with_state(|state| {
+        let user_id = approved_account(state, token)?;
+        let request = request?;
+        let now = state.clock.now();
+        if let Some(original) = state.messages.find_sent_by_client_message_id(
+            Provider::ReferralNet,
+            &user_id,
+            &request.message_id,
+        ) {
+            let current = original.progress_at(now).status.word(Provider::ReferralNet);
+            return Ok(Json(json!({
+                "receiptId": original.id,
+                "state": current,
+                "duplicate": true,
+            }))
+            .into_response());
+        }
+        let payload = request.payload.map_err(badly_formed)?;
+        let recipient = directory
+            .find(&request.recipient)
+            .filter(|entry| entry.on_referralnet)
+            .filter(|entry| entry.magic != Some(MagicBehaviour::UnknownEndpoint))
+            .ok_or_else(|| {
+                refusal(
+                    StatusCode::NOT_FOUND,
+                    ProviderErrorCode::UnknownRecipient,
+                    format!("no ReferralNet provider {:?}", request.recipient),
                 )
             })?;
-            let recipient = directory
-                .find(&request.recipient)
-                .filter(|entry| entry.on_referralnet)
-                .filter(|entry| entry.magic != Some(MagicBehaviour::UnknownEndpoint))
-                .ok_or_else(|| {
-                    fault(
-                        StatusCode::NOT_FOUND,
-                        ProviderErrorCode::UnknownRecipient,
-                        format!("no ReferralNet provider {:?}", request.recipient),
-                    )
-                })?;
-            if recipient.magic == Some(MagicBehaviour::RejectsPayload) {
-                return Err(fault(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    ProviderErrorCode::BadlyFormedMsg,
-                    "the recipient's system rejected the message",
-                ));
-            }
-            let message = state.messages.accept(
-                NewMessage {
-                    provider: Provider::ReferralNet,
-                    account: &user_id,
-                    client_message_id: &request.message_id,
-                    recipient,
-                    payload,
-                },
-                now,
-            );
-            tracing::info!(
-                namespace = namespace.name(),
-                account = user_id,
-                receipt_id = message.id,
-                recipient = message.recipient_hpii,
-                "referralnet dispatch queued"
-            );
-            Ok((
-                StatusCode::ACCEPTED,
-                Json(json!({ "receiptId": message.id, "state": "QUEUED" })),
-            )
-                .into_response())
-        })
-        .unwrap_or_else(|refusal| refusal)
+        if recipient.magic == Some(MagicBehaviour::RejectsPayload) {
+            return Err(badly_formed("the recipient's system rejected the message"));
+        }
+        let message = state.messages.accept(
+            NewMessage {
+                provider: Provider::ReferralNet,
+                account: &user_id,
+                client_message_id: &request.message_id,
+                recipient,
+                payload,
+            },
+            now,
+        );
+        tracing::info!(
+            namespace = namespace.name(),
+            account = user_id,
+            receipt_id = message.id,
+            recipient = message.recipient_hpii,
+            "referralnet dispatch queued"
+        );
+        Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({ "receiptId": message.id, "state": "QUEUED" })),
+        )
+            .into_response())
+    })
 }
 
 fn receipt_view(message: &SentMessage, now: DateTime<Utc>) -> Value {
@@ -303,17 +301,12 @@ async fn read_receipt(
     }
     let token = bearer_token(&headers);
     namespace.with_state(|state| {
-        let user_id = match approved_account(state, token) {
-            Ok(user_id) => user_id,
-            Err(refusal) => return refusal,
-        };
-        match state
+        let user_id = approved_account(state, token)?;
+        let message = state
             .messages
             .find_sent(Provider::ReferralNet, &user_id, &receipt_id)
-        {
-            Some(message) => Json(receipt_view(message, state.clock.now())).into_response(),
-            None => not_found(format!("no receipt {receipt_id:?} for this account")),
-        }
+            .ok_or_else(|| not_found(format!("no receipt {receipt_id:?} for this account")))?;
+        Ok(Json(receipt_view(message, state.clock.now())).into_response())
     })
 }
 
@@ -323,7 +316,7 @@ struct WebhookBody {
 }
 
 /// The URL if it is an absolute http or https URL with a host.
-fn parse_webhook_url(body: &Bytes) -> Result<String, Response> {
+fn parse_webhook_url(body: &Bytes) -> Result<String, ProviderError> {
     let body: WebhookBody = serde_json::from_slice(body)
         .map_err(|error| bad_param(format!("body is not the expected JSON: {error}")))?;
     let url = body.url.unwrap_or_default();
@@ -339,59 +332,61 @@ fn parse_webhook_url(body: &Bytes) -> Result<String, Response> {
 }
 
 /// `PUT /referralnet/api/webhook`: where this account's receipts are pushed.
-async fn set_webhook(namespace: CurrentNamespace, headers: HeaderMap, body: Bytes) -> Result<Response, ProviderError> {
+async fn set_webhook(
+    namespace: CurrentNamespace,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ProviderError> {
     if let Some(fault) = namespace.take_fault(Provider::ReferralNet, FaultRoute::Webhook) {
         return Ok(fault.respond().await);
     }
     let token = bearer_token(&headers);
     let url = parse_webhook_url(&body);
-    namespace
-        .with_state(|state| {
-            let user_id = approved_account(state, token)?;
-            let url = url?;
-            let webhook = state.messages.set_webhook(&user_id, url);
-            tracing::info!(
-                namespace = namespace.name(),
-                account = user_id,
-                url = webhook.url,
-                "referralnet webhook set"
-            );
-            Ok(Json(webhook).into_response())
-        })
-        .unwrap_or_else(|refusal: Response| refusal)
+    namespace.with_state(|state| {
+        let user_id = approved_account(state, token)?;
+        let webhook = state.messages.set_webhook(&user_id, url?);
+        tracing::info!(
+            namespace = namespace.name(),
+            account = user_id,
+            url = webhook.url,
+            "referralnet webhook set"
+        );
+        Ok(Json(webhook).into_response())
+    })
 }
 
 /// `GET /referralnet/api/webhook`: this account's webhook and its signing secret.
-async fn read_webhook(namespace: CurrentNamespace, headers: HeaderMap) -> Result<Response, ProviderError> {
+async fn read_webhook(
+    namespace: CurrentNamespace,
+    headers: HeaderMap,
+) -> Result<Response, ProviderError> {
     if let Some(fault) = namespace.take_fault(Provider::ReferralNet, FaultRoute::Webhook) {
         return Ok(fault.respond().await);
     }
     let token = bearer_token(&headers);
     namespace.with_state(|state| {
-        let user_id = match approved_account(state, token) {
-            Ok(user_id) => user_id,
-            Err(refusal) => return refusal,
-        };
-        match state.messages.webhook(&user_id) {
-            Some(webhook) => Json(webhook).into_response(),
-            None => not_found("no webhook is set for this account"),
-        }
+        let user_id = approved_account(state, token)?;
+        let webhook = state
+            .messages
+            .webhook(&user_id)
+            .ok_or_else(|| not_found("no webhook is set for this account"))?;
+        Ok(Json(webhook).into_response())
     })
 }
 
 /// `DELETE /referralnet/api/webhook`: stops pushes to this account (polling still works).
-async fn remove_webhook(namespace: CurrentNamespace, headers: HeaderMap) -> Result<Response, ProviderError> {
+async fn remove_webhook(
+    namespace: CurrentNamespace,
+    headers: HeaderMap,
+) -> Result<Response, ProviderError> {
     if let Some(fault) = namespace.take_fault(Provider::ReferralNet, FaultRoute::Webhook) {
         return Ok(fault.respond().await);
     }
     let token = bearer_token(&headers);
     namespace.with_state(|state| {
-        let user_id = match approved_account(state, token) {
-            Ok(user_id) => user_id,
-            Err(refusal) => return refusal,
-        };
+        let user_id = approved_account(state, token)?;
         state.messages.remove_webhook(&user_id);
-        StatusCode::NO_CONTENT.into_response()
+        Ok(StatusCode::NO_CONTENT.into_response())
     })
 }
 
@@ -417,30 +412,22 @@ async fn list_inbox(
     }
     let token = bearer_token(&headers);
     namespace.with_state(|state| {
-        let user_id = match approved_account(state, token) {
-            Ok(user_id) => user_id,
-            Err(refusal) => return refusal,
-        };
-        let Ok(Query(parameters)) = parameters else {
-            return bad_param("the query string is not understood");
-        };
-        let limit = match count_parameter(&parameters, "limit", LARGEST_PAGE, 1..=LARGEST_PAGE) {
-            Ok(limit) => limit,
-            Err(message) => return bad_param(message),
-        };
+        let user_id = approved_account(state, token)?;
+        let Query(parameters) =
+            parameters.map_err(|_| bad_param("the query string is not understood"))?;
+        let limit = count_parameter(&parameters, "limit", LARGEST_PAGE, 1..=LARGEST_PAGE)
+            .map_err(bad_param)?;
         let since = parameters.get("since").map(String::as_str);
-        let Some(page) = state
+        let page = state
             .messages
             .inbox_page(Provider::ReferralNet, &user_id, since, limit)
-        else {
-            return bad_param("since is not a cursor this inbox gave");
-        };
+            .ok_or_else(|| bad_param("since is not a cursor this inbox gave"))?;
         let items: Vec<Value> = page
             .items
             .iter()
             .map(|item| inbox_item_view(item))
             .collect();
-        Json(json!({ "items": items, "cursor": page.next_cursor })).into_response()
+        Ok(Json(json!({ "items": items, "cursor": page.next_cursor })).into_response())
     })
 }
 
@@ -456,17 +443,16 @@ async fn acknowledge_item(
     }
     let token = bearer_token(&headers);
     namespace.with_state(|state| {
-        let user_id = match approved_account(state, token) {
-            Ok(user_id) => user_id,
-            Err(refusal) => return refusal,
-        };
+        let user_id = approved_account(state, token)?;
         if state
             .messages
             .acknowledge_inbox_item(Provider::ReferralNet, &user_id, &item_id)
         {
-            StatusCode::NO_CONTENT.into_response()
+            Ok(StatusCode::NO_CONTENT.into_response())
         } else {
-            not_found(format!("no inbox item {item_id:?} for this account"))
+            Err(not_found(format!(
+                "no inbox item {item_id:?} for this account"
+            )))
         }
     })
 }

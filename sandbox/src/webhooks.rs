@@ -15,6 +15,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
 
 use crate::messaging::PushJob;
@@ -51,9 +52,9 @@ pub(crate) fn signature(secret: &str, timestamp: u64, body: &[u8]) -> String {
     signature
 }
 
-/// Starts the ticker of a sandbox on `runtime`.
-pub(crate) fn spawn_ticker(runtime: &Handle, sandbox: WeakSandboxState) {
-    runtime.spawn(run_ticker(sandbox));
+/// Starts the ticker of a sandbox on `runtime`; it ends by itself once the sandbox is dropped.
+pub(crate) fn spawn_ticker(runtime: &Handle, sandbox: WeakSandboxState) -> JoinHandle<()> {
+    runtime.spawn(run_ticker(sandbox))
 }
 
 async fn run_ticker(sandbox: WeakSandboxState) {
@@ -191,6 +192,26 @@ async fn push(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::SandboxConfig;
+    use crate::namespace::SandboxState;
+
+    #[tokio::test]
+    async fn the_ticker_stops_once_its_sandbox_is_dropped() {
+        let state = SandboxState::new(SandboxConfig {
+            directory_size: 10,
+            ..SandboxConfig::default()
+        });
+        let ticker = spawn_ticker(&Handle::current(), state.downgrade());
+        tokio::task::yield_now().await;
+        assert!(!ticker.is_finished(), "it runs while the sandbox lives");
+
+        drop(state);
+
+        tokio::time::timeout(Duration::from_secs(5), ticker)
+            .await
+            .expect("the ticker stops within a tick or two")
+            .expect("the ticker did not panic");
+    }
 
     #[test]
     fn a_signature_is_the_lowercase_hex_hmac_of_timestamp_dot_body() {

@@ -663,3 +663,96 @@ async fn an_inbound_message_is_stored_for_its_addressee_acknowledged_after_and_c
         "receiving is free"
     );
 }
+
+#[tokio::test]
+async fn pushed_receipts_are_verified_and_forged_or_stale_ones_are_rejected() {
+    use hmac::{Hmac, Mac};
+    let app = spawn_app().await;
+    let Practice { chen, note_id } = app.practice("clinic-1").await;
+    let recipient = app.recipient_on(&chen, &["REFERRALNET"]).await;
+    let sent = app
+        .send(
+            &chen,
+            &note_id,
+            &["history"],
+            &recipient,
+            Some("REFERRALNET"),
+            &key(),
+        )
+        .await;
+    let id = sent["data"]["sendSecureMessage"]["message"]["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{sent}"))
+        .to_owned();
+    app.wait_for_status(&chen, &id, "SENT").await;
+    // The gateway registered its webhook with ReferralNet; read it (and its secret) as the provider would.
+    let session: Value = app
+        .client
+        .post(format!(
+            "{}/referralnet/api/sessions",
+            app.sandbox.base_url()
+        ))
+        .json(&json!({"userId": RN_USER, "password": RN_PASSWORD}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = session["sessionToken"].as_str().unwrap().to_owned();
+    let webhook = eventually(Duration::from_secs(10), || async {
+        let response = app
+            .client
+            .get(format!(
+                "{}/referralnet/api/webhook",
+                app.sandbox.base_url()
+            ))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .ok()?;
+        if !response.status().is_success() {
+            return None;
+        }
+        response.json::<Value>().await.ok()
+    })
+    .await;
+    let url = webhook["url"].as_str().unwrap().to_owned();
+    let secret = webhook["secret"].as_str().unwrap().to_owned();
+    assert!(url.starts_with(&app.base_url), "{url}");
+    let body = json!({"receiptId": "RN-x", "messageId": id, "state": "ACKNOWLEDGED", "reason": null, "occurredAt": "2026-11-24T00:00:00Z"}).to_string();
+    let sign = |timestamp: i64| {
+        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+        mac.update(format!("{timestamp}.{body}").as_bytes());
+        let bytes = mac.finalize().into_bytes();
+        format!(
+            "sha256={}",
+            bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        )
+    };
+    let push = |timestamp: i64, signature: String| {
+        app.client
+            .post(&url)
+            .header("X-RN-Timestamp", timestamp.to_string())
+            .header("X-RN-Signature", signature)
+            .header("Content-Type", "application/json")
+            .body(body.clone())
+            .send()
+    };
+    let now = chrono::Utc::now().timestamp();
+
+    let forged = push(now, format!("sha256={}", "ab".repeat(32)))
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), 401);
+    let stale = push(now - 3600, sign(now - 3600)).await.unwrap();
+    assert_eq!(stale.status(), 401, "a replay of an old receipt is refused");
+    assert_ne!(app.message_status(&chen, &id).await, "ACKNOWLEDGED");
+
+    let genuine = push(now, sign(now)).await.unwrap();
+    assert_eq!(genuine.status(), 204);
+    assert_eq!(app.message_status(&chen, &id).await, "ACKNOWLEDGED");
+    let again = push(now, sign(now)).await.unwrap();
+    assert_eq!(again.status(), 204, "a duplicate is harmless");
+    assert_eq!(app.message_status(&chen, &id).await, "ACKNOWLEDGED");
+}

@@ -747,6 +747,7 @@ impl IntegrationService {
             created_at: now,
             status_changed_at: now,
             last_checked_at: Some(now),
+            webhook_secret_ciphertext: None,
             next_check_at: (status == ConnectionStatus::WaitingForApproval)
                 .then(|| later(now, self.settings.approval_poll_interval)),
             check_failures: 0,

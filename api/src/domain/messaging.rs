@@ -54,6 +54,10 @@ pub struct MessagingSettings {
     pub give_up_after: Duration,
     /// Provider order when a send names none and both reach the recipient.
     pub provider_preference: Vec<Provider>,
+    /// The gateway's externally reachable base URL, for providers that push receipts.
+    pub public_url: Option<String>,
+    /// How far a pushed receipt's timestamp may be from now (replay window).
+    pub webhook_tolerance: Duration,
 }
 
 /// A patient, decrypted.
@@ -980,38 +984,14 @@ impl MessagingService {
                 "sent message without a provider reference"
             )));
         };
-        let next_poll = Some(Some(later(now, self.settings.status_poll_interval)));
         let update = match adapter.delivery_state(&credentials, reference).await {
-            Ok(DeliveryState::Accepted) => MessageUpdate {
-                next_attempt_at: next_poll,
-                ..MessageUpdate::default()
-            },
-            Ok(DeliveryState::Delivered) if message.status == "SENT" => MessageUpdate {
-                status: Some("DELIVERED".into()),
-                delivered_at: Some(now),
-                next_attempt_at: next_poll,
-                ..MessageUpdate::default()
-            },
-            Ok(DeliveryState::Delivered) => MessageUpdate {
-                next_attempt_at: next_poll,
-                ..MessageUpdate::default()
-            },
-            Ok(DeliveryState::Acknowledged) => MessageUpdate {
-                status: Some("ACKNOWLEDGED".into()),
-                delivered_at: message.delivered_at.or(Some(now)),
-                acknowledged_at: Some(now),
-                next_attempt_at: Some(None),
-                ..MessageUpdate::default()
-            },
-            Ok(DeliveryState::Failed(reason)) => MessageUpdate {
-                status: Some("FAILED".into()),
-                failure_reason: Some(format!(
-                    "{provider}: {}",
-                    reason.chars().take(200).collect::<String>()
-                )),
-                next_attempt_at: Some(None),
-                ..MessageUpdate::default()
-            },
+            Ok(state) => delivery_update(
+                message,
+                &state,
+                now,
+                later(now, self.settings.status_poll_interval),
+                provider,
+            ),
             Err(error) => {
                 tracing::warn!(message = %message.id, error = %error, "delivery status check failed; will retry");
                 MessageUpdate {
@@ -1173,6 +1153,7 @@ impl MessagingService {
             else {
                 continue;
             };
+            self.ensure_webhook(&account, &credentials).await;
             let adapter = self.providers.get(account.provider);
             let items = match adapter.fetch_inbox(&credentials).await {
                 Ok(items) => items,
@@ -1263,11 +1244,196 @@ impl MessagingService {
         Ok(received)
     }
 
+    /// Makes sure an ACTIVE account of a provider that pushes receipts pushes them to us.
+    async fn ensure_webhook(
+        &self,
+        account: &crate::store::accounts::AccountRow,
+        credentials: &crate::domain::types::ProviderCredentials,
+    ) {
+        let Some(public_url) = &self.settings.public_url else {
+            return;
+        };
+        if account.webhook_secret_ciphertext.is_some() {
+            return;
+        }
+        let url = format!(
+            "{}/webhooks/{}/{}",
+            public_url.trim_end_matches('/'),
+            account.provider.code().to_lowercase(),
+            account.id
+        );
+        match self
+            .providers
+            .get(account.provider)
+            .register_webhook(credentials, &url)
+            .await
+        {
+            Ok(Some(secret)) => match self
+                .secrets
+                .seal(&secret, &format!("webhook/{}", account.id))
+            {
+                Ok(sealed) => {
+                    if let Err(error) = self.store.set_webhook_secret(&account.id, &sealed).await {
+                        tracing::warn!(error = ?error, "could not store a webhook secret");
+                    }
+                }
+                Err(error) => tracing::error!(error = ?error, "could not seal a webhook secret"),
+            },
+            Ok(None) => {}
+            Err(error) => {
+                tracing::warn!(provider = %account.provider, error = %error, "webhook registration failed; polling continues")
+            }
+        }
+    }
+
+    /// A delivery receipt pushed by a provider. The signature (HMAC-SHA256 of
+    /// `"<timestamp>.<body>"` with the account's secret) and the timestamp (within the replay
+    /// window) are checked before anything in the body is believed.
+    pub async fn receive_receipt(
+        &self,
+        account_id: &str,
+        timestamp: Option<&str>,
+        signature: Option<&str>,
+        body: &[u8],
+    ) -> Result<(), GatewayError> {
+        use hmac::{Hmac, Mac};
+        let refused = || {
+            GatewayError::Unauthenticated(
+                "the receipt's signature or timestamp is not valid".into(),
+            )
+        };
+        let account = self
+            .store
+            .account_by_id(account_id)
+            .await?
+            .ok_or_else(refused)?;
+        let sealed = account
+            .webhook_secret_ciphertext
+            .as_deref()
+            .ok_or_else(refused)?;
+        let secret = self
+            .secrets
+            .open(sealed, &format!("webhook/{}", account.id))
+            .map_err(GatewayError::internal)?;
+        let timestamp = timestamp.ok_or_else(refused)?;
+        let sent_at: i64 = timestamp.parse().map_err(|_| refused())?;
+        if (Utc::now().timestamp() - sent_at).unsigned_abs()
+            > self.settings.webhook_tolerance.as_secs()
+        {
+            return Err(refused());
+        }
+        let signature = signature
+            .and_then(|value| value.strip_prefix("sha256="))
+            .ok_or_else(refused)?;
+        let expected = decode_hex(signature).ok_or_else(refused)?;
+        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes())
+            .map_err(GatewayError::internal)?;
+        mac.update(timestamp.as_bytes());
+        mac.update(b".");
+        mac.update(body);
+        mac.verify_slice(&expected).map_err(|_| refused())?;
+
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Receipt {
+            message_id: String,
+            state: String,
+            reason: Option<String>,
+        }
+        let receipt: Receipt = serde_json::from_slice(body).map_err(|_| {
+            GatewayError::BadUserInput("the receipt is not the expected JSON".into())
+        })?;
+        let Some(message) = self.store.message_by_id(&receipt.message_id).await? else {
+            return Ok(());
+        };
+        let ours = message.group_id == account.group_id
+            && message.provider == account.provider.code()
+            && message.direction == "OUTBOUND";
+        // Not ours, not sent yet (polling will see it), or already final: nothing to change.
+        if !ours || !matches!(message.status.as_str(), "SENT" | "DELIVERED") {
+            return Ok(());
+        }
+        let state = match receipt.state.as_str() {
+            "DELIVERED" => DeliveryState::Delivered,
+            "ACKNOWLEDGED" => DeliveryState::Acknowledged,
+            "UNDELIVERABLE" => {
+                DeliveryState::Failed(receipt.reason.unwrap_or_else(|| "undeliverable".into()))
+            }
+            _ => return Ok(()),
+        };
+        let now = Utc::now();
+        let update = delivery_update(
+            &message,
+            &state,
+            now,
+            later(now, self.settings.status_poll_interval),
+            account.provider,
+        );
+        self.store
+            .update_message(&message.id, &message.status, &update)
+            .await?;
+        Ok(())
+    }
+
     async fn audit(&self, entry: AuditEntry) {
         if let Err(error) = self.store.insert_audit(&entry).await {
             tracing::error!(action = %entry.action, error = ?error, "could not record an audit event");
         }
     }
+}
+
+/// What a provider's delivery state means for a message in its current status. Transitions
+/// only move forward, so duplicate and out-of-order receipts change nothing.
+fn delivery_update(
+    message: &MessageRow,
+    state: &DeliveryState,
+    now: DateTime<Utc>,
+    next_poll: DateTime<Utc>,
+    provider: Provider,
+) -> MessageUpdate {
+    let poll_again = Some(Some(next_poll));
+    match state {
+        DeliveryState::Accepted => MessageUpdate {
+            next_attempt_at: poll_again,
+            ..MessageUpdate::default()
+        },
+        DeliveryState::Delivered if message.status == "SENT" => MessageUpdate {
+            status: Some("DELIVERED".into()),
+            delivered_at: Some(now),
+            next_attempt_at: poll_again,
+            ..MessageUpdate::default()
+        },
+        DeliveryState::Delivered => MessageUpdate {
+            next_attempt_at: poll_again,
+            ..MessageUpdate::default()
+        },
+        DeliveryState::Acknowledged => MessageUpdate {
+            status: Some("ACKNOWLEDGED".into()),
+            delivered_at: message.delivered_at.or(Some(now)),
+            acknowledged_at: Some(now),
+            next_attempt_at: Some(None),
+            ..MessageUpdate::default()
+        },
+        DeliveryState::Failed(reason) => MessageUpdate {
+            status: Some("FAILED".into()),
+            failure_reason: Some(format!(
+                "{provider}: {}",
+                reason.chars().take(200).collect::<String>()
+            )),
+            next_attempt_at: Some(None),
+            ..MessageUpdate::default()
+        },
+    }
+}
+
+fn decode_hex(text: &str) -> Option<Vec<u8>> {
+    if text.len() % 2 != 0 {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|index| u8::from_str_radix(text.get(index..index + 2)?, 16).ok())
+        .collect()
 }
 
 fn safe(word: &str) -> String {

@@ -173,6 +173,16 @@ pub trait ProviderClient: Send + Sync + 'static {
         credentials: &ProviderCredentials,
         id: &str,
     ) -> Result<(), ProviderError>;
+
+    /// Asks the provider to push delivery receipts to `url`; returns the signing secret, or
+    /// `None` for a provider that does not push (the gateway then relies on polling).
+    async fn register_webhook(
+        &self,
+        _credentials: &ProviderCredentials,
+        _url: &str,
+    ) -> Result<Option<String>, ProviderError> {
+        Ok(None)
+    }
 }
 
 /// Where and how to reach the providers.

@@ -109,6 +109,11 @@ struct RnInboxItem {
 }
 
 #[derive(Deserialize)]
+struct WebhookBody {
+    secret: String,
+}
+
+#[derive(Deserialize)]
 struct EnrolmentBody {
     state: String,
 }
@@ -412,6 +417,31 @@ impl ProviderClient for ReferralNetClient {
         }
         match response.status() {
             status if status.is_success() => Ok(()),
+            _ => Err(fault(response).await),
+        }
+    }
+
+    async fn register_webhook(
+        &self,
+        credentials: &ProviderCredentials,
+        url: &str,
+    ) -> Result<Option<String>, ProviderError> {
+        let token = self.login(credentials).await?;
+        let response = self
+            .client
+            .put(endpoint(&self.base_url, "/referralnet/api/webhook"))
+            .bearer_auth(token)
+            .json(&serde_json::json!({ "url": url }))
+            .send()
+            .await
+            .map_err(transport_failure)?;
+        if let Some(error) = unavailable_status(&response) {
+            return Err(error);
+        }
+        match response.status() {
+            StatusCode::OK | StatusCode::CREATED => {
+                Ok(Some(read_json::<WebhookBody>(response).await?.secret))
+            }
             _ => Err(fault(response).await),
         }
     }

@@ -71,6 +71,8 @@ pub struct AccountRow {
     pub next_check_at: Option<DateTime<Utc>>,
     /// Consecutive failed checks (drives the back-off).
     pub check_failures: u32,
+    /// The sealed secret the provider signs pushed receipts with, once registered.
+    pub webhook_secret_ciphertext: Option<String>,
 }
 
 /// A practitioner's own link to the group account.
@@ -259,6 +261,34 @@ impl Store {
         Ok(deleted > 0)
     }
 
+    /// Stores the sealed webhook secret of an account.
+    pub async fn set_webhook_secret(
+        &self,
+        account_id: &str,
+        sealed: &str,
+    ) -> Result<(), StoreError> {
+        let txn = self.begin_write().await?;
+        provider_accounts::Entity::update_many()
+            .col_expr(
+                provider_accounts::Column::WebhookSecretCiphertext,
+                Expr::value(sealed),
+            )
+            .filter(provider_accounts::Column::Id.eq(account_id))
+            .exec(&txn)
+            .await?;
+        txn.commit().await?;
+        Ok(())
+    }
+
+    /// An account by id.
+    pub async fn account_by_id(&self, account_id: &str) -> Result<Option<AccountRow>, StoreError> {
+        provider_accounts::Entity::find_by_id(account_id.to_owned())
+            .one(self.connection())
+            .await?
+            .map(account_from_model)
+            .transpose()
+    }
+
     /// Every `ACTIVE` group account (the inbox poller visits each).
     pub async fn active_accounts(&self) -> Result<Vec<AccountRow>, StoreError> {
         provider_accounts::Entity::find()
@@ -432,6 +462,7 @@ fn account_to_active(account: &AccountRow) -> provider_accounts::ActiveModel {
         last_checked_at: Set(account.last_checked_at.map(to_millis)),
         next_check_at: Set(account.next_check_at.map(to_millis)),
         check_failures: Set(account.check_failures as i32),
+        webhook_secret_ciphertext: Set(account.webhook_secret_ciphertext.clone()),
     }
 }
 
@@ -463,6 +494,7 @@ fn account_from_model(model: provider_accounts::Model) -> Result<AccountRow, Sto
         last_checked_at: model.last_checked_at.map(from_millis),
         next_check_at: model.next_check_at.map(from_millis),
         check_failures: u32::try_from(model.check_failures).unwrap_or(0),
+        webhook_secret_ciphertext: model.webhook_secret_ciphertext,
     })
 }
 

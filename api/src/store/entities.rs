@@ -63,6 +63,7 @@ pub mod provider_accounts {
         pub last_checked_at: Option<i64>,
         pub next_check_at: Option<i64>,
         pub check_failures: i32,
+        pub webhook_secret_ciphertext: Option<String>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
