@@ -187,6 +187,7 @@ impl App {
                 provider_preference: vec![Provider::Argus, Provider::ReferralNet],
                 public_url: Some(public_url.clone()),
                 webhook_tolerance: Duration::from_secs(300),
+                fail_after_send: settings.messaging.fail_after_send,
             },
         );
         let schema = build_schema(

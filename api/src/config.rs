@@ -127,6 +127,10 @@ pub struct MessagingConfig {
     pub retry_max_ms: u64,
     /// A message the provider has not accepted after this many seconds fails and is refunded.
     pub give_up_after_seconds: u64,
+    /// Test-only fault point: stop right after the provider accepted a message, before the
+    /// gateway records it (as a crash would).
+    #[doc(hidden)]
+    pub fail_after_send: bool,
 }
 
 impl Default for MessagingConfig {
@@ -136,6 +140,7 @@ impl Default for MessagingConfig {
             retry_base_ms: 1_000,
             retry_max_ms: 300_000,
             give_up_after_seconds: 86_400,
+            fail_after_send: false,
         }
     }
 }

@@ -55,6 +55,7 @@ pub struct Options {
     pub validate_login_per_minute: u32,
     pub purchase_lease_ms: u64,
     pub fail_after_charge: bool,
+    pub fail_after_send: bool,
 }
 
 impl Default for Options {
@@ -64,6 +65,7 @@ impl Default for Options {
             validate_login_per_minute: 5,
             purchase_lease_ms: 30_000,
             fail_after_charge: false,
+            fail_after_send: false,
         }
     }
 }
@@ -120,6 +122,7 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
             retry_base_ms: 50,
             retry_max_ms: 1_000,
             give_up_after_seconds: 600,
+            fail_after_send: options.fail_after_send,
         },
         approval_poll_interval_ms: Some(100),
         graphql: GraphqlSettings {

@@ -756,3 +756,65 @@ async fn pushed_receipts_are_verified_and_forged_or_stale_ones_are_rejected() {
     assert_eq!(again.status(), 204, "a duplicate is harmless");
     assert_eq!(app.message_status(&chen, &id).await, "ACKNOWLEDGED");
 }
+
+#[tokio::test]
+async fn a_crash_after_the_provider_accepted_delivers_each_message_exactly_once_after_restart() {
+    let app = spawn_app_with(Options {
+        fail_after_send: true,
+        ..Options::default()
+    })
+    .await;
+    let Practice { chen, note_id } = app.practice("clinic-1").await;
+    let recipient = app.recipient_on(&chen, &["ARGUS"]).await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let sent = app
+            .send(
+                &chen,
+                &note_id,
+                &["history"],
+                &recipient,
+                Some("ARGUS"),
+                &key(),
+            )
+            .await;
+        ids.push(
+            sent["data"]["sendSecureMessage"]["message"]["id"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{sent}"))
+                .to_owned(),
+        );
+    }
+    // The provider accepted all three, but the gateway "crashed" before recording it.
+    eventually(Duration::from_secs(15), || async {
+        (app.sandbox_messages().await.len() == 3).then_some(())
+    })
+    .await;
+    for id in &ids {
+        assert_eq!(app.message_status(&chen, id).await, "QUEUED");
+    }
+    app.stop().await;
+
+    let restarted = app
+        .spawn_second_gateway_with(|settings| settings.messaging.fail_after_send = false)
+        .await;
+    for id in &ids {
+        restarted.wait_for_status(&chen, id, "SENT").await;
+    }
+    restarted.advance_sandbox_clock(20).await;
+    for id in &ids {
+        restarted.wait_for_status(&chen, id, "ACKNOWLEDGED").await;
+    }
+    assert_eq!(
+        restarted.sandbox_messages().await.len(),
+        3,
+        "re-sent with the same ids: no second copies"
+    );
+    let credits = restarted
+        .gql(Some(&chen), "{ credits { balance } }", json!({}))
+        .await;
+    assert_eq!(
+        credits["data"]["credits"]["balance"], 91,
+        "three sends, charged once each"
+    );
+}

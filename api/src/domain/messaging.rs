@@ -58,6 +58,8 @@ pub struct MessagingSettings {
     pub public_url: Option<String>,
     /// How far a pushed receipt's timestamp may be from now (replay window).
     pub webhook_tolerance: Duration,
+    /// Test-only fault point: stop after the provider accepted, before recording it.
+    pub fail_after_send: bool,
 }
 
 /// A patient, decrypted.
@@ -937,6 +939,11 @@ impl MessagingService {
                 )
                 .await;
             match result {
+                Ok(_) if self.settings.fail_after_send => {
+                    return Err(GatewayError::internal(anyhow::anyhow!(
+                        "test fault point: stopped after the provider accepted"
+                    )));
+                }
                 Ok(reference) => {
                     let update = MessageUpdate {
                         status: Some("SENT".into()),
@@ -1427,7 +1434,7 @@ fn delivery_update(
 }
 
 fn decode_hex(text: &str) -> Option<Vec<u8>> {
-    if text.len() % 2 != 0 {
+    if !text.len().is_multiple_of(2) {
         return None;
     }
     (0..text.len())

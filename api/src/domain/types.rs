@@ -283,7 +283,7 @@ pub fn is_valid_hpii(value: &str) -> bool {
             }
         })
         .sum();
-    sum % 10 == 0
+    sum.is_multiple_of(10)
 }
 
 /// Everything a provider needs to register a new account.
