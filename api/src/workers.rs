@@ -1,93 +1,101 @@
-//! Background work. For now: the approval watcher, which asks providers about registrations
-//! waiting for approval. Its schedule lives in the database (`next_check_at`), so it survives
-//! restarts, backs off per account on provider errors, and several nodes share it safely.
+//! Background work, one periodic loop each: the approval watcher (registrations waiting for a
+//! provider's decision), purchase recovery (purchases left pending by a crash or an outage),
+//! and the outbox with the inbox poller (sending, tracking and receiving messages). Every
+//! schedule lives in the database, so the work survives restarts, and each item is claimed
+//! with a conditional update, so several gateway nodes share it without doing anything twice.
 
+use std::future::Future;
 use std::time::Duration;
 
 use chrono::Utc;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::domain::GatewayError;
 use crate::domain::credits::CreditService;
 use crate::domain::integrations::IntegrationService;
 use crate::domain::messaging::MessagingService;
 
-/// Starts the watcher; it stops when `shutdown` turns true.
+/// Runs `pass` every `tick` until `shutdown` turns true. A failed pass is logged and retried
+/// at the next tick.
+fn spawn_periodic<F, Fut>(
+    name: &'static str,
+    tick: Duration,
+    mut shutdown: watch::Receiver<bool>,
+    mut pass: F,
+) -> JoinHandle<()>
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: Future<Output = Result<(), GatewayError>> + Send,
+{
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(tick) => {}
+                _ = shutdown.changed() => break,
+            }
+            if *shutdown.borrow() {
+                break;
+            }
+            if let Err(error) = pass().await {
+                tracing::error!(worker = name, error = ?error, "background pass failed; retrying next tick");
+            }
+        }
+    })
+}
+
+/// Starts the approval watcher.
 pub(crate) fn spawn_approval_watcher(
     service: IntegrationService,
     interval: Duration,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
     // Wake at twice the check rate so a due check waits at most half an interval.
     let tick = (interval / 2).clamp(Duration::from_millis(50), Duration::from_secs(5));
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                () = tokio::time::sleep(tick) => {}
-                _ = shutdown.changed() => break,
-            }
-            if *shutdown.borrow() {
-                break;
-            }
-            match service.check_due_registrations(Utc::now()).await {
-                Ok(0) => {}
-                Ok(checked) => tracing::debug!(checked, "approval checks done"),
-                Err(error) => {
-                    tracing::error!(error = ?error, "approval watcher pass failed; retrying next tick")
-                }
-            }
+    spawn_periodic("approval watcher", tick, shutdown, move || {
+        let service = service.clone();
+        async move {
+            service
+                .check_due_registrations(Utc::now())
+                .await
+                .map(|_| ())
         }
     })
 }
 
-/// Starts the purchase recovery worker: it finishes purchases left `PENDING` by a crash, a
-/// lost answer or a payment gateway outage, charging again with the same idempotency key.
+/// Starts purchase recovery: it finishes purchases left `PENDING`, charging again with the
+/// same idempotency key (the payment gateway replays rather than charging twice).
 pub(crate) fn spawn_purchase_recovery(
     service: CreditService,
     lease: Duration,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
     let tick = (lease / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                () = tokio::time::sleep(tick) => {}
-                _ = shutdown.changed() => break,
-            }
-            if *shutdown.borrow() {
-                break;
-            }
-            if let Err(error) = service.recover_pending_purchases(Utc::now()).await {
-                tracing::error!(error = ?error, "purchase recovery pass failed; retrying next tick");
-            }
+    spawn_periodic("purchase recovery", tick, shutdown, move || {
+        let service = service.clone();
+        async move {
+            service
+                .recover_pending_purchases(Utc::now())
+                .await
+                .map(|_| ())
         }
     })
 }
 
-/// Starts the outbox: it hands queued messages to providers and follows sent ones to
-/// `DELIVERED` and `ACKNOWLEDGED`. Its schedule is `next_attempt_at` in the database, so it
-/// survives restarts, and claims make several nodes share it without sending twice.
+/// Starts the outbox and inbox poller: queued messages go to providers, sent ones are followed
+/// to `DELIVERED` and `ACKNOWLEDGED`, and waiting inbound messages are fetched and stored.
 pub(crate) fn spawn_outbox(
     service: MessagingService,
     poll_interval: Duration,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
     let tick = (poll_interval / 2).clamp(Duration::from_millis(50), Duration::from_secs(2));
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                () = tokio::time::sleep(tick) => {}
-                _ = shutdown.changed() => break,
-            }
-            if *shutdown.borrow() {
-                break;
-            }
-            if let Err(error) = service.process_outbox(Utc::now()).await {
-                tracing::error!(error = ?error, "outbox pass failed; retrying next tick");
-            }
-            if let Err(error) = service.poll_inboxes().await {
-                tracing::error!(error = ?error, "inbox pass failed; retrying next tick");
-            }
+    spawn_periodic("outbox", tick, shutdown, move || {
+        let service = service.clone();
+        async move {
+            let outbox = service.process_outbox(Utc::now()).await;
+            let inbox = service.poll_inboxes().await;
+            outbox.and(inbox).map(|_| ())
         }
     })
 }

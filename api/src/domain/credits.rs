@@ -20,10 +20,10 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use crate::crypto::SecretBox;
-use crate::domain::GatewayError;
 use crate::domain::audit::{AuditEntry, AuditOutcome, Principal};
 use crate::domain::pricing::{Catalogue, CreditPack};
 use crate::domain::types::Role;
+use crate::domain::{GatewayError, later};
 use crate::providers::ProviderError;
 use crate::providers::payments::{CardSummary, ChargeOutcome, ChargeRequest, PaymentGateway};
 use crate::store::credits::{
@@ -1083,13 +1083,6 @@ fn replay_transfer(response: &str) -> Result<TransferResult, GatewayError> {
         from_balance: value["fromBalance"].as_i64().unwrap_or_default(),
         to_balance: value["toBalance"].as_i64().unwrap_or_default(),
     })
-}
-
-fn later(now: DateTime<Utc>, delay: Duration) -> DateTime<Utc> {
-    chrono::Duration::from_std(delay)
-        .ok()
-        .and_then(|delay| now.checked_add_signed(delay))
-        .unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
 
 #[cfg(test)]

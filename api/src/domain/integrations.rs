@@ -8,12 +8,12 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use crate::crypto::SecretBox;
-use crate::domain::GatewayError;
 use crate::domain::audit::{AuditEntry, AuditOutcome, Principal, actions};
 use crate::domain::types::{
     ConnectionStatus, Provider, ProviderCredentials, ProviderPassword, ProviderUsername,
     Registration, Role,
 };
+use crate::domain::{GatewayError, later};
 use crate::events::EventBus;
 use crate::providers::{AccountState, ProviderError, Providers};
 use crate::store::accounts::{AccountOrigin, AccountRow, CheckOutcome, InsertOutcome, LinkRow};
@@ -886,14 +886,6 @@ fn view(
         status_changed_at: account.map(|account| account.status_changed_at),
         linked_at: link.map(|link| link.created_at),
     }
-}
-
-/// `now + delay`, saturating instead of panicking on absurd delays.
-fn later(now: DateTime<Utc>, delay: Duration) -> DateTime<Utc> {
-    chrono::Duration::from_std(delay)
-        .ok()
-        .and_then(|delay| now.checked_add_signed(delay))
-        .unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
 
 /// `interval × 2^(failures-1)`, capped at `max`.

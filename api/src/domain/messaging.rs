@@ -15,12 +15,12 @@ use chrono::{DateTime, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::crypto::SecretBox;
-use crate::domain::GatewayError;
 use crate::domain::audit::{AuditEntry, AuditOutcome, Principal};
 use crate::domain::credits::{CREDITS_PER_MESSAGE, CreditService, IdempotencyKey};
 use crate::domain::hl7;
 use crate::domain::integrations::IntegrationService;
 use crate::domain::types::{ConnectionStatus, Provider, Role};
+use crate::domain::{GatewayError, later};
 use crate::providers::{DeliveryState, DirectoryEntry, OutboundMessage, ProviderError, Providers};
 use crate::store::messaging::{MessageRow, MessageUpdate, NoteRow, PatientRow};
 use crate::store::{Store, new_id};
@@ -1448,11 +1448,4 @@ fn safe(word: &str) -> String {
         .filter(char::is_ascii_alphanumeric)
         .take(32)
         .collect()
-}
-
-fn later(now: DateTime<Utc>, delay: Duration) -> DateTime<Utc> {
-    chrono::Duration::from_std(delay)
-        .ok()
-        .and_then(|delay| now.checked_add_signed(delay))
-        .unwrap_or(DateTime::<Utc>::MAX_UTC)
 }

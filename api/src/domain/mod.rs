@@ -12,3 +12,15 @@ pub mod pricing;
 pub mod types;
 
 pub use error::GatewayError;
+
+/// `now + delay`, saturating at the end of time instead of panicking on an absurd delay (a
+/// provider's huge `Retry-After`, a misconfigured interval).
+pub(crate) fn later(
+    now: chrono::DateTime<chrono::Utc>,
+    delay: std::time::Duration,
+) -> chrono::DateTime<chrono::Utc> {
+    chrono::Duration::from_std(delay)
+        .ok()
+        .and_then(|delay| now.checked_add_signed(delay))
+        .unwrap_or(chrono::DateTime::<chrono::Utc>::MAX_UTC)
+}
