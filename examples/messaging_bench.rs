@@ -553,11 +553,10 @@ async fn direct_send_loop(target: DirectTarget, deadline: Instant) -> TaskOutcom
             Ok(response) => {
                 let status = response.status();
                 match response.json::<Value>().await {
-                    Ok(body) if status == reqwest::StatusCode::ACCEPTED => {
-                        body["trackingId"].as_str().map(str::to_owned).ok_or(
-                            format!("HTTP {status} without a trackingId"),
-                        )
-                    }
+                    Ok(body) if status == reqwest::StatusCode::ACCEPTED => body["trackingId"]
+                        .as_str()
+                        .map(str::to_owned)
+                        .ok_or(format!("HTTP {status} without a trackingId")),
                     Ok(body) => Err(format!("HTTP {status}: {}", body["error"]["code"])),
                     Err(error) => Err(format!("HTTP {status}, unreadable body: {error}")),
                 }
@@ -721,7 +720,9 @@ async fn outbound_messages(
         if connection["pageInfo"]["hasNextPage"] != true {
             return Ok(listed);
         }
-        after = connection["pageInfo"]["endCursor"].as_str().map(str::to_owned);
+        after = connection["pageInfo"]["endCursor"]
+            .as_str()
+            .map(str::to_owned);
     }
 }
 
@@ -794,11 +795,7 @@ struct RunningGateway {
 impl RunningGateway {
     /// Builds a production-mode gateway the way `tests/e2e/helpers.rs` does, on `sandbox_url`
     /// for providers and payments.
-    async fn start(
-        sandbox_url: &str,
-        database_url: &str,
-        data_dir: &Path,
-    ) -> anyhow::Result<Self> {
+    async fn start(sandbox_url: &str, database_url: &str, data_dir: &Path) -> anyhow::Result<Self> {
         let settings = Settings {
             mode: Mode::Production,
             listen: "127.0.0.1:0".parse()?,
@@ -978,7 +975,13 @@ impl Bench {
         let directory = tempfile::tempdir()?;
         let (database_url, postgres_name) = backend.fresh_database(directory.path()).await?;
         let outcome = self
-            .run_cell_on(backend, clients, &sandbox.base_url(), &database_url, directory.path())
+            .run_cell_on(
+                backend,
+                clients,
+                &sandbox.base_url(),
+                &database_url,
+                directory.path(),
+            )
             .await;
         sandbox.shutdown().await;
         if let Some(name) = postgres_name {
@@ -1002,9 +1005,9 @@ impl Bench {
             graphql_url: format!("{}/graphql", running.url),
         };
         // Enough credits for every practitioner even if one client sent at the budgeted rate.
-        let credits_each = BUDGETED_SENDS_PER_SECOND * self.phase.as_secs().max(1)
-            * CREDITS_PER_SEND as u64
-            / clients as u64;
+        let credits_each =
+            BUDGETED_SENDS_PER_SECOND * self.phase.as_secs().max(1) * CREDITS_PER_SEND as u64
+                / clients as u64;
         let packs = usize::try_from(credits_each.div_ceil(PACK_CREDITS as u64))?.max(1);
         eprintln!("{cell}: enrolling {clients} practitioner(s), {packs} × {PACK_ID} each");
         let practitioners = enroll_practitioners(&gateway, clients, packs).await?;
@@ -1027,12 +1030,9 @@ impl Bench {
             .collect();
         let gateway_phase = run_phase(tasks, started, cpu_at_start).await?;
         let drain_started = Instant::now();
-        let drained = wait_until_delivered(
-            &gateway,
-            &practitioners,
-            drain_started + DELIVERY_DEADLINE,
-        )
-        .await?;
+        let drained =
+            wait_until_delivered(&gateway, &practitioners, drain_started + DELIVERY_DEADLINE)
+                .await?;
         let drain_time = drain_started.elapsed();
         if !drained {
             self.mismatch(
@@ -1114,7 +1114,13 @@ impl Bench {
 
         eprintln!("{cell}: probes");
         let probes = self
-            .probes(&gateway, &running.store, &practitioners[0], sandbox_url, &recipient_id)
+            .probes(
+                &gateway,
+                &running.store,
+                &practitioners[0],
+                sandbox_url,
+                &recipient_id,
+            )
             .await?;
         running.stop().await?;
 
@@ -1294,9 +1300,10 @@ fn print_diagnostics_table(reports: &[CellReport]) {
             report.probes.graphql_read_ms,
             report.probes.commit_ms,
             report.probes.directory_lookup_ms,
-            report
-                .peak_resident_set_kib
-                .map_or_else(|| "?".to_owned(), |kib| format!("{:.0}", kib as f64 / 1024.0)),
+            report.peak_resident_set_kib.map_or_else(
+                || "?".to_owned(),
+                |kib| format!("{:.0}", kib as f64 / 1024.0)
+            ),
         );
     }
 }
@@ -1483,7 +1490,10 @@ async fn main() -> anyhow::Result<()> {
         "peak RSS (VmHWM): {}",
         overall_peak.map_or_else(|| "unknown".to_owned(), |kib| format!("{kib} kB"))
     );
-    println!("total run time: {:.0} s", run_started.elapsed().as_secs_f64());
+    println!(
+        "total run time: {:.0} s",
+        run_started.elapsed().as_secs_f64()
+    );
     println!();
     println!("What limits it: {}", what_limits_it(&reports, cores));
     ensure!(

@@ -419,6 +419,8 @@ async fn transient_provider_faults_are_retried_and_deliver_exactly_one_copy() {
     let app = spawn_app().await;
     let Practice { chen, note_id } = app.practice("clinic-1").await;
     let recipient = app.recipient_on(&chen, &["ARGUS"]).await;
+    app.inject_fault("argus", "messages", "timeout", 1, json!({"holdSeconds": 3}))
+        .await;
     app.inject_fault("argus", "messages", "server_error", 2, json!({}))
         .await;
     app.inject_fault(

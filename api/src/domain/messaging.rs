@@ -187,7 +187,7 @@ fn clean_text(field: &str, raw: &str, max: usize) -> Result<String, GatewayError
 fn practitioner_only(principal: &Principal, what: &str) -> Result<(), GatewayError> {
     if principal.role != Role::Practitioner {
         return Err(GatewayError::Forbidden(format!(
-            "only practitioners can {what}; administrators cannot act for a practitioner"
+            "only practitioners can {what}; administrators cannot act on a practitioner's behalf"
         )));
     }
     Ok(())
@@ -548,10 +548,7 @@ impl MessagingService {
         principal: &Principal,
         request: SendRequest,
     ) -> Result<SendResult, GatewayError> {
-        practitioner_only(
-            principal,
-            "send secure messages (administrators cannot send on a practitioner's behalf)",
-        )?;
+        practitioner_only(principal, "send secure messages")?;
         let fingerprint_sections = request.section_keys.join(",");
         if let Some(existing) = self
             .store
