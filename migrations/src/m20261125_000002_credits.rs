@@ -67,6 +67,7 @@ enum Purchases {
     RequestedByUserId,
     RequestedBySubject,
     IdempotencyKey,
+    TokenCiphertext,
     Attempts,
     NextAttemptAt,
     CreatedAt,
@@ -268,6 +269,20 @@ impl MigrationTrait for Migration {
                     .to_owned(),
             )
             .await?;
+        // A backstop under the conditional updates: one entry per wallet, kind and cause, so a
+        // purchase, a send debit or a refund can never be booked twice.
+        manager
+            .create_index(
+                Index::create()
+                    .name("ux_ledger_entries_user_kind_reference")
+                    .table(LedgerEntries::Table)
+                    .col(LedgerEntries::UserId)
+                    .col(LedgerEntries::Kind)
+                    .col(LedgerEntries::Reference)
+                    .unique()
+                    .to_owned(),
+            )
+            .await?;
         manager
             .create_table(
                 Table::create()
@@ -317,6 +332,7 @@ impl MigrationTrait for Migration {
                             .string_len(128)
                             .null(),
                     )
+                    .col(ColumnDef::new(Purchases::TokenCiphertext).text().null())
                     .col(
                         ColumnDef::new(Purchases::Attempts)
                             .integer()

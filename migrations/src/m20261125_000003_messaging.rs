@@ -9,6 +9,7 @@ pub struct Migration;
 #[derive(DeriveIden)]
 enum Users {
     Table,
+    GroupId,
     Hpii,
 }
 
@@ -57,6 +58,7 @@ enum Messages {
     FailureReason,
     CreditsCharged,
     Refunded,
+    Ambiguous,
     Attempts,
     NextAttemptAt,
     CreatedAt,
@@ -89,6 +91,17 @@ impl MigrationTrait for Migration {
                 Table::alter()
                     .table(Users::Table)
                     .add_column(ColumnDef::new(Users::Hpii).string_len(16).null())
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("ux_users_group_hpii")
+                    .table(Users::Table)
+                    .col(Users::GroupId)
+                    .col(Users::Hpii)
+                    .unique()
                     .to_owned(),
             )
             .await?;
@@ -232,6 +245,12 @@ impl MigrationTrait for Migration {
                     )
                     .col(
                         ColumnDef::new(Messages::Refunded)
+                            .boolean()
+                            .not_null()
+                            .default(false),
+                    )
+                    .col(
+                        ColumnDef::new(Messages::Ambiguous)
                             .boolean()
                             .not_null()
                             .default(false),

@@ -367,17 +367,12 @@ impl CreditService {
             ))
         })?;
         let target = self.target(principal, practitioner_id, "buy").await?;
-        if self
-            .store
-            .payment_method(&principal.group_id)
-            .await?
-            .is_none()
-        {
+        let Some(method) = self.store.payment_method(&principal.group_id).await? else {
             return Err(GatewayError::BadUserInput(
                 "your practice has no payment method yet; set one with setPaymentMethod first"
                     .into(),
             ));
-        }
+        };
         let fingerprint = format!("pack={};practitioner={}", pack.id, target.user_id);
         let keep_until = later(Utc::now(), self.settings.key_retention);
         let key_request = KeyRequest {
@@ -394,6 +389,7 @@ impl CreditService {
             "MANUAL",
             Some(principal),
             Some(key.as_str()),
+            Some(method.token_ciphertext),
         );
         match self
             .store
@@ -443,6 +439,9 @@ impl CreditService {
         Ok(PurchaseResult { purchase, balance })
     }
 
+    // Who receives the credits, what, why, who asked, under which key, with which card: all
+    // part of the row.
+    #[allow(clippy::too_many_arguments)]
     fn new_purchase(
         &self,
         group_id: &str,
@@ -451,6 +450,7 @@ impl CreditService {
         origin: &str,
         requested_by: Option<&Principal>,
         key: Option<&str>,
+        token_ciphertext: Option<String>,
     ) -> PurchaseRow {
         let now = Utc::now();
         PurchaseRow {
@@ -468,6 +468,7 @@ impl CreditService {
             requested_by_user_id: requested_by.map(|principal| principal.user_id.clone()),
             requested_by_subject: requested_by.map(|principal| principal.subject.clone()),
             idempotency_key: key.map(str::to_owned),
+            token_ciphertext,
             attempts: 0,
             // The recovery worker leaves it alone while this request drives it.
             next_attempt_at: Some(later(now, self.settings.purchase_lease)),
@@ -479,17 +480,20 @@ impl CreditService {
     /// retried here a few times with the same key; if the outcome is still unknown the
     /// purchase stays pending for the recovery worker.
     async fn drive_purchase(&self, purchase: PurchaseRow) -> Result<PurchaseResult, GatewayError> {
-        let Some(method) = self.store.payment_method(&purchase.group_id).await? else {
-            self.record_decline(&purchase, "no_payment_method", None)
-                .await?;
-            return Err(declined("no_payment_method"));
+        let sealed_token = match &purchase.token_ciphertext {
+            Some(sealed) => sealed.clone(),
+            None => match self.store.payment_method(&purchase.group_id).await? {
+                Some(method) => method.token_ciphertext,
+                None => {
+                    self.record_decline(&purchase, "no_payment_method", None)
+                        .await?;
+                    return Err(declined("no_payment_method"));
+                }
+            },
         };
         let token = self
             .secrets
-            .open(
-                &method.token_ciphertext,
-                &payment_context(&purchase.group_id),
-            )
+            .open(&sealed_token, &payment_context(&purchase.group_id))
             .map_err(GatewayError::internal)?;
         let description = format!("{} SMD Gateway credits", purchase.credits);
         let request = ChargeRequest {
@@ -649,6 +653,11 @@ impl CreditService {
         user_id: &str,
         reference: &str,
     ) -> Result<Result<DebitResult, i64>, GatewayError> {
+        let card = self
+            .store
+            .payment_method(group_id)
+            .await?
+            .map(|method| method.token_ciphertext);
         let txn = self.store.begin_credit_transaction().await?;
         let outcome = self
             .store
@@ -659,7 +668,7 @@ impl CreditService {
                 CREDITS_PER_MESSAGE,
                 "SEND_DEBIT",
                 reference,
-                |wallet| self.decide_top_up(group_id, wallet),
+                |wallet| self.decide_top_up(group_id, wallet, card),
             )
             .await?;
         match outcome {
@@ -689,6 +698,11 @@ impl CreditService {
         principal: &Principal,
         reference: &str,
     ) -> Result<Result<(i64, Option<PurchaseRow>), i64>, GatewayError> {
+        let card = self
+            .store
+            .payment_method(&principal.group_id)
+            .await?
+            .map(|method| method.token_ciphertext);
         let outcome = self
             .store
             .debit_in(
@@ -698,7 +712,7 @@ impl CreditService {
                 CREDITS_PER_MESSAGE,
                 "SEND_DEBIT",
                 reference,
-                |wallet| self.decide_top_up(&principal.group_id, wallet),
+                |wallet| self.decide_top_up(&principal.group_id, wallet, card),
             )
             .await?;
         Ok(match outcome {
@@ -743,7 +757,12 @@ impl CreditService {
     }
 
     /// The auto top-up rule, applied to the wallet as the debit left it.
-    fn decide_top_up(&self, group_id: &str, wallet: &WalletRow) -> Option<PurchaseRow> {
+    fn decide_top_up(
+        &self,
+        group_id: &str,
+        wallet: &WalletRow,
+        card: Option<String>,
+    ) -> Option<PurchaseRow> {
         if !wallet.auto_top_up_enabled
             || wallet.top_up_pending
             || wallet.balance >= wallet.threshold_credits
@@ -756,7 +775,15 @@ impl CreditService {
             .and_then(|id| self.catalogue().find(id))
             .unwrap_or_else(|| self.catalogue().smallest())
             .clone();
-        Some(self.new_purchase(group_id, &wallet.user_id, &pack, "AUTO_TOP_UP", None, None))
+        Some(self.new_purchase(
+            group_id,
+            &wallet.user_id,
+            &pack,
+            "AUTO_TOP_UP",
+            None,
+            None,
+            card,
+        ))
     }
 
     /// Charges a top-up in the background; the recovery worker finishes it if this node dies.
@@ -787,11 +814,19 @@ impl CreditService {
             .and_then(|id| self.catalogue().find(id))
             .unwrap_or_else(|| self.catalogue().smallest())
             .clone();
-        let key = IdempotencyKey::parse(&format!(
-            "buy-at-send:{}",
-            reference.chars().take(100).collect::<String>()
-        ))
-        .map_err(|problem| GatewayError::internal(anyhow::anyhow!(problem)))?;
+        // One purchase per (practitioner, send): the same send retried, or sent twice at once,
+        // finds this key and does not buy again.
+        let digest = {
+            use sha2::Digest;
+            let hash =
+                sha2::Sha256::digest(format!("{}:{reference}", principal.user_id).as_bytes());
+            hash.iter()
+                .take(16)
+                .map(|byte| format!("{byte:02x}"))
+                .collect::<String>()
+        };
+        let key = IdempotencyKey::parse(&format!("buy-at-send:{digest}"))
+            .map_err(|problem| GatewayError::internal(anyhow::anyhow!(problem)))?;
         self.purchase_as(principal, &pack, key, "BUY_AT_SEND")
             .await
             .map(|_| ())
@@ -804,16 +839,11 @@ impl CreditService {
         key: IdempotencyKey,
         origin: &str,
     ) -> Result<PurchaseResult, GatewayError> {
-        if self
-            .store
-            .payment_method(&principal.group_id)
-            .await?
-            .is_none()
-        {
+        let Some(method) = self.store.payment_method(&principal.group_id).await? else {
             return Err(GatewayError::InsufficientCredits(
                 "not enough credits, and your practice has no payment method to buy more at send time".into(),
             ));
-        }
+        };
         let fingerprint = format!("pack={};practitioner={}", pack.id, principal.user_id);
         let key_request = KeyRequest {
             group_id: &principal.group_id,
@@ -829,6 +859,7 @@ impl CreditService {
             origin,
             Some(principal),
             Some(key.as_str()),
+            Some(method.token_ciphertext),
         );
         match self
             .store

@@ -459,7 +459,8 @@ impl MessagingService {
             ));
         }
         let wanted = offset + first + 1;
-        let mut merged: BTreeMap<(String, String, String), PractitionerHit> = BTreeMap::new();
+        // Merged by HPI-I alone (providers may spell a name differently), sorted afterwards.
+        let mut merged: BTreeMap<String, PractitionerHit> = BTreeMap::new();
         let mut warnings = Vec::new();
         for (provider, credentials) in &active {
             let adapter = self.providers.get(*provider);
@@ -472,13 +473,8 @@ impl MessagingService {
                     Ok(page) => {
                         let count = page.entries.len() as u64;
                         for entry in page.entries {
-                            let sort_key = (
-                                entry.family_name.to_lowercase(),
-                                entry.given_name.to_lowercase(),
-                                entry.hpii.clone(),
-                            );
                             merged
-                                .entry(sort_key)
+                                .entry(entry.hpii.clone())
                                 .or_insert_with(|| PractitionerHit {
                                     entry,
                                     providers: Vec::new(),
@@ -499,7 +495,14 @@ impl MessagingService {
                 }
             }
         }
-        let all: Vec<PractitionerHit> = merged.into_values().collect();
+        let mut all: Vec<PractitionerHit> = merged.into_values().collect();
+        all.sort_by_cached_key(|hit| {
+            (
+                hit.entry.family_name.to_lowercase(),
+                hit.entry.given_name.to_lowercase(),
+                hit.entry.hpii.clone(),
+            )
+        });
         let has_next_page = all.len() as u64 > offset + first;
         let hits = all
             .into_iter()
@@ -721,6 +724,7 @@ impl MessagingService {
             failure_reason: None,
             credits_charged: CREDITS_PER_MESSAGE,
             refunded: false,
+            ambiguous: false,
             attempts: 0,
             next_attempt_at: Some(now),
             created_at: now,
@@ -781,7 +785,9 @@ impl MessagingService {
                             "you have {balance} credits and sending costs {CREDITS_PER_MESSAGE}; buy credits, or send with topUpIfShort"
                         )));
                     }
-                    self.credits.buy_for_send(principal, &message_id).await?;
+                    self.credits
+                        .buy_for_send(principal, request.idempotency_key.as_str())
+                        .await?;
                     bought = true;
                 }
             }
@@ -874,7 +880,9 @@ impl MessagingService {
         let due = self.store.due_messages(now, 50).await?;
         let results: Vec<Result<bool, GatewayError>> = futures::stream::iter(due)
             .map(|message| async move {
-                let lease_until = later(now, self.settings.outbox_lease);
+                // Timed from the claim itself: a late claim in a long pass must not start
+                // with a lease that has already run out.
+                let lease_until = later(Utc::now(), self.settings.outbox_lease);
                 if !self.store.claim_message(&message, lease_until).await? {
                     return Ok(false);
                 }
@@ -912,7 +920,15 @@ impl MessagingService {
             .await?
         else {
             // The account was disconnected or is no longer active: keep the message and look
-            // again later rather than failing it silently.
+            // again later; a queued one the provider never saw fails and is refunded in time.
+            if message.status == "QUEUED" && self.too_old(message, now) {
+                return self
+                    .give_up(
+                        message,
+                        &format!("your practice's {provider} connection is no longer active"),
+                    )
+                    .await;
+            }
             let update = MessageUpdate {
                 next_attempt_at: Some(Some(later(now, self.settings.retry_max))),
                 ..MessageUpdate::default()
@@ -960,24 +976,39 @@ impl MessagingService {
                     )
                     .await?;
                 }
+                Err(ProviderError::InvalidCredentials) if self.too_old(message, now) => {
+                    self.give_up(
+                        message,
+                        &format!("{provider} no longer accepts the practice's login"),
+                    )
+                    .await?;
+                }
                 Err(ProviderError::InvalidCredentials) => {
-                    self.retry_later(message, now, None).await?;
+                    self.retry_later(message, now, None, false).await?;
                 }
                 Err(error @ (ProviderError::Unavailable { .. } | ProviderError::Duplicate)) => {
                     let retry_after = match &error {
                         ProviderError::Unavailable { retry_after, .. } => *retry_after,
                         _ => None,
                     };
-                    let age = (now - message.created_at).to_std().unwrap_or_default();
-                    if age > self.settings.give_up_after {
-                        self.fail_and_refund(
-                            message,
+                    // A timeout, a broken connection or an unreadable reply may hide an
+                    // acceptance; a clean 5xx or 429 does not.
+                    let ambiguous = matches!(&error, ProviderError::Unavailable { reason, .. }
+                        if reason == "timed out" || reason.starts_with("transport error") || reason.starts_with("malformed"));
+                    if self.too_old(message, now) {
+                        let message = MessageRow {
+                            ambiguous: message.ambiguous || ambiguous,
+                            ..message.clone()
+                        };
+                        self.give_up(
+                            &message,
                             &format!("{provider} did not accept the message in time"),
                         )
                         .await?;
                     } else {
                         tracing::warn!(message = %message.id, %provider, error = %error, "send failed; will retry");
-                        self.retry_later(message, now, retry_after).await?;
+                        self.retry_later(message, now, retry_after, ambiguous)
+                            .await?;
                     }
                 }
             }
@@ -988,6 +1019,17 @@ impl MessagingService {
                 "sent message without a provider reference"
             )));
         };
+        if self.too_old(message, now) {
+            // Sent long ago and never acknowledged (some recipients never are): stop asking.
+            let update = MessageUpdate {
+                next_attempt_at: Some(None),
+                ..MessageUpdate::default()
+            };
+            self.store
+                .update_message(&message.id, &message.status, &update)
+                .await?;
+            return Ok(());
+        }
         let update = match adapter.delivery_state(&credentials, reference).await {
             Ok(state) => delivery_update(
                 message,
@@ -1025,17 +1067,44 @@ impl MessagingService {
         (base + jitter).max(retry_after.unwrap_or_default().min(self.settings.retry_max))
     }
 
+    fn too_old(&self, message: &MessageRow, now: DateTime<Utc>) -> bool {
+        (now - message.created_at).to_std().unwrap_or_default() > self.settings.give_up_after
+    }
+
+    /// Gives up on a message the provider has not (knowingly) accepted. If an attempt may have
+    /// reached the provider unseen, the credits are not refunded blindly: the message fails
+    /// with a reason that says so.
+    async fn give_up(&self, message: &MessageRow, reason: &str) -> Result<(), GatewayError> {
+        if message.ambiguous {
+            let update = MessageUpdate {
+                status: Some("FAILED".into()),
+                failure_reason: Some(format!(
+                    "{reason}; an earlier attempt may have reached the provider, so the credits were not refunded automatically — contact support"
+                )),
+                next_attempt_at: Some(None),
+                ..MessageUpdate::default()
+            };
+            self.store
+                .update_message(&message.id, "QUEUED", &update)
+                .await?;
+            return Ok(());
+        }
+        self.fail_and_refund(message, reason).await
+    }
+
     async fn retry_later(
         &self,
         message: &MessageRow,
         now: DateTime<Utc>,
         retry_after: Option<Duration>,
+        ambiguous: bool,
     ) -> Result<(), GatewayError> {
         let update = MessageUpdate {
             next_attempt_at: Some(Some(later(
                 now,
                 self.backoff(message.attempts, retry_after),
             ))),
+            ambiguous,
             ..MessageUpdate::default()
         };
         self.store
@@ -1217,6 +1286,7 @@ impl MessagingService {
                     failure_reason: None,
                     credits_charged: 0,
                     refunded: false,
+                    ambiguous: false,
                     attempts: 0,
                     next_attempt_at: None,
                     created_at: now,
@@ -1418,13 +1488,20 @@ fn delivery_update(
             next_attempt_at: Some(None),
             ..MessageUpdate::default()
         },
-        DeliveryState::Failed(reason) => MessageUpdate {
-            status: Some("FAILED".into()),
-            failure_reason: Some(format!(
-                "{provider}: {}",
-                reason.chars().take(200).collect::<String>()
-            )),
-            next_attempt_at: Some(None),
+        // A delivered message cannot fail afterwards; the provider's words stay in the log.
+        DeliveryState::Failed(reason) if message.status == "SENT" => {
+            tracing::info!(message = %message.id, %provider, reason = %reason, "provider reports the message undeliverable");
+            MessageUpdate {
+                status: Some("FAILED".into()),
+                failure_reason: Some(format!(
+                    "{provider} could not deliver the message to the recipient's endpoint"
+                )),
+                next_attempt_at: Some(None),
+                ..MessageUpdate::default()
+            }
+        }
+        DeliveryState::Failed(_) => MessageUpdate {
+            next_attempt_at: poll_again,
             ..MessageUpdate::default()
         },
     }

@@ -198,6 +198,14 @@ impl PaymentGateway for HttpPaymentGateway {
                     }),
                 }
             }
+            // The same key with a different request: never a decline (money may have moved);
+            // leave it unresolved so it is looked at, not recorded as failed.
+            StatusCode::CONFLICT => Err(ProviderError::Unavailable {
+                reason:
+                    "payment gateway reports the idempotency key reused with a different request"
+                        .into(),
+                retry_after: None,
+            }),
             StatusCode::PAYMENT_REQUIRED => {
                 let body: ErrorBody = read_json(response).await?;
                 Ok(ChargeOutcome::Declined {

@@ -109,6 +109,9 @@ pub struct PurchaseRow {
     pub requested_by_subject: Option<String>,
     /// The client's idempotency key, completed when the purchase finishes (even by recovery).
     pub idempotency_key: Option<String>,
+    /// The sealed card token this purchase charges (fixed when it is created, so replacing
+    /// the practice's card never changes a charge already under way).
+    pub token_ciphertext: Option<String>,
     /// Charge attempts so far.
     pub attempts: i32,
     /// When the recovery worker may drive it next.
@@ -442,7 +445,15 @@ impl Store {
         if purchase.origin == "AUTO_TOP_UP" {
             wallet_update = wallet_update
                 .col_expr(wallets::Column::TopUpPending, Expr::value(false))
-                .col_expr(wallets::Column::TopUpFailures, Expr::value(0));
+                .col_expr(wallets::Column::TopUpFailures, Expr::value(0))
+                .col_expr(
+                    wallets::Column::LastTopUpFailure,
+                    Expr::value(Option::<String>::None),
+                )
+                .col_expr(
+                    wallets::Column::LastTopUpFailureAt,
+                    Expr::value(Option::<i64>::None),
+                );
         }
         wallet_update
             .filter(wallets::Column::UserId.eq(purchase.user_id.as_str()))
@@ -872,6 +883,7 @@ async fn insert_purchase(
         requested_by_user_id: Set(purchase.requested_by_user_id.clone()),
         requested_by_subject: Set(purchase.requested_by_subject.clone()),
         idempotency_key: Set(purchase.idempotency_key.clone()),
+        token_ciphertext: Set(purchase.token_ciphertext.clone()),
         attempts: Set(purchase.attempts),
         next_attempt_at: Set(purchase.next_attempt_at.map(to_millis)),
         created_at: Set(to_millis(purchase.created_at)),
@@ -928,6 +940,7 @@ fn purchase_from_model(model: purchases::Model) -> PurchaseRow {
         requested_by_user_id: model.requested_by_user_id,
         requested_by_subject: model.requested_by_subject,
         idempotency_key: model.idempotency_key,
+        token_ciphertext: model.token_ciphertext,
         attempts: model.attempts,
         next_attempt_at: model.next_attempt_at.map(from_millis),
         created_at: from_millis(model.created_at),

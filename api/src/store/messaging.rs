@@ -76,6 +76,9 @@ pub struct MessageRow {
     pub credits_charged: i64,
     /// Whether those credits were refunded.
     pub refunded: bool,
+    /// Whether an attempt may have reached the provider without our learning the answer
+    /// (timeout, broken connection, unreadable reply): then a give-up is not refunded blindly.
+    pub ambiguous: bool,
     /// Delivery attempts so far.
     pub attempts: i32,
     /// When the outbox should look at it next.
@@ -109,6 +112,8 @@ pub struct MessageUpdate {
     pub acknowledged_at: Option<DateTime<Utc>>,
     /// Mark refunded.
     pub refunded: bool,
+    /// Mark that an attempt's outcome is unknown.
+    pub ambiguous: bool,
 }
 
 impl Store {
@@ -385,6 +390,9 @@ impl Store {
         if update.refunded {
             query = query.col_expr(messages::Column::Refunded, Expr::value(true));
         }
+        if update.ambiguous {
+            query = query.col_expr(messages::Column::Ambiguous, Expr::value(true));
+        }
         Ok(query
             .filter(messages::Column::Id.eq(id))
             .filter(messages::Column::Status.eq(from_status))
@@ -442,6 +450,7 @@ async fn insert_message(
         failure_reason: Set(row.failure_reason.clone()),
         credits_charged: Set(row.credits_charged),
         refunded: Set(row.refunded),
+        ambiguous: Set(row.ambiguous),
         attempts: Set(row.attempts),
         next_attempt_at: Set(row.next_attempt_at.map(to_millis)),
         created_at: Set(to_millis(row.created_at)),
@@ -483,6 +492,7 @@ fn message_from_model(model: messages::Model) -> MessageRow {
         failure_reason: model.failure_reason,
         credits_charged: model.credits_charged,
         refunded: model.refunded,
+        ambiguous: model.ambiguous,
         attempts: model.attempts,
         next_attempt_at: model.next_attempt_at.map(from_millis),
         created_at: from_millis(model.created_at),
