@@ -820,3 +820,54 @@ async fn a_crash_after_the_provider_accepted_delivers_each_message_exactly_once_
         "three sends, charged once each"
     );
 }
+
+#[tokio::test]
+async fn a_retried_send_that_buys_at_send_time_buys_only_once() {
+    let app = spawn_app().await;
+    let Practice { chen, note_id } = app.practice("clinic-1").await;
+    let recipient = app.recipient_on(&chen, &["ARGUS"]).await;
+    let patel = practitioner("dr-patel", "clinic-1");
+    app.gql(Some(&patel), "{ me { id } }", json!({})).await;
+    app.gql(
+        Some(&chen),
+        "mutation($key: String!) { transferCredits(input: {fromPractitionerId: \"dr-chen\", toPractitionerId: \"dr-patel\", credits: 99, idempotencyKey: $key}) { fromBalance } }",
+        json!({"key": key()}),
+    )
+    .await;
+    let charges_before = app
+        .sandbox_control(reqwest::Method::GET, "/_sandbox/charges", None)
+        .await
+        .as_array()
+        .unwrap()
+        .len();
+    let send_key = key();
+    let input = json!({"input": {"noteId": note_id, "sectionKeys": ["history"], "recipientId": recipient, "idempotencyKey": send_key, "topUpIfShort": true}});
+
+    let responses =
+        futures::future::join_all((0..4).map(|_| app.gql(Some(&chen), SEND, input.clone()))).await;
+
+    let ids: std::collections::HashSet<&str> = responses
+        .iter()
+        .map(|r| {
+            r["data"]["sendSecureMessage"]["message"]["id"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{r}"))
+        })
+        .collect();
+    assert_eq!(ids.len(), 1);
+    let charges = app
+        .sandbox_control(reqwest::Method::GET, "/_sandbox/charges", None)
+        .await
+        .as_array()
+        .unwrap()
+        .len();
+    assert_eq!(
+        charges - charges_before,
+        1,
+        "one pack bought for one message"
+    );
+    let credits = app
+        .gql(Some(&chen), "{ credits { balance } }", json!({}))
+        .await;
+    assert_eq!(credits["data"]["credits"]["balance"], 98);
+}
