@@ -871,3 +871,77 @@ async fn a_retried_send_that_buys_at_send_time_buys_only_once() {
         .await;
     assert_eq!(credits["data"]["credits"]["balance"], 98);
 }
+
+#[tokio::test]
+async fn a_provider_that_is_down_degrades_the_search_with_a_warning() {
+    let app = spawn_app().await;
+    let Practice { chen, note_id: _ } = app.practice("clinic-1").await;
+    app.inject_fault("referralnet", "providers", "server_error", 5, json!({}))
+        .await;
+
+    let result = app.search(&chen, "").await;
+
+    let search = &result["data"]["searchPractitioners"];
+    assert!(
+        search["warnings"][0]
+            .as_str()
+            .unwrap_or_default()
+            .contains("ReferralNet"),
+        "{result}"
+    );
+    let edges = search["edges"].as_array().unwrap();
+    assert!(!edges.is_empty(), "Argus still answered");
+    assert!(
+        edges
+            .iter()
+            .all(|edge| edge["node"]["providers"] == json!(["ARGUS"]))
+    );
+}
+
+#[tokio::test]
+async fn a_subscriber_sees_a_sent_message_move_to_acknowledged() {
+    let app = spawn_app().await;
+    let Practice { chen, note_id } = app.practice("clinic-1").await;
+    let recipient = app.recipient_on(&chen, &["ARGUS"]).await;
+    let mut subscription = crate::registration::Subscription::open_query(
+        &app,
+        json!({"Authorization": format!("Bearer {chen}")}),
+        "subscription { messageStatusChanged { id status } }",
+    )
+    .await
+    .unwrap();
+
+    let sent = app
+        .send(
+            &chen,
+            &note_id,
+            &["history"],
+            &recipient,
+            Some("ARGUS"),
+            &key(),
+        )
+        .await;
+    let id = sent["data"]["sendSecureMessage"]["message"]["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{sent}"))
+        .to_owned();
+
+    let mut seen: Vec<String> = Vec::new();
+    while seen.last().map(String::as_str) != Some("ACKNOWLEDGED") {
+        let change = subscription.next_data().await;
+        assert_eq!(change["messageStatusChanged"]["id"], id.as_str());
+        let status = change["messageStatusChanged"]["status"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        if status == "SENT" {
+            // Accepted: now hurry the sandbox's delivery and acknowledgement along.
+            app.advance_sandbox_clock(30).await;
+        }
+        seen.push(status);
+    }
+    assert!(
+        seen.len() >= 2,
+        "at least one step before ACKNOWLEDGED: {seen:?}"
+    );
+}

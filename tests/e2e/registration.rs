@@ -11,7 +11,7 @@ use crate::helpers::*;
 
 const FOUR_DAYS: u64 = 4 * 24 * 3600;
 
-struct Subscription {
+pub(crate) struct Subscription {
     socket: tokio_tungstenite::WebSocketStream<
         tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
     >,
@@ -19,6 +19,19 @@ struct Subscription {
 
 impl Subscription {
     async fn open(app: &TestApp, payload: Value) -> Result<Self, String> {
+        Self::open_query(
+            app,
+            payload,
+            "subscription { integrationStatusChanged { provider status individualStatus } }",
+        )
+        .await
+    }
+
+    pub(crate) async fn open_query(
+        app: &TestApp,
+        payload: Value,
+        query: &str,
+    ) -> Result<Self, String> {
         let mut request = format!("ws://{}/graphql/ws", app.address)
             .into_client_request()
             .unwrap();
@@ -42,7 +55,7 @@ impl Subscription {
         socket
             .send(Message::text(
                 json!({"id": "1", "type": "subscribe", "payload": {
-                    "query": "subscription { integrationStatusChanged { provider status individualStatus } }"
+                    "query": query
                 }})
                 .to_string(),
             ))
@@ -52,6 +65,11 @@ impl Subscription {
     }
 
     async fn next_change(&mut self) -> Value {
+        self.next_data().await["integrationStatusChanged"].clone()
+    }
+
+    /// The `data` of the next `next` frame.
+    pub(crate) async fn next_data(&mut self) -> Value {
         loop {
             let message = tokio::time::timeout(Duration::from_secs(10), self.socket.next())
                 .await
@@ -61,7 +79,7 @@ impl Subscription {
             if let Message::Text(text) = message {
                 let value: Value = serde_json::from_str(&text).unwrap();
                 if value["type"] == "next" {
-                    return value["payload"]["data"]["integrationStatusChanged"].clone();
+                    return value["payload"]["data"].clone();
                 }
                 assert_ne!(value["type"], "error", "{value}");
             }
