@@ -184,7 +184,16 @@ impl App {
                 retry_base: Duration::from_millis(settings.messaging.retry_base_ms.max(1)),
                 retry_max: Duration::from_millis(settings.messaging.retry_max_ms.max(1)),
                 give_up_after: Duration::from_secs(settings.messaging.give_up_after_seconds),
-                provider_preference: vec![Provider::Argus, Provider::ReferralNet],
+                provider_preference: settings
+                    .messaging
+                    .provider_preference
+                    .iter()
+                    .filter_map(|name| match name.to_lowercase().as_str() {
+                        "argus" => Some(Provider::Argus),
+                        "referralnet" => Some(Provider::ReferralNet),
+                        _ => None,
+                    })
+                    .collect(),
                 public_url: Some(public_url.clone()),
                 webhook_tolerance: Duration::from_secs(300),
                 fail_after_send: settings.messaging.fail_after_send,

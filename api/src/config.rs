@@ -131,6 +131,9 @@ pub struct MessagingConfig {
     /// gateway records it (as a crash would).
     #[doc(hidden)]
     pub fail_after_send: bool,
+    /// Provider order when a send names none (e.g. `["argus", "referralnet"]`); empty: the one
+    /// with the better recent delivery record.
+    pub provider_preference: Vec<String>,
 }
 
 impl Default for MessagingConfig {
@@ -141,6 +144,7 @@ impl Default for MessagingConfig {
             retry_max_ms: 300_000,
             give_up_after_seconds: 86_400,
             fail_after_send: false,
+            provider_preference: Vec::new(),
         }
     }
 }
@@ -344,6 +348,9 @@ impl Settings {
             self.providers.timeout_ms = parse_number("SMD_PROVIDER_TIMEOUT_MS", &timeout)?;
         }
         set_opt(&mut self.public_url, get("SMD_PUBLIC_URL"));
+        if let Some(order) = get("SMD_PROVIDER_PREFERENCE") {
+            self.messaging.provider_preference = split_list(&order).map(str::to_owned).collect();
+        }
         set_opt(&mut self.payments.base_url, get("SMD_PAYMENTS_BASE_URL"));
         set_opt(&mut self.payments.api_key, get("SMD_PAYMENTS_API_KEY"));
         if let Some(packs) = get("SMD_CREDIT_PACKS") {
@@ -450,6 +457,13 @@ impl Settings {
                         "provider base URL {url:?} must use https:// in production (set SMD_ALLOW_INSECURE_PROVIDER_URLS=true only for a sandbox)"
                     )));
                 }
+            }
+        }
+        for name in &self.messaging.provider_preference {
+            if !matches!(name.to_lowercase().as_str(), "argus" | "referralnet") {
+                return Err(ConfigError(format!(
+                    "SMD_PROVIDER_PREFERENCE lists {name:?}; use argus and/or referralnet"
+                )));
             }
         }
         if self.providers.timeout_ms == 0 {

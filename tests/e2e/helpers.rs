@@ -123,6 +123,7 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
             retry_max_ms: 1_000,
             give_up_after_seconds: 600,
             fail_after_send: options.fail_after_send,
+            ..MessagingConfig::default()
         },
         approval_poll_interval_ms: Some(100),
         graphql: GraphqlSettings {

@@ -945,3 +945,42 @@ async fn a_subscriber_sees_a_sent_message_move_to_acknowledged() {
         "at least one step before ACKNOWLEDGED: {seen:?}"
     );
 }
+
+#[tokio::test]
+async fn without_a_provider_the_one_with_the_better_delivery_record_is_chosen() {
+    let app = spawn_app().await;
+    let Practice { chen, note_id } = app.practice("clinic-1").await;
+    let on_both = app.recipient_on(&chen, &["ARGUS", "REFERRALNET"]).await;
+    let first = app
+        .send(&chen, &note_id, &["history"], &on_both, None, &key())
+        .await;
+    assert_eq!(
+        first["data"]["sendSecureMessage"]["message"]["provider"], "ARGUS",
+        "no record yet: Argus first"
+    );
+    // Argus now fails a message (refused outright, refunded).
+    let failing = app
+        .send(
+            &chen,
+            &note_id,
+            &["history"],
+            MAGIC_UNKNOWN_ENDPOINT,
+            Some("ARGUS"),
+            &key(),
+        )
+        .await;
+    let failing_id = failing["data"]["sendSecureMessage"]["message"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    app.wait_for_status(&chen, &failing_id, "FAILED").await;
+
+    let routed = app
+        .send(&chen, &note_id, &["history"], &on_both, None, &key())
+        .await;
+
+    assert_eq!(
+        routed["data"]["sendSecureMessage"]["message"]["provider"], "REFERRALNET",
+        "{routed}"
+    );
+}

@@ -232,6 +232,32 @@ impl Store {
         Ok(true)
     }
 
+    /// Of a group's last `limit` outbound messages through a provider: (how many `FAILED`, how
+    /// many in all).
+    pub async fn recent_outcomes(
+        &self,
+        group_id: &str,
+        provider: &str,
+        limit: u64,
+    ) -> Result<(u64, u64), StoreError> {
+        let statuses: Vec<String> = messages::Entity::find()
+            .select_only()
+            .column(messages::Column::Status)
+            .filter(messages::Column::GroupId.eq(group_id))
+            .filter(messages::Column::Provider.eq(provider))
+            .filter(messages::Column::Direction.eq("OUTBOUND"))
+            .order_by_desc(messages::Column::Id)
+            .limit(limit)
+            .into_tuple()
+            .all(self.connection())
+            .await?;
+        let failed = statuses
+            .iter()
+            .filter(|status| status.as_str() == "FAILED")
+            .count() as u64;
+        Ok((failed, statuses.len() as u64))
+    }
+
     /// A practitioner's outbound message by their idempotency key.
     pub async fn find_message_by_key(
         &self,
