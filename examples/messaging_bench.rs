@@ -5,7 +5,7 @@
 //! ```text
 //! cargo run --release -p smd-gateway-suite --example messaging_bench
 //! cargo run --release -p smd-gateway-suite --example messaging_bench -- --postgres postgres://postgres@127.0.0.1:5432/postgres
-//! cargo run --release -p smd-gateway-suite --example messaging_bench -- --seconds 5 --clients 1,8,32
+//! cargo run --release -p smd-gateway-suite --example messaging_bench -- --seconds 10 --clients 1,8,32
 //! ```
 //!
 //! Every cell (one backend, one client count C) starts from nothing: a fresh in-process sandbox
@@ -29,12 +29,18 @@
 //! 4. *Probes*, one call at a time, to explain the numbers: a cheap authenticated GraphQL read,
 //!    one autocommit insert through the gateway's `Store` (a commit's cost on this backend),
 //!    and the Argus directory search the gateway makes before every send.
-//! 5. The gateway is stopped, and C tasks POST straight to `/argus/v1/messages` of the same
-//!    sandbox for `--seconds`, with HTTP Basic and the HL7 text the gateway built in phase 2.
+//! 5. *Direct phase*: with the gateway stopped, C tasks POST straight to `/argus/v1/messages`
+//!    of the cell's sandbox for `--seconds`, with HTTP Basic and the HL7 text the gateway built
+//!    in phase 2. The direct phases run after every cell's gateway phase (each cell's sandbox
+//!    is kept until then): they leave hundreds of megabytes of accepted messages in the
+//!    sandbox, which would otherwise be counted in the next gateway phase's peak RSS.
 //!
 //! Everything runs in this one process on one tokio runtime — load generator, gateway, sandbox
 //! (and, with `--postgres`, a PostgreSQL server on the same machine) — so both paths compete
-//! with their own load generator for the same cores; the CPU columns say how busy they were.
+//! with their own load generator for the same cores. The CPU columns say how busy this
+//! process, PostgreSQL and everything else on the machine were (from `/proc`), and peak RSS is
+//! the process's `VmHWM`, reset before each phase. The closing paragraph, "What limits it", is
+//! written from this run's numbers.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -58,7 +64,7 @@ use smd_sandbox::SandboxConfig;
 use tokio::sync::oneshot;
 
 const USAGE: &str =
-    "usage: messaging_bench [--postgres ADMIN_URL] [--seconds N] [--clients 1,8,32]";
+    "usage: messaging_bench [--postgres ADMIN_URL] [--seconds 5] [--clients 1,8,32]";
 
 const SIGNING_SECRET: &str = "messaging-bench-signing-secret-0123456789";
 const ISSUER: &str = "https://pms.bench.example";
@@ -112,7 +118,9 @@ impl BenchOptions {
     fn parse(mut arguments: impl Iterator<Item = String>) -> anyhow::Result<Self> {
         let mut options = Self {
             postgres_admin_url: None,
-            seconds_per_phase: 10,
+            // Five seconds keeps a default SQLite run within about two minutes: the outbox's
+            // backlog after each gateway phase takes longer to drain than the phase took.
+            seconds_per_phase: 5,
             client_counts: vec![1, 8, 32],
         };
         while let Some(flag) = arguments.next() {
@@ -172,7 +180,9 @@ fn percentile_ms(sorted: &[Duration], percent: f64) -> f64 {
 struct CpuSample {
     /// User and system time of this process (gateway, sandbox and load generator).
     process_ticks: u64,
-    /// Busy time of the whole machine (a PostgreSQL server included, and anything else).
+    /// User and system time of every process named `postgres` (a local server's backends).
+    postgres_ticks: u64,
+    /// Busy time of the whole machine, whoever used it.
     machine_busy_ticks: u64,
     taken_at: Instant,
 }
@@ -181,24 +191,55 @@ struct CpuSample {
 #[derive(Clone, Copy, Default)]
 struct CpuUse {
     process_cores: f64,
+    postgres_cores: f64,
     machine_cores: f64,
-    process_seconds: f64,
+    /// CPU seconds of this process and the PostgreSQL server together.
+    own_seconds: f64,
+}
+
+impl CpuUse {
+    /// Cores busy with this run: this process and the PostgreSQL server.
+    fn own_cores(&self) -> f64 {
+        self.process_cores + self.postgres_cores
+    }
+
+    /// Cores busy with anything else on the machine.
+    fn other_cores(&self) -> f64 {
+        (self.machine_cores - self.own_cores()).max(0.0)
+    }
 }
 
 const TICKS_PER_SECOND: f64 = 100.0;
+
+/// The command name and utime + stime of a `/proc/<pid>/stat` line.
+fn parse_proc_stat(stat: &str) -> Option<(&str, u64)> {
+    // The command name is in parentheses and may hold spaces; after it, utime and stime are
+    // the 12th and 13th fields.
+    let (before, after_name) = stat.rsplit_once(')')?;
+    let name = before.split_once('(')?.1;
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some((name, ticks))
+}
 
 impl CpuSample {
     fn now() -> Self {
         let process_ticks = std::fs::read_to_string("/proc/self/stat")
             .ok()
-            .and_then(|stat| {
-                // Fields after the command name, which is in parentheses and may hold spaces;
-                // utime and stime are the 12th and 13th of them.
-                let after_name = stat.rsplit_once(')')?.1;
-                let fields: Vec<&str> = after_name.split_whitespace().collect();
-                Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
-            })
+            .and_then(|stat| parse_proc_stat(&stat).map(|(_, ticks)| ticks))
             .unwrap_or(0);
+        let postgres_ticks = std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|entry| entry.file_name().to_string_lossy().parse::<u32>().is_ok())
+            .filter_map(|entry| std::fs::read_to_string(entry.path().join("stat")).ok())
+            .filter_map(|stat| {
+                parse_proc_stat(&stat)
+                    .filter(|(name, _)| *name == "postgres")
+                    .map(|(_, ticks)| ticks)
+            })
+            .sum();
         let machine_busy_ticks = std::fs::read_to_string("/proc/stat")
             .ok()
             .and_then(|stat| {
@@ -216,23 +257,24 @@ impl CpuSample {
             .unwrap_or(0);
         Self {
             process_ticks,
+            postgres_ticks,
             machine_busy_ticks,
             taken_at: Instant::now(),
         }
     }
 
     fn used_since(self, start: CpuSample) -> CpuUse {
-        let seconds = self.taken_at.duration_since(start.taken_at).as_secs_f64();
-        let process_seconds =
-            self.process_ticks.saturating_sub(start.process_ticks) as f64 / TICKS_PER_SECOND;
-        let machine_seconds = self
-            .machine_busy_ticks
-            .saturating_sub(start.machine_busy_ticks) as f64
-            / TICKS_PER_SECOND;
+        let elapsed = self.taken_at.duration_since(start.taken_at).as_secs_f64();
+        let seconds = |now: u64, then: u64| now.saturating_sub(then) as f64 / TICKS_PER_SECOND;
+        let process = seconds(self.process_ticks, start.process_ticks);
+        // A backend that exited between the samples takes its ticks with it; never negative.
+        let postgres = seconds(self.postgres_ticks, start.postgres_ticks);
+        let machine = seconds(self.machine_busy_ticks, start.machine_busy_ticks);
         CpuUse {
-            process_cores: process_seconds / seconds,
-            machine_cores: machine_seconds / seconds,
-            process_seconds,
+            process_cores: process / elapsed,
+            postgres_cores: postgres / elapsed,
+            machine_cores: machine / elapsed,
+            own_seconds: process + postgres,
         }
     }
 }
@@ -601,9 +643,9 @@ impl PhaseResult {
         self.failures.values().sum()
     }
 
-    /// Process CPU milliseconds per successful send.
+    /// CPU milliseconds (this process and PostgreSQL) per successful send.
     fn cpu_ms_per_send(&self) -> f64 {
-        self.cpu.process_seconds * 1000.0 / self.sends() as f64
+        self.cpu.own_seconds * 1000.0 / self.sends() as f64
     }
 }
 
@@ -643,15 +685,16 @@ async fn run_phase(
 
 /// Polls until none of the practitioners has a QUEUED or SENT message; returns whether that
 /// happened before `deadline`.
+///
+/// One practitioner is asked at a time, and only until their messages are done (no new ones
+/// come once the phase is over), so the polling itself barely loads the gateway.
 async fn wait_until_delivered(
     gateway: &GatewayClient,
     practitioners: &[Practitioner],
     deadline: Instant,
 ) -> anyhow::Result<bool> {
-    let mut waiting: Vec<&Practitioner> = practitioners.iter().collect();
-    while !waiting.is_empty() {
-        let mut still_waiting = Vec::new();
-        for practitioner in waiting {
+    for practitioner in practitioners {
+        loop {
             let unfinished = gateway
                 .data(&practitioner.token, UNFINISHED_QUERY, json!({}))
                 .await?;
@@ -660,18 +703,14 @@ async fn wait_until_delivered(
                     .as_array()
                     .is_some_and(Vec::is_empty)
             };
-            if !(none("queued") && none("sent")) {
-                still_waiting.push(practitioner);
+            if none("queued") && none("sent") {
+                break;
             }
+            if Instant::now() >= deadline {
+                return Ok(false);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        waiting = still_waiting;
-        if waiting.is_empty() {
-            break;
-        }
-        if Instant::now() >= deadline {
-            return Ok(false);
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok(true)
 }
@@ -680,7 +719,8 @@ async fn wait_until_delivered(
 struct ListedMessage {
     id: String,
     status: String,
-    to_delivered: Option<Duration>,
+    created_at: Option<DateTime<Utc>>,
+    delivered_at: Option<DateTime<Utc>>,
 }
 
 /// Every outbound message of a practitioner, newest first.
@@ -707,14 +747,11 @@ async fn outbound_messages(
                     .and_then(|text| DateTime::parse_from_rfc3339(text).ok())
                     .map(|time| time.with_timezone(&Utc))
             };
-            let to_delivered = match (timestamp("createdAt"), timestamp("deliveredAt")) {
-                (Some(created), Some(delivered)) => (delivered - created).to_std().ok(),
-                _ => None,
-            };
             listed.push(ListedMessage {
                 id: node["id"].as_str().unwrap_or_default().to_owned(),
                 status: node["status"].as_str().unwrap_or("?").to_owned(),
-                to_delivered,
+                created_at: timestamp("createdAt"),
+                delivered_at: timestamp("deliveredAt"),
             });
         }
         if connection["pageInfo"]["hasNextPage"] != true {
@@ -768,20 +805,40 @@ struct Probes {
     directory_lookup_ms: f64,
 }
 
-/// Everything measured in one cell.
-struct CellReport {
+/// What one cell measured through the gateway.
+struct GatewayCell {
     backend: &'static str,
     clients: usize,
     gateway: PhaseResult,
     /// Send-to-DELIVERED of every message that got there, sorted ascending.
     sorted_delivery_latencies: Vec<Duration>,
+    /// Messages the provider had not yet received when the gateway phase ended.
+    queued_at_phase_end: usize,
     /// From the end of the gateway phase until no message was QUEUED or SENT.
     drain_time: Duration,
+    /// Delivered messages per second, from the first `createdAt` to the last `deliveredAt`:
+    /// what the outbox sustained end to end.
+    delivered_per_second: f64,
     /// Messages by final status.
     statuses: BTreeMap<String, usize>,
-    direct: PhaseResult,
     probes: Probes,
-    peak_resident_set_kib: Option<u64>,
+    /// Peak resident set size during the gateway phase and its drain, in KiB.
+    gateway_peak_kib: Option<u64>,
+}
+
+/// A cell whose gateway phase is done; its sandbox waits for the direct phase.
+struct PendingCell {
+    measured: GatewayCell,
+    sandbox: smd_sandbox::SandboxHandle,
+    target: DirectTarget,
+}
+
+/// Everything measured in one cell.
+struct CellReport {
+    measured: GatewayCell,
+    direct: PhaseResult,
+    /// Peak resident set size during the direct phase, in KiB.
+    direct_peak_kib: Option<u64>,
 }
 
 /// A gateway serving on a loopback port until stopped.
@@ -947,12 +1004,14 @@ async fn server_version(connection: &DatabaseConnection, query: &str) -> anyhow:
     Ok(row.try_get::<String>("", "v")?)
 }
 
-/// Runs the cells of one backend.
+/// Runs the cells, and holds what they share.
 struct Bench {
     http: reqwest::Client,
     phase: Duration,
     /// Check failures found so far (there must never be any).
     mismatches: usize,
+    /// The HL7 text of the latest message the gateway handed to a sandbox.
+    last_hl7_text: Option<String>,
 }
 
 impl Bench {
@@ -961,9 +1020,13 @@ impl Bench {
         println!("MISMATCH {cell}: {what}");
     }
 
-    /// One cell: fresh sandbox, database and gateway; both phases; checks and probes.
-    async fn run_cell(&mut self, backend: &Backend, clients: usize) -> anyhow::Result<CellReport> {
-        reset_peak_resident_set();
+    /// A cell's gateway side: fresh sandbox, database and gateway; the gateway phase, its
+    /// checks and probes. The sandbox is kept for the cell's direct phase.
+    async fn run_gateway_cell(
+        &mut self,
+        backend: &Backend,
+        clients: usize,
+    ) -> anyhow::Result<PendingCell> {
         let sandbox = smd_sandbox::spawn(
             "127.0.0.1:0".parse()?,
             SandboxConfig {
@@ -975,7 +1038,7 @@ impl Bench {
         let directory = tempfile::tempdir()?;
         let (database_url, postgres_name) = backend.fresh_database(directory.path()).await?;
         let outcome = self
-            .run_cell_on(
+            .run_gateway_cell_on(
                 backend,
                 clients,
                 &sandbox.base_url(),
@@ -983,21 +1046,68 @@ impl Bench {
                 directory.path(),
             )
             .await;
-        sandbox.shutdown().await;
         if let Some(name) = postgres_name {
             backend.drop_database(&name).await?;
         }
-        outcome
+        let (measured, target) = outcome?;
+        Ok(PendingCell {
+            measured,
+            sandbox,
+            target,
+        })
     }
 
-    async fn run_cell_on(
+    /// A cell's direct phase: C tasks POST straight to the cell's sandbox.
+    async fn run_direct_cell(&mut self, pending: PendingCell) -> anyhow::Result<CellReport> {
+        let PendingCell {
+            measured,
+            sandbox,
+            target,
+        } = pending;
+        let cell = format!("{} {} client(s)", measured.backend, measured.clients);
+        eprintln!("{cell}: sandbox-direct phase, {:?}", self.phase);
+        reset_peak_resident_set();
+        let cpu_at_start = CpuSample::now();
+        let started = Instant::now();
+        let deadline = started + self.phase;
+        let tasks = (0..measured.clients)
+            .map(|_| tokio::spawn(direct_send_loop(target.clone(), deadline)))
+            .collect();
+        let direct = run_phase(tasks, started, cpu_at_start).await?;
+        let direct_peak_kib = peak_resident_set_kib();
+        sandbox.shutdown().await;
+        // Listing tens of thousands of payloads back would cost more memory than the phase
+        // did; distinct tracking ids show that every accepted send is its own message.
+        let distinct_tracking_ids: std::collections::HashSet<&String> =
+            direct.message_ids.iter().collect();
+        if distinct_tracking_ids.len() != direct.sends() {
+            self.mismatch(
+                &cell,
+                format!(
+                    "{} direct sends were answered with {} distinct tracking ids",
+                    direct.sends(),
+                    distinct_tracking_ids.len()
+                ),
+            );
+        }
+        if direct.failed() > 0 {
+            eprintln!("{cell}: direct failures: {:?}", direct.failures);
+        }
+        Ok(CellReport {
+            measured,
+            direct,
+            direct_peak_kib,
+        })
+    }
+
+    async fn run_gateway_cell_on(
         &mut self,
         backend: &Backend,
         clients: usize,
         sandbox_url: &str,
         database_url: &str,
         data_dir: &Path,
-    ) -> anyhow::Result<CellReport> {
+    ) -> anyhow::Result<(GatewayCell, DirectTarget)> {
         let cell = format!("{} {clients} client(s)", backend.label());
         let running = RunningGateway::start(sandbox_url, database_url, data_dir).await?;
         let gateway = GatewayClient {
@@ -1014,6 +1124,7 @@ impl Bench {
         let recipient_id = pick_recipient(&gateway, &practitioners[0]).await?;
 
         eprintln!("{cell}: gateway phase, {:?}", self.phase);
+        reset_peak_resident_set();
         let cpu_at_start = CpuSample::now();
         let started = Instant::now();
         let deadline = started + self.phase;
@@ -1030,10 +1141,13 @@ impl Bench {
             .collect();
         let gateway_phase = run_phase(tasks, started, cpu_at_start).await?;
         let drain_started = Instant::now();
+        let handed_over = sandbox_messages(&self.http, sandbox_url).await?.len();
+        let queued_at_phase_end = gateway_phase.sends().saturating_sub(handed_over);
         let drained =
             wait_until_delivered(&gateway, &practitioners, drain_started + DELIVERY_DEADLINE)
                 .await?;
         let drain_time = drain_started.elapsed();
+        let gateway_peak_kib = peak_resident_set_kib();
         if !drained {
             self.mismatch(
                 &cell,
@@ -1045,6 +1159,8 @@ impl Bench {
         let mut statuses = BTreeMap::new();
         let mut sorted_delivery_latencies = Vec::new();
         let mut listed_ids = std::collections::HashSet::new();
+        let mut first_created: Option<DateTime<Utc>> = None;
+        let mut last_delivered: Option<DateTime<Utc>> = None;
         for (index, practitioner) in practitioners.iter().enumerate() {
             let listed = outbound_messages(&gateway, practitioner).await?;
             if listed.len() != gateway_phase.sends_per_task[index] {
@@ -1059,15 +1175,29 @@ impl Bench {
             }
             for message in listed {
                 *statuses.entry(message.status.clone()).or_insert(0usize) += 1;
-                if matches!(message.status.as_str(), "DELIVERED" | "ACKNOWLEDGED")
-                    && let Some(latency) = message.to_delivered
+                if let Some(created) = message.created_at {
+                    first_created = Some(first_created.map_or(created, |first| first.min(created)));
+                }
+                let reached = matches!(message.status.as_str(), "DELIVERED" | "ACKNOWLEDGED");
+                if reached
+                    && let (Some(created), Some(delivered)) =
+                        (message.created_at, message.delivered_at)
                 {
-                    sorted_delivery_latencies.push(latency);
+                    last_delivered = last_delivered.max(Some(delivered));
+                    sorted_delivery_latencies
+                        .push((delivered - created).to_std().unwrap_or_default());
                 }
                 listed_ids.insert(message.id);
             }
         }
         sorted_delivery_latencies.sort_unstable();
+        let delivered_per_second = match (first_created, last_delivered) {
+            (Some(first), Some(last)) if last > first => {
+                sorted_delivery_latencies.len() as f64
+                    / (last - first).to_std().unwrap_or_default().as_secs_f64()
+            }
+            _ => f64::NAN,
+        };
         let unlisted = gateway_phase
             .message_ids
             .iter()
@@ -1106,11 +1236,26 @@ impl Bench {
                 );
             }
         }
-        let hl7_text = received
+        // The direct phase sends what the gateway built; a cell whose sends all failed borrows
+        // an earlier cell's (the same note, so the same size).
+        let hl7_text = match received
             .first()
             .and_then(|message| message["payload"].as_str())
-            .context("the sandbox holds no message to copy the payload of")?
-            .to_owned();
+        {
+            Some(text) => {
+                self.last_hl7_text = Some(text.to_owned());
+                text.to_owned()
+            }
+            None => {
+                eprintln!(
+                    "{cell}: no message reached the sandbox; the direct phase reuses an earlier cell's payload"
+                );
+                self.last_hl7_text.clone().context(
+                    "no message reached the sandbox in this or an earlier cell, so the direct phase has no payload to send",
+                )?
+            }
+        };
+        drop(received);
 
         eprintln!("{cell}: probes");
         let probes = self
@@ -1123,55 +1268,36 @@ impl Bench {
             )
             .await?;
         running.stop().await?;
-
-        eprintln!("{cell}: sandbox-direct phase, {:?}", self.phase);
+        if gateway_phase.failed() > 0 {
+            eprintln!("{cell}: gateway failures: {:?}", gateway_phase.failures);
+        }
+        if gateway_phase.tasks_out_of_credits > 0 {
+            eprintln!(
+                "{cell}: {} practitioner(s) ran out of credits before the deadline",
+                gateway_phase.tasks_out_of_credits
+            );
+        }
         let target = DirectTarget {
             http: self.http.clone(),
             messages_url: format!("{sandbox_url}/argus/v1/messages"),
-            recipient_hpii: recipient_id.clone(),
+            recipient_hpii: recipient_id,
             payload_base64: base64::engine::general_purpose::STANDARD.encode(&hl7_text),
         };
-        let cpu_at_start = CpuSample::now();
-        let started = Instant::now();
-        let deadline = started + self.phase;
-        let tasks = (0..clients)
-            .map(|_| tokio::spawn(direct_send_loop(target.clone(), deadline)))
-            .collect();
-        let direct = run_phase(tasks, started, cpu_at_start).await?;
-        let received_in_total = sandbox_messages(&self.http, sandbox_url).await?.len();
-        if received_in_total != gateway_phase.sends() + direct.sends() {
-            self.mismatch(
-                &cell,
-                format!(
-                    "the sandbox holds {received_in_total} messages after {} gateway and {} direct sends",
-                    gateway_phase.sends(),
-                    direct.sends()
-                ),
-            );
-        }
-        for (path, phase) in [("gateway", &gateway_phase), ("direct", &direct)] {
-            if phase.failed() > 0 {
-                eprintln!("{cell}: {path} failures: {:?}", phase.failures);
-            }
-            if phase.tasks_out_of_credits > 0 {
-                eprintln!(
-                    "{cell}: {} practitioner(s) ran out of credits before the deadline",
-                    phase.tasks_out_of_credits
-                );
-            }
-        }
-
-        Ok(CellReport {
-            backend: backend.label(),
-            clients,
-            gateway: gateway_phase,
-            sorted_delivery_latencies,
-            drain_time,
-            statuses,
-            direct,
-            probes,
-            peak_resident_set_kib: peak_resident_set_kib(),
-        })
+        Ok((
+            GatewayCell {
+                backend: backend.label(),
+                clients,
+                gateway: gateway_phase,
+                sorted_delivery_latencies,
+                queued_at_phase_end,
+                drain_time,
+                delivered_per_second,
+                statuses,
+                probes,
+                gateway_peak_kib,
+            },
+            target,
+        ))
     }
 
     async fn probes(
@@ -1239,20 +1365,20 @@ fn print_results_table(reports: &[CellReport]) {
     );
     for report in reports {
         println!(
-            "| {:<10} | {:>7} | gateway | {:>7.0} | {:>11.2} | {:>11.2} | {:>19.1} | {:>19.1} | {:>14.2} |",
-            report.backend,
-            report.clients,
-            report.gateway.sends_per_second(),
-            percentile_ms(&report.gateway.sorted_latencies, 50.0),
-            percentile_ms(&report.gateway.sorted_latencies, 99.0),
-            percentile_ms(&report.sorted_delivery_latencies, 50.0),
-            percentile_ms(&report.sorted_delivery_latencies, 99.0),
-            report.gateway.sends_per_second() / report.direct.sends_per_second(),
+            "| {:<10} | {:>7} | gateway | {:>7.0} | {:>11.2} | {:>11.2} | {:>19.1} | {:>19.1} | {:>14.3} |",
+            report.measured.backend,
+            report.measured.clients,
+            report.measured.gateway.sends_per_second(),
+            percentile_ms(&report.measured.gateway.sorted_latencies, 50.0),
+            percentile_ms(&report.measured.gateway.sorted_latencies, 99.0),
+            percentile_ms(&report.measured.sorted_delivery_latencies, 50.0),
+            percentile_ms(&report.measured.sorted_delivery_latencies, 99.0),
+            report.measured.gateway.sends_per_second() / report.direct.sends_per_second(),
         );
         println!(
             "| {:<10} | {:>7} | direct  | {:>7.0} | {:>11.2} | {:>11.2} | {:>19} | {:>19} | {:>14} |",
-            report.backend,
-            report.clients,
+            report.measured.backend,
+            report.measured.clients,
             report.direct.sends_per_second(),
             percentile_ms(&report.direct.sorted_latencies, 50.0),
             percentile_ms(&report.direct.sorted_latencies, 99.0),
@@ -1265,168 +1391,292 @@ fn print_results_table(reports: &[CellReport]) {
 
 fn print_diagnostics_table(reports: &[CellReport]) {
     println!(
-        "| backend    | clients | sends gw / direct | failed gw / direct | drain s | final statuses | process cores gw / direct | machine cores gw / direct | CPU ms per send gw / direct | gql read p50 ms | commit p50 ms | directory lookup p50 ms | peak RSS MiB |"
+        "| backend    | clients | sends gw / direct | failed gw / direct | queued at phase end | drain s | delivered/s | final statuses | gw cores: process / postgres / other | direct cores: process / other | CPU ms per send gw / direct | gql read p50 ms | commit p50 ms | directory lookup p50 ms | peak RSS MiB gw / direct |"
     );
     println!(
-        "|------------|--------:|------------------:|-------------------:|--------:|----------------|--------------------------:|--------------------------:|----------------------------:|----------------:|--------------:|------------------------:|-------------:|"
+        "|------------|--------:|------------------:|-------------------:|--------------------:|--------:|------------:|----------------|-------------------------------------:|------------------------------:|----------------------------:|----------------:|--------------:|------------------------:|-------------------------:|"
     );
+    let mebibytes = |kib: Option<u64>| {
+        kib.map_or_else(
+            || "?".to_owned(),
+            |kib| format!("{:.0}", kib as f64 / 1024.0),
+        )
+    };
     for report in reports {
         let statuses: Vec<String> = report
+            .measured
             .statuses
             .iter()
             .map(|(status, count)| format!("{count} {status}"))
             .collect();
+        let gateway_cpu = report.measured.gateway.cpu;
+        let direct_cpu = report.direct.cpu;
         println!(
-            "| {:<10} | {:>7} | {:>17} | {:>18} | {:>7.2} | {:<14} | {:>25} | {:>25} | {:>27} | {:>15.2} | {:>13.2} | {:>23.2} | {:>12} |",
-            report.backend,
-            report.clients,
-            format!("{} / {}", report.gateway.sends(), report.direct.sends()),
-            format!("{} / {}", report.gateway.failed(), report.direct.failed()),
-            report.drain_time.as_secs_f64(),
+            "| {:<10} | {:>7} | {:>17} | {:>18} | {:>19} | {:>7.2} | {:>11.0} | {:<14} | {:>36} | {:>29} | {:>27} | {:>15.2} | {:>13.2} | {:>23.2} | {:>24} |",
+            report.measured.backend,
+            report.measured.clients,
+            format!(
+                "{} / {}",
+                report.measured.gateway.sends(),
+                report.direct.sends()
+            ),
+            format!(
+                "{} / {}",
+                report.measured.gateway.failed(),
+                report.direct.failed()
+            ),
+            report.measured.queued_at_phase_end,
+            report.measured.drain_time.as_secs_f64(),
+            report.measured.delivered_per_second,
             statuses.join(", "),
             format!(
-                "{:.2} / {:.2}",
-                report.gateway.cpu.process_cores, report.direct.cpu.process_cores
+                "{:.2} / {:.2} / {:.2}",
+                gateway_cpu.process_cores,
+                gateway_cpu.postgres_cores,
+                gateway_cpu.other_cores()
             ),
             format!(
                 "{:.2} / {:.2}",
-                report.gateway.cpu.machine_cores, report.direct.cpu.machine_cores
+                direct_cpu.process_cores,
+                direct_cpu.other_cores()
             ),
             format!(
-                "{:.2} / {:.2}",
-                report.gateway.cpu_ms_per_send(),
+                "{:.2} / {:.3}",
+                report.measured.gateway.cpu_ms_per_send(),
                 report.direct.cpu_ms_per_send()
             ),
-            report.probes.graphql_read_ms,
-            report.probes.commit_ms,
-            report.probes.directory_lookup_ms,
-            report.peak_resident_set_kib.map_or_else(
-                || "?".to_owned(),
-                |kib| format!("{:.0}", kib as f64 / 1024.0)
+            report.measured.probes.graphql_read_ms,
+            report.measured.probes.commit_ms,
+            report.measured.probes.directory_lookup_ms,
+            format!(
+                "{} / {}",
+                mebibytes(report.measured.gateway_peak_kib),
+                mebibytes(report.direct_peak_kib)
             ),
         );
+    }
+}
+
+/// "1 client", "8 clients".
+fn clients_label(clients: usize) -> String {
+    if clients == 1 {
+        "1 client".to_owned()
+    } else {
+        format!("{clients} clients")
     }
 }
 
 /// One paragraph on what limits the gateway's send rate, from the numbers of this run.
 fn what_limits_it(reports: &[CellReport], cores: usize) -> String {
     let mut sentences = Vec::new();
-    let ratios: Vec<f64> = reports
-        .iter()
-        .map(|report| report.gateway.sends_per_second() / report.direct.sends_per_second())
-        .collect();
-    let lowest = ratios.iter().copied().fold(f64::INFINITY, f64::min);
-    let highest = ratios.iter().copied().fold(0.0, f64::max);
-    let aim_met = reports
-        .iter()
-        .zip(&ratios)
-        .filter(|(_, ratio)| **ratio >= 0.5)
-        .count();
+    let ratio = |report: &CellReport| {
+        report.measured.gateway.sends_per_second() / report.direct.sends_per_second()
+    };
+    let lowest = reports.iter().map(ratio).fold(f64::INFINITY, f64::min);
+    let highest = reports.iter().map(ratio).fold(0.0, f64::max);
+    let aim_met = reports.iter().filter(|report| ratio(report) >= 0.5).count();
     sentences.push(format!(
-        "The gateway sustained {:.0}–{:.0}% of the sandbox-direct rate ({aim_met} of {} cells at or above the 50% aim).",
+        "The gateway sustained {:.2}–{:.2}% of the sandbox-direct rate ({aim_met} of {} cells at or above the 50% aim).",
         lowest * 100.0,
         highest * 100.0,
         reports.len()
     ));
-
-    // Per-send work, from the one-client cells (no queueing, so latency is cost).
-    for report in reports.iter().filter(|report| report.clients == 1) {
-        let gateway_p50 = percentile_ms(&report.gateway.sorted_latencies, 50.0);
-        let direct_p50 = percentile_ms(&report.direct.sorted_latencies, 50.0);
+    let direct_cpu = reports
+        .iter()
+        .map(|report| report.direct.cpu_ms_per_send())
+        .fold(f64::INFINITY, f64::min);
+    let gateway_cpu = reports
+        .iter()
+        .map(|report| report.measured.gateway.cpu_ms_per_send())
+        .fold(f64::INFINITY, f64::min);
+    let cheapest_read = reports
+        .iter()
+        .map(|report| report.measured.probes.graphql_read_ms)
+        .fold(f64::INFINITY, f64::min);
+    if aim_met < reports.len() {
+        let direct_single_p50 = reports
+            .iter()
+            .map(|report| percentile_ms(&report.direct.sorted_latencies, 50.0))
+            .fold(f64::INFINITY, f64::min);
         sentences.push(format!(
-            "On {} with one client a send takes {gateway_p50:.2} ms through the gateway against {direct_p50:.2} ms direct, {:.2} ms of overhead, of which a bare authenticated GraphQL read accounts for {:.2} ms, the Argus directory search made before every send (a scan of the sandbox's directory, absent from the direct path) {:.2} ms, and one durable commit {:.2} ms; the rest is the send's own reads, sealing and the debit transaction.",
-            report.backend,
-            gateway_p50 - direct_p50,
-            report.probes.graphql_read_ms,
-            report.probes.directory_lookup_ms,
-            report.probes.commit_ms,
+            "The direct ceiling is the sandbox appending to memory: {direct_cpu:.3} CPU-ms and {direct_single_p50:.2} ms per send at best, whereas the cheapest gateway send here cost {gateway_cpu:.2} CPU-ms and one bare authenticated GraphQL read alone takes {cheapest_read:.2} ms; when both paths are CPU-bound the ratio can be no better than their costs' ratio, {:.1}%, so half the direct rate is out of reach of any gateway that authenticates, reads and durably commits per send against this sandbox — the gap measures the sandbox's cheapness as much as the gateway's cost.",
+            direct_cpu / gateway_cpu * 100.0
         ));
     }
 
-    // Saturation: the busiest gateway cell per backend.
-    let mut backends: Vec<&str> = reports.iter().map(|report| report.backend).collect();
+    let mut backends: Vec<&str> = reports
+        .iter()
+        .map(|report| report.measured.backend)
+        .collect();
     backends.dedup();
-    for backend in backends {
+    for backend in &backends {
         let cells: Vec<&CellReport> = reports
             .iter()
-            .filter(|report| report.backend == backend)
+            .filter(|report| report.measured.backend == *backend)
             .collect();
-        let Some(best) = cells.iter().max_by(|a, b| {
-            a.gateway
+        // Per-send work, from the one-client cell (no queueing, so latency is cost).
+        if let Some(single) = cells.iter().find(|report| report.measured.clients == 1) {
+            let gateway_p50 = percentile_ms(&single.measured.gateway.sorted_latencies, 50.0);
+            let direct_p50 = percentile_ms(&single.direct.sorted_latencies, 50.0);
+            sentences.push(format!(
+                "On {backend} with one client a send takes {gateway_p50:.2} ms through the gateway against {direct_p50:.2} ms direct; of the {:.2} ms difference a bare authenticated GraphQL read accounts for {:.2} ms, the Argus directory search the gateway makes before every send (absent from the direct path) {:.2} ms, and one durable commit {:.2} ms, the rest being the send's other reads, sealing, HL7 building and its debit transaction.",
+                gateway_p50 - direct_p50,
+                single.measured.probes.graphql_read_ms,
+                single.measured.probes.directory_lookup_ms,
+                single.measured.probes.commit_ms,
+            ));
+        }
+
+        // Stalls: calls that waited out a timeout instead of queueing.
+        let stalled: Vec<&CellReport> = cells
+            .iter()
+            .copied()
+            .filter(|report| {
+                report.measured.gateway.failed() > 0
+                    || percentile_ms(&report.measured.gateway.sorted_latencies, 99.0) >= 1000.0
+            })
+            .collect();
+        if let Some(worst) = stalled.iter().copied().max_by(|a, b| {
+            percentile_ms(&a.measured.gateway.sorted_latencies, 99.0)
+                .total_cmp(&percentile_ms(&b.measured.gateway.sorted_latencies, 99.0))
+        }) {
+            let failed: usize = stalled
+                .iter()
+                .map(|report| report.measured.gateway.failed())
+                .sum();
+            let mut codes: Vec<&str> = stalled
+                .iter()
+                .flat_map(|report| report.measured.gateway.failures.keys())
+                .map(String::as_str)
+                .collect();
+            codes.sort_unstable();
+            codes.dedup();
+            let timeout = if *backend == "sqlite" {
+                "the SQLite busy timeout (5 s) or the pool's acquire timeout (10 s)"
+            } else {
+                "the pool's acquire timeout (10 s)"
+            };
+            sentences.push(format!(
+                "On {backend} sends stalled in {} of {} cells: send p99 reached {:.1} s (with {}) and {failed} sends failed{}; a wait near {timeout} is the signature of requests waiting out a database timeout rather than queueing — for instance a request that holds a write transaction while it waits for a second pooled connection, which the writers queued behind it hold — and while it lasts these stalls, not the per-send cost, set the rate.",
+                stalled.len(),
+                cells.len(),
+                percentile_ms(&worst.measured.gateway.sorted_latencies, 99.0) / 1000.0,
+                clients_label(worst.measured.clients),
+                if codes.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", codes.join(", "))
+                },
+            ));
+        }
+
+        // Saturation, at the busiest cell.
+        let Some(best) = cells.iter().copied().max_by(|a, b| {
+            a.measured
+                .gateway
                 .sends_per_second()
-                .total_cmp(&b.gateway.sends_per_second())
+                .total_cmp(&b.measured.gateway.sends_per_second())
         }) else {
             continue;
         };
-        let largest = cells
-            .iter()
-            .max_by_key(|report| report.clients)
-            .expect("a backend has cells");
-        let cpu_bound = best.gateway.cpu.machine_cores >= 0.85 * cores as f64;
+        let cpu = best.measured.gateway.cpu;
         let mut sentence = format!(
-            "On {backend} the gateway peaked at {:.0} sends/s with {} clients, using {:.2} of {cores} cores in this process ({:.2} machine-wide) at {:.2} CPU-ms per send against {:.2} direct",
-            best.gateway.sends_per_second(),
-            best.clients,
-            best.gateway.cpu.process_cores,
-            best.gateway.cpu.machine_cores,
-            best.gateway.cpu_ms_per_send(),
-            best.direct.cpu_ms_per_send(),
-        );
-        if cpu_bound {
-            sentence.push_str(&format!(
-                ", so it is CPU-bound: the machine is full, and the rate is the cores divided by the CPU each send costs, which the gateway's path spends {:.1}× as much of as the direct one",
-                best.gateway.cpu_ms_per_send() / best.direct.cpu_ms_per_send()
-            ));
-        } else {
-            sentence.push_str(", with CPU to spare, so it waits rather than computes");
-            if backend == "sqlite" {
-                sentence.push_str(&format!(
-                    ": every send and every outbox step is a write transaction and SQLite takes one writer at a time, each paying a durable commit ({:.2} ms here)",
-                    best.probes.commit_ms
-                ));
+            "On {backend} the gateway peaked at {:.0} sends/s with {} at {:.2} CPU-ms per send (this process{}), which {cores} cores to itself would cap near {:.0}/s; it kept {:.2} cores busy, other work on the machine {:.2}",
+            best.measured.gateway.sends_per_second(),
+            clients_label(best.measured.clients),
+            best.measured.gateway.cpu_ms_per_send(),
+            if *backend == "postgresql" {
+                " and PostgreSQL"
             } else {
-                sentence.push_str(&format!(
-                    ": on the database's round trips and commits ({:.2} ms each here) through a pool of 8 connections shared with the outbox",
-                    best.probes.commit_ms
-                ));
-            }
-        }
-        if largest.clients > best.clients {
+                ""
+            },
+            cores as f64 * 1000.0 / best.measured.gateway.cpu_ms_per_send(),
+            cpu.own_cores(),
+            cpu.other_cores(),
+        );
+        if cpu.own_cores() >= 0.8 * cores as f64 {
+            sentence.push_str(", so it is CPU-bound.");
+        } else if cpu.machine_cores >= 0.85 * cores as f64 {
+            sentence.push_str(", so the machine was full and part of the limit is CPU that other work on this shared machine took.");
+        } else {
+            let idle = (cores as f64 - cpu.machine_cores).max(0.0);
             sentence.push_str(&format!(
-                "; more clients ({}) only add queueing ({:.0} sends/s, send p50 {:.1} ms)",
-                largest.clients,
-                largest.gateway.sends_per_second(),
-                percentile_ms(&largest.gateway.sorted_latencies, 50.0)
+                ", so {idle:.2} cores sat idle: it spent {} of its time waiting, not computing.",
+                if idle >= 0.5 * cores as f64 {
+                    "most"
+                } else {
+                    "part"
+                }
             ));
         }
-        sentence.push('.');
         sentences.push(sentence);
-    }
+        // Queueing, in the largest cell that did not stall.
+        let most = cells
+            .iter()
+            .copied()
+            .filter(|report| !stalled.iter().any(|other| std::ptr::eq(*other, *report)))
+            .max_by_key(|report| report.measured.clients);
+        let percentiles = most.map(|most| {
+            (
+                percentile_ms(&most.measured.gateway.sorted_latencies, 50.0),
+                percentile_ms(&most.measured.gateway.sorted_latencies, 99.0),
+            )
+        });
+        // Busy-handler queueing shows as a long tail short of the stalls above.
+        if *backend == "sqlite"
+            && let (Some(most), Some((most_p50, most_p99))) = (most, percentiles)
+            && most.measured.clients > 1
+            && most_p99 > 10.0 * most.measured.probes.commit_ms
+        {
+            sentences.push(format!(
+                "SQLite takes one writer at a time: with {} send p99 is {most_p99:.0} ms against a p50 of {most_p50:.1} ms and a lone commit of {:.2} ms; every write transaction is BEGIN IMMEDIATE, and a writer that finds the lock taken sleeps in SQLite's busy handler (1 ms, growing to 100 ms between retries) rather than queueing, while the outbox's claim and update transactions for every message step join the same line.",
+                clients_label(most.measured.clients),
+                most.measured.probes.commit_ms
+            ));
+        }
+        if *backend == "postgresql" {
+            let queueing = match (most, percentiles) {
+                (Some(most), Some((most_p50, _))) if most.measured.clients > 1 => format!(
+                    " (with {} send p50 was {most_p50:.1} ms)",
+                    clients_label(most.measured.clients)
+                ),
+                _ => String::new(),
+            };
+            sentences.push(format!(
+                "PostgreSQL pays {:.2} ms for a lone commit here (the WAL flush) and a loopback round trip for every statement of a send, which one client waits on in turn; more clients overlap those waits until the CPU, or the pool of 8 connections that the outbox shares, is full{queueing}.",
+                best.measured.probes.commit_ms,
+            ));
+        }
 
-    // Delivery: the outbox, not the provider, sets send-to-DELIVERED.
-    let slowest_drain = reports
-        .iter()
-        .max_by(|a, b| a.drain_time.cmp(&b.drain_time))
-        .expect("at least one cell");
+        // Delivery: the outbox.
+        // A stalled cell's backlog is the stalls', already told above.
+        let best_stalled = stalled.iter().any(|report| std::ptr::eq(*report, best));
+        if !best_stalled
+            && best.measured.delivered_per_second < 0.9 * best.measured.gateway.sends_per_second()
+        {
+            sentences.push(format!(
+                "On {backend} the outbox delivered only {:.0} messages/s end to end against {:.0} sends/s accepted, left {} messages not yet handed to the provider when the senders stopped, and took {:.1} s to catch up (about {:.0} messages/s with the senders idle): the sustained rate is the outbox's, not the mutation's.",
+                best.measured.delivered_per_second,
+                best.measured.gateway.sends_per_second(),
+                best.measured.queued_at_phase_end,
+                best.measured.drain_time.as_secs_f64(),
+                best.measured.queued_at_phase_end as f64 / best.measured.drain_time.as_secs_f64(),
+            ));
+        }
+    }
     let best_delivery = reports
         .iter()
-        .map(|report| percentile_ms(&report.sorted_delivery_latencies, 50.0))
+        .map(|report| percentile_ms(&report.measured.sorted_delivery_latencies, 50.0))
         .fold(f64::INFINITY, f64::min);
-    let mut delivery = format!(
-        "Send-to-DELIVERED is set by the outbox, not the sandbox (which delivers 5 ms after accepting): a message waits for an outbox pass (every {OUTBOX_TICK_MS:.0} ms, at most 50 messages, 8 at a time) to be sent, then for a later pass to see it delivered, so its p50 is at least about two ticks ({best_delivery:.0} ms at best here)"
-    );
-    if slowest_drain.drain_time > Duration::from_secs(1) {
-        delivery.push_str(&format!(
-            "; the outbox also fell behind the senders — {} {} clients needed {:.1} s after the phase to deliver its backlog, and a pass's `deliveredAt` is stamped at the pass's start, so the true wait is a little longer",
-            slowest_drain.backend,
-            slowest_drain.clients,
-            slowest_drain.drain_time.as_secs_f64()
-        ));
-    } else {
-        delivery.push_str("; it kept up with the senders in every cell (each drained within a second of the phase)");
-    }
-    delivery.push('.');
-    sentences.push(delivery);
+    let floor_ms = 2.0 * OUTBOX_TICK_MS;
+    sentences.push(format!(
+        "Send-to-DELIVERED is set by the outbox, not the sandbox (which delivers 5 ms after accepting): the outbox works in passes of at most 50 due messages, 8 at a time, with a {OUTBOX_TICK_MS:.0} ms sleep between passes, and a message needs one pass to be handed over and a later one to be seen delivered, each a claim and an update write transaction, so its floor is about two ticks, {floor_ms:.0} ms; the best p50 here was {best_delivery:.0} ms{}, and `deliveredAt` is the start of the pass that saw the delivery, so the true wait is a little longer.",
+        if best_delivery > 4.0 * floor_ms {
+            ", which is time spent waiting in the outbox"
+        } else {
+            ""
+        }
+    ));
     sentences.join(" ")
 }
 
@@ -1451,24 +1701,36 @@ async fn main() -> anyhow::Result<()> {
         http: reqwest::Client::new(),
         phase: Duration::from_secs(options.seconds_per_phase),
         mismatches: 0,
+        last_hl7_text: None,
     };
     let run_started = Instant::now();
     let mut reports = Vec::new();
     let mut descriptions = Vec::new();
+    // Every gateway phase first, then every direct phase on its cell's sandbox: the direct
+    // phases leave hundreds of megabytes of accepted messages behind, which would otherwise
+    // sit in the next gateway phase's resident set.
+    let mut pending = Vec::new();
     for backend in &backends {
         descriptions.push(backend.describe().await?);
         for &clients in &options.client_counts {
-            reports.push(bench.run_cell(backend, clients).await?);
+            pending.push(bench.run_gateway_cell(backend, clients).await?);
         }
+    }
+    for cell in pending {
+        reports.push(bench.run_direct_cell(cell).await?);
     }
     for backend in backends {
         if let Backend::Postgres { admin, .. } = backend {
             admin.close().await.ok();
         }
     }
-    let overall_peak = reports
+    let gateway_peak = reports
         .iter()
-        .filter_map(|report| report.peak_resident_set_kib)
+        .filter_map(|report| report.measured.gateway_peak_kib)
+        .max();
+    let direct_peak = reports
+        .iter()
+        .filter_map(|report| report.direct_peak_kib)
         .max();
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
 
@@ -1485,10 +1747,27 @@ async fn main() -> anyhow::Result<()> {
     println!();
     print_diagnostics_table(&reports);
     println!();
+    for report in &reports {
+        for (path, phase) in [
+            ("gateway", &report.measured.gateway),
+            ("direct", &report.direct),
+        ] {
+            for (failure, count) in &phase.failures {
+                println!(
+                    "failed: {} {} {path}: {count} × {failure}",
+                    report.measured.backend,
+                    clients_label(report.measured.clients)
+                );
+            }
+        }
+    }
     println!("nproc: {cores}");
+    let kilobytes =
+        |kib: Option<u64>| kib.map_or_else(|| "unknown".to_owned(), |kib| format!("{kib} kB"));
     println!(
-        "peak RSS (VmHWM): {}",
-        overall_peak.map_or_else(|| "unknown".to_owned(), |kib| format!("{kib} kB"))
+        "peak RSS (VmHWM of the whole process, reset before each phase): {} in the gateway phases (gateway, sandbox, load generator); {} in the direct phases (the sandbox keeps every accepted message in memory)",
+        kilobytes(gateway_peak),
+        kilobytes(direct_peak)
     );
     println!(
         "total run time: {:.0} s",

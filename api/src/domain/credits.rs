@@ -697,12 +697,8 @@ impl CreditService {
         txn: &Transaction,
         principal: &Principal,
         reference: &str,
+        card: Option<String>,
     ) -> Result<Result<(i64, Option<PurchaseRow>), i64>, GatewayError> {
-        let card = self
-            .store
-            .payment_method(&principal.group_id)
-            .await?
-            .map(|method| method.token_ciphertext);
         let outcome = self
             .store
             .debit_in(
@@ -722,6 +718,17 @@ impl CreditService {
                 top_up,
             } => Ok((balance_after, top_up)),
         })
+    }
+
+    /// The practice's sealed card token, to hand to [`Self::debit_send_in`]. Read it before
+    /// opening the transaction: reading through the pool while holding a write transaction
+    /// would wait on a second connection that the transaction itself may be blocking.
+    pub async fn card_for_top_up(&self, group_id: &str) -> Result<Option<String>, GatewayError> {
+        Ok(self
+            .store
+            .payment_method(group_id)
+            .await?
+            .map(|method| method.token_ciphertext))
     }
 
     /// Starts the top-up a committed debit triggered, if any.

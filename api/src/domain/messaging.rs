@@ -770,10 +770,13 @@ impl MessagingService {
         };
         let mut bought = false;
         loop {
+            // Everything the transaction needs is read before it opens: a pool read while
+            // holding the write transaction could wait on the very connections it blocks.
+            let card = self.credits.card_for_top_up(&principal.group_id).await?;
             let txn = self.store.begin_credit_transaction().await?;
             match self
                 .credits
-                .debit_send_in(&txn, principal, &message_id)
+                .debit_send_in(&txn, principal, &message_id, card)
                 .await?
             {
                 Ok((balance, top_up)) => {
