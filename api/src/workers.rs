@@ -93,7 +93,19 @@ pub(crate) fn spawn_outbox(
     spawn_periodic("outbox", tick, shutdown, move || {
         let service = service.clone();
         async move {
-            let outbox = service.process_outbox(Utc::now()).await;
+            // While passes come back full there is a backlog: keep going instead of sleeping a
+            // tick between batches (bounded, so the inbox still gets its turn).
+            let mut outbox = Ok(());
+            for _ in 0..20 {
+                match service.process_outbox(Utc::now()).await {
+                    Ok(worked) if worked >= crate::domain::messaging::OUTBOX_BATCH => continue,
+                    Ok(_) => break,
+                    Err(error) => {
+                        outbox = Err(error);
+                        break;
+                    }
+                }
+            }
             let inbox = service.poll_inboxes().await;
             outbox.and(inbox).map(|_| ())
         }

@@ -39,6 +39,9 @@ pub mod actions {
     pub const REFUND_MESSAGE: &str = "REFUND_MESSAGE";
 }
 
+/// How many due messages one outbox pass takes on.
+pub const OUTBOX_BATCH: usize = 50;
+
 /// Tunables.
 #[derive(Debug, Clone)]
 pub struct MessagingSettings {
@@ -916,7 +919,7 @@ impl MessagingService {
     /// messages it worked on.
     pub async fn process_outbox(&self, now: DateTime<Utc>) -> Result<usize, GatewayError> {
         use futures::StreamExt;
-        let due = self.store.due_messages(now, 50).await?;
+        let due = self.store.due_messages(now, OUTBOX_BATCH as u64).await?;
         let results: Vec<Result<bool, GatewayError>> = futures::stream::iter(due)
             .map(|message| async move {
                 // Timed from the claim itself: a late claim in a long pass must not start
