@@ -5,7 +5,7 @@ use async_trait::async_trait;
 use reqwest::StatusCode;
 use serde::{Deserialize, Serialize};
 
-use super::http::{endpoint, read_json, transport_failure, unavailable_status};
+use super::http::{dispatch, endpoint, read_json};
 use super::{
     AccountState, DeliveryState, DirectoryEntry, DirectoryPage, InboxItem, OutboundMessage,
     ProviderClient, ProviderError,
@@ -134,19 +134,15 @@ impl ProviderClient for ArgusClient {
         &self,
         credentials: &ProviderCredentials,
     ) -> Result<AccountState, ProviderError> {
-        let response = self
-            .client
-            .get(endpoint(&self.base_url, "/argus/v1/account"))
-            .basic_auth(
-                credentials.username.as_str(),
-                Some(credentials.password.expose()),
-            )
-            .send()
-            .await
-            .map_err(transport_failure)?;
-        if let Some(error) = unavailable_status(&response) {
-            return Err(error);
-        }
+        let response = dispatch(
+            self.client
+                .get(endpoint(&self.base_url, "/argus/v1/account"))
+                .basic_auth(
+                    credentials.username.as_str(),
+                    Some(credentials.password.expose()),
+                ),
+        )
+        .await?;
         match response.status() {
             StatusCode::OK => state_from_word(&read_json::<AccountBody>(response).await?.status),
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
@@ -164,16 +160,12 @@ impl ProviderClient for ArgusClient {
             practice_name: registration.practice_name.as_str(),
             contact_email: registration.contact_email.as_str(),
         };
-        let response = self
-            .client
-            .post(endpoint(&self.base_url, "/argus/v1/registrations"))
-            .json(&body)
-            .send()
-            .await
-            .map_err(transport_failure)?;
-        if let Some(error) = unavailable_status(&response) {
-            return Err(error);
-        }
+        let response = dispatch(
+            self.client
+                .post(endpoint(&self.base_url, "/argus/v1/registrations"))
+                .json(&body),
+        )
+        .await?;
         match response.status() {
             StatusCode::CREATED | StatusCode::OK => {
                 state_from_word(&read_json::<AccountBody>(response).await?.status)
@@ -192,24 +184,20 @@ impl ProviderClient for ArgusClient {
     ) -> Result<DirectoryPage, ProviderError> {
         let limit = limit.clamp(1, 50);
         let page = offset / limit + 1;
-        let response = self
-            .client
-            .get(endpoint(&self.base_url, "/argus/v1/directory"))
-            .basic_auth(
-                credentials.username.as_str(),
-                Some(credentials.password.expose()),
-            )
-            .query(&[
-                ("q", query.to_owned()),
-                ("page", page.to_string()),
-                ("pageSize", limit.to_string()),
-            ])
-            .send()
-            .await
-            .map_err(transport_failure)?;
-        if let Some(error) = unavailable_status(&response) {
-            return Err(error);
-        }
+        let response = dispatch(
+            self.client
+                .get(endpoint(&self.base_url, "/argus/v1/directory"))
+                .basic_auth(
+                    credentials.username.as_str(),
+                    Some(credentials.password.expose()),
+                )
+                .query(&[
+                    ("q", query.to_owned()),
+                    ("page", page.to_string()),
+                    ("pageSize", limit.to_string()),
+                ]),
+        )
+        .await?;
         match response.status() {
             StatusCode::OK => {
                 let body: DirectoryBody = read_json(response).await?;
@@ -247,20 +235,16 @@ impl ProviderClient for ArgusClient {
             "recipientHpii": message.recipient_hpii,
             "payload": base64::engine::general_purpose::STANDARD.encode(message.payload),
         });
-        let response = self
-            .client
-            .post(endpoint(&self.base_url, "/argus/v1/messages"))
-            .basic_auth(
-                credentials.username.as_str(),
-                Some(credentials.password.expose()),
-            )
-            .json(&body)
-            .send()
-            .await
-            .map_err(transport_failure)?;
-        if let Some(error) = unavailable_status(&response) {
-            return Err(error);
-        }
+        let response = dispatch(
+            self.client
+                .post(endpoint(&self.base_url, "/argus/v1/messages"))
+                .basic_auth(
+                    credentials.username.as_str(),
+                    Some(credentials.password.expose()),
+                )
+                .json(&body),
+        )
+        .await?;
         match response.status() {
             StatusCode::OK | StatusCode::ACCEPTED | StatusCode::CREATED => {
                 Ok(read_json::<SendBody>(response).await?.tracking_id)
@@ -275,22 +259,18 @@ impl ProviderClient for ArgusClient {
         credentials: &ProviderCredentials,
         reference: &str,
     ) -> Result<DeliveryState, ProviderError> {
-        let response = self
-            .client
-            .get(endpoint(
-                &self.base_url,
-                &format!("/argus/v1/messages/{reference}"),
-            ))
-            .basic_auth(
-                credentials.username.as_str(),
-                Some(credentials.password.expose()),
-            )
-            .send()
-            .await
-            .map_err(transport_failure)?;
-        if let Some(error) = unavailable_status(&response) {
-            return Err(error);
-        }
+        let response = dispatch(
+            self.client
+                .get(endpoint(
+                    &self.base_url,
+                    &format!("/argus/v1/messages/{reference}"),
+                ))
+                .basic_auth(
+                    credentials.username.as_str(),
+                    Some(credentials.password.expose()),
+                ),
+        )
+        .await?;
         match response.status() {
             StatusCode::OK => {
                 let body: StatusBody = read_json(response).await?;
@@ -320,20 +300,16 @@ impl ProviderClient for ArgusClient {
         credentials: &ProviderCredentials,
     ) -> Result<Vec<InboxItem>, ProviderError> {
         use base64::Engine;
-        let response = self
-            .client
-            .get(endpoint(&self.base_url, "/argus/v1/inbox"))
-            .basic_auth(
-                credentials.username.as_str(),
-                Some(credentials.password.expose()),
-            )
-            .query(&[("limit", "50")])
-            .send()
-            .await
-            .map_err(transport_failure)?;
-        if let Some(error) = unavailable_status(&response) {
-            return Err(error);
-        }
+        let response = dispatch(
+            self.client
+                .get(endpoint(&self.base_url, "/argus/v1/inbox"))
+                .basic_auth(
+                    credentials.username.as_str(),
+                    Some(credentials.password.expose()),
+                )
+                .query(&[("limit", "50")]),
+        )
+        .await?;
         match response.status() {
             StatusCode::OK => {
                 let body: InboxBody = read_json(response).await?;
@@ -365,22 +341,18 @@ impl ProviderClient for ArgusClient {
         credentials: &ProviderCredentials,
         id: &str,
     ) -> Result<(), ProviderError> {
-        let response = self
-            .client
-            .post(endpoint(
-                &self.base_url,
-                &format!("/argus/v1/inbox/{id}/ack"),
-            ))
-            .basic_auth(
-                credentials.username.as_str(),
-                Some(credentials.password.expose()),
-            )
-            .send()
-            .await
-            .map_err(transport_failure)?;
-        if let Some(error) = unavailable_status(&response) {
-            return Err(error);
-        }
+        let response = dispatch(
+            self.client
+                .post(endpoint(
+                    &self.base_url,
+                    &format!("/argus/v1/inbox/{id}/ack"),
+                ))
+                .basic_auth(
+                    credentials.username.as_str(),
+                    Some(credentials.password.expose()),
+                ),
+        )
+        .await?;
         match response.status() {
             status if status.is_success() => Ok(()),
             StatusCode::UNAUTHORIZED => Err(ProviderError::InvalidCredentials),

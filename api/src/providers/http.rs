@@ -22,6 +22,16 @@ pub(super) fn endpoint(base_url: &str, path: &str) -> String {
     format!("{}{}", base_url.trim_end_matches('/'), path)
 }
 
+/// Sends a request and turns the ways it can fail to answer usefully — no answer, 429, 5xx —
+/// into `Unavailable`; any other answer is for the adapter to read.
+pub(super) async fn dispatch(request: reqwest::RequestBuilder) -> Result<Response, ProviderError> {
+    let response = request.send().await.map_err(transport_failure)?;
+    match unavailable_status(&response) {
+        Some(error) => Err(error),
+        None => Ok(response),
+    }
+}
+
 /// A request that never got an HTTP answer.
 pub(super) fn transport_failure(error: reqwest::Error) -> ProviderError {
     let reason = if error.is_timeout() {

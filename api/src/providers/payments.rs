@@ -8,7 +8,7 @@ use reqwest::StatusCode;
 use serde::{Deserialize, Serialize};
 
 use super::ProviderError;
-use super::http::{build_client, endpoint, read_json, transport_failure, unavailable_status};
+use super::http::{build_client, dispatch, endpoint, read_json};
 
 /// A card as the gateway may show it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,19 +134,15 @@ async fn refusal(response: reqwest::Response) -> ProviderError {
 #[async_trait]
 impl PaymentGateway for HttpPaymentGateway {
     async fn describe(&self, token: &str) -> Result<CardSummary, ProviderError> {
-        let response = self
-            .client
-            .get(endpoint(
-                &self.base_url,
-                &format!("/payments/v1/payment-methods/{token}"),
-            ))
-            .bearer_auth(&self.api_key)
-            .send()
-            .await
-            .map_err(transport_failure)?;
-        if let Some(error) = unavailable_status(&response) {
-            return Err(error);
-        }
+        let response = dispatch(
+            self.client
+                .get(endpoint(
+                    &self.base_url,
+                    &format!("/payments/v1/payment-methods/{token}"),
+                ))
+                .bearer_auth(&self.api_key),
+        )
+        .await?;
         match response.status() {
             StatusCode::OK => {
                 let body: MethodBody = read_json(response).await?;
@@ -166,23 +162,19 @@ impl PaymentGateway for HttpPaymentGateway {
     }
 
     async fn charge(&self, request: &ChargeRequest<'_>) -> Result<ChargeOutcome, ProviderError> {
-        let response = self
-            .client
-            .post(endpoint(&self.base_url, "/payments/v1/charges"))
-            .bearer_auth(&self.api_key)
-            .header("Idempotency-Key", request.idempotency_key)
-            .json(&ChargeBody {
-                payment_method: request.token,
-                amount_cents: request.amount_cents,
-                currency: "AUD",
-                description: request.description,
-            })
-            .send()
-            .await
-            .map_err(transport_failure)?;
-        if let Some(error) = unavailable_status(&response) {
-            return Err(error);
-        }
+        let response = dispatch(
+            self.client
+                .post(endpoint(&self.base_url, "/payments/v1/charges"))
+                .bearer_auth(&self.api_key)
+                .header("Idempotency-Key", request.idempotency_key)
+                .json(&ChargeBody {
+                    payment_method: request.token,
+                    amount_cents: request.amount_cents,
+                    currency: "AUD",
+                    description: request.description,
+                }),
+        )
+        .await?;
         match response.status() {
             StatusCode::OK | StatusCode::CREATED => {
                 let body: ChargeResponse = read_json(response).await?;

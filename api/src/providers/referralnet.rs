@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use reqwest::StatusCode;
 use serde::{Deserialize, Serialize};
 
-use super::http::{endpoint, read_json, transport_failure, unavailable_status};
+use super::http::{dispatch, endpoint, read_json};
 use super::{
     AccountState, DeliveryState, DirectoryEntry, DirectoryPage, InboxItem, OutboundMessage,
     ProviderClient, ProviderError,
@@ -128,19 +128,15 @@ impl ReferralNetClient {
     }
 
     async fn login(&self, credentials: &ProviderCredentials) -> Result<String, ProviderError> {
-        let response = self
-            .client
-            .post(endpoint(&self.base_url, "/referralnet/api/sessions"))
-            .json(&SessionRequest {
-                user_id: credentials.username.as_str(),
-                password: credentials.password.expose(),
-            })
-            .send()
-            .await
-            .map_err(transport_failure)?;
-        if let Some(error) = unavailable_status(&response) {
-            return Err(error);
-        }
+        let response = dispatch(
+            self.client
+                .post(endpoint(&self.base_url, "/referralnet/api/sessions"))
+                .json(&SessionRequest {
+                    user_id: credentials.username.as_str(),
+                    password: credentials.password.expose(),
+                }),
+        )
+        .await?;
         match response.status() {
             StatusCode::OK => Ok(read_json::<SessionBody>(response).await?.session_token),
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
@@ -184,16 +180,12 @@ impl ProviderClient for ReferralNetClient {
         credentials: &ProviderCredentials,
     ) -> Result<AccountState, ProviderError> {
         let token = self.login(credentials).await?;
-        let response = self
-            .client
-            .get(endpoint(&self.base_url, "/referralnet/api/account"))
-            .bearer_auth(token)
-            .send()
-            .await
-            .map_err(transport_failure)?;
-        if let Some(error) = unavailable_status(&response) {
-            return Err(error);
-        }
+        let response = dispatch(
+            self.client
+                .get(endpoint(&self.base_url, "/referralnet/api/account"))
+                .bearer_auth(token),
+        )
+        .await?;
         match response.status() {
             StatusCode::OK => {
                 state_from_word(&read_json::<AccountBody>(response).await?.enrolment_state)
@@ -208,22 +200,18 @@ impl ProviderClient for ReferralNetClient {
     }
 
     async fn register(&self, registration: &Registration) -> Result<AccountState, ProviderError> {
-        let response = self
-            .client
-            .post(endpoint(&self.base_url, "/referralnet/api/enrolments"))
-            .json(&EnrolmentRequest {
-                user_id: registration.credentials.username.as_str(),
-                password: registration.credentials.password.expose(),
-                promotion_code: registration.promo_code.as_str(),
-                organisation_name: registration.practice_name.as_str(),
-                email: registration.contact_email.as_str(),
-            })
-            .send()
-            .await
-            .map_err(transport_failure)?;
-        if let Some(error) = unavailable_status(&response) {
-            return Err(error);
-        }
+        let response = dispatch(
+            self.client
+                .post(endpoint(&self.base_url, "/referralnet/api/enrolments"))
+                .json(&EnrolmentRequest {
+                    user_id: registration.credentials.username.as_str(),
+                    password: registration.credentials.password.expose(),
+                    promotion_code: registration.promo_code.as_str(),
+                    organisation_name: registration.practice_name.as_str(),
+                    email: registration.contact_email.as_str(),
+                }),
+        )
+        .await?;
         match response.status() {
             StatusCode::ACCEPTED | StatusCode::CREATED | StatusCode::OK => {
                 state_from_word(&read_json::<EnrolmentBody>(response).await?.state)
@@ -241,21 +229,17 @@ impl ProviderClient for ReferralNetClient {
         limit: u64,
     ) -> Result<DirectoryPage, ProviderError> {
         let token = self.login(credentials).await?;
-        let response = self
-            .client
-            .get(endpoint(&self.base_url, "/referralnet/api/providers"))
-            .bearer_auth(token)
-            .query(&[
-                ("search", query.to_owned()),
-                ("offset", offset.to_string()),
-                ("limit", limit.clamp(1, 50).to_string()),
-            ])
-            .send()
-            .await
-            .map_err(transport_failure)?;
-        if let Some(error) = unavailable_status(&response) {
-            return Err(error);
-        }
+        let response = dispatch(
+            self.client
+                .get(endpoint(&self.base_url, "/referralnet/api/providers"))
+                .bearer_auth(token)
+                .query(&[
+                    ("search", query.to_owned()),
+                    ("offset", offset.to_string()),
+                    ("limit", limit.clamp(1, 50).to_string()),
+                ]),
+        )
+        .await?;
         match response.status() {
             StatusCode::OK => {
                 let body: ProvidersBody = read_json(response).await?;
@@ -299,20 +283,16 @@ impl ProviderClient for ReferralNetClient {
         message: &OutboundMessage<'_>,
     ) -> Result<String, ProviderError> {
         let token = self.login(credentials).await?;
-        let response = self
-            .client
-            .post(endpoint(&self.base_url, "/referralnet/api/dispatch"))
-            .bearer_auth(token)
-            .header(reqwest::header::CONTENT_TYPE, "x-application/hl7-v2+er7")
-            .header("X-RN-Recipient", message.recipient_hpii)
-            .header("X-RN-Message-Id", message.client_message_id)
-            .body(message.payload.to_owned())
-            .send()
-            .await
-            .map_err(transport_failure)?;
-        if let Some(error) = unavailable_status(&response) {
-            return Err(error);
-        }
+        let response = dispatch(
+            self.client
+                .post(endpoint(&self.base_url, "/referralnet/api/dispatch"))
+                .bearer_auth(token)
+                .header(reqwest::header::CONTENT_TYPE, "x-application/hl7-v2+er7")
+                .header("X-RN-Recipient", message.recipient_hpii)
+                .header("X-RN-Message-Id", message.client_message_id)
+                .body(message.payload.to_owned()),
+        )
+        .await?;
         match response.status() {
             StatusCode::OK | StatusCode::ACCEPTED | StatusCode::CREATED => {
                 Ok(read_json::<DispatchBody>(response).await?.receipt_id)
@@ -327,19 +307,15 @@ impl ProviderClient for ReferralNetClient {
         reference: &str,
     ) -> Result<DeliveryState, ProviderError> {
         let token = self.login(credentials).await?;
-        let response = self
-            .client
-            .get(endpoint(
-                &self.base_url,
-                &format!("/referralnet/api/dispatch/{reference}"),
-            ))
-            .bearer_auth(token)
-            .send()
-            .await
-            .map_err(transport_failure)?;
-        if let Some(error) = unavailable_status(&response) {
-            return Err(error);
-        }
+        let response = dispatch(
+            self.client
+                .get(endpoint(
+                    &self.base_url,
+                    &format!("/referralnet/api/dispatch/{reference}"),
+                ))
+                .bearer_auth(token),
+        )
+        .await?;
         match response.status() {
             StatusCode::OK => {
                 let body: ReceiptBody = read_json(response).await?;
@@ -367,17 +343,13 @@ impl ProviderClient for ReferralNetClient {
         credentials: &ProviderCredentials,
     ) -> Result<Vec<InboxItem>, ProviderError> {
         let token = self.login(credentials).await?;
-        let response = self
-            .client
-            .get(endpoint(&self.base_url, "/referralnet/api/inbox"))
-            .bearer_auth(token)
-            .query(&[("limit", "50")])
-            .send()
-            .await
-            .map_err(transport_failure)?;
-        if let Some(error) = unavailable_status(&response) {
-            return Err(error);
-        }
+        let response = dispatch(
+            self.client
+                .get(endpoint(&self.base_url, "/referralnet/api/inbox"))
+                .bearer_auth(token)
+                .query(&[("limit", "50")]),
+        )
+        .await?;
         match response.status() {
             StatusCode::OK => {
                 let body: RnInboxBody = read_json(response).await?;
@@ -402,19 +374,15 @@ impl ProviderClient for ReferralNetClient {
         id: &str,
     ) -> Result<(), ProviderError> {
         let token = self.login(credentials).await?;
-        let response = self
-            .client
-            .delete(endpoint(
-                &self.base_url,
-                &format!("/referralnet/api/inbox/{id}"),
-            ))
-            .bearer_auth(token)
-            .send()
-            .await
-            .map_err(transport_failure)?;
-        if let Some(error) = unavailable_status(&response) {
-            return Err(error);
-        }
+        let response = dispatch(
+            self.client
+                .delete(endpoint(
+                    &self.base_url,
+                    &format!("/referralnet/api/inbox/{id}"),
+                ))
+                .bearer_auth(token),
+        )
+        .await?;
         match response.status() {
             status if status.is_success() => Ok(()),
             _ => Err(fault(response).await),
@@ -427,17 +395,13 @@ impl ProviderClient for ReferralNetClient {
         url: &str,
     ) -> Result<Option<String>, ProviderError> {
         let token = self.login(credentials).await?;
-        let response = self
-            .client
-            .put(endpoint(&self.base_url, "/referralnet/api/webhook"))
-            .bearer_auth(token)
-            .json(&serde_json::json!({ "url": url }))
-            .send()
-            .await
-            .map_err(transport_failure)?;
-        if let Some(error) = unavailable_status(&response) {
-            return Err(error);
-        }
+        let response = dispatch(
+            self.client
+                .put(endpoint(&self.base_url, "/referralnet/api/webhook"))
+                .bearer_auth(token)
+                .json(&serde_json::json!({ "url": url })),
+        )
+        .await?;
         match response.status() {
             StatusCode::OK | StatusCode::CREATED => {
                 Ok(Some(read_json::<WebhookBody>(response).await?.secret))
