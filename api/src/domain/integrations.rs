@@ -13,7 +13,7 @@ use crate::domain::types::{
     ConnectionStatus, Provider, ProviderCredentials, ProviderPassword, ProviderUsername,
     Registration, Role,
 };
-use crate::domain::{GatewayError, later};
+use crate::domain::{GatewayError, later, safe_word};
 use crate::events::EventBus;
 use crate::providers::{AccountState, ProviderError, Providers};
 use crate::store::accounts::{AccountOrigin, AccountRow, CheckOutcome, InsertOutcome, LinkRow};
@@ -86,14 +86,6 @@ pub struct IntegrationService {
 const FAILED_ATTEMPTS_ALLOWED: u64 = 10;
 /// The window for [`FAILED_ATTEMPTS_ALLOWED`], in minutes.
 const FAILED_ATTEMPTS_WINDOW_MINUTES: i64 = 15;
-
-/// A provider's error word reduced to at most 32 ASCII letters and digits before it is shown.
-fn safe_word(word: &str) -> String {
-    word.chars()
-        .filter(char::is_ascii_alphanumeric)
-        .take(32)
-        .collect()
-}
 
 fn target(provider: Provider) -> String {
     format!("provider:{}", provider.code())

@@ -20,7 +20,7 @@ use crate::domain::credits::{CREDITS_PER_MESSAGE, CreditService, IdempotencyKey}
 use crate::domain::hl7;
 use crate::domain::integrations::IntegrationService;
 use crate::domain::types::{ConnectionStatus, Provider, Role};
-use crate::domain::{GatewayError, later};
+use crate::domain::{GatewayError, later, safe_word};
 use crate::providers::{DeliveryState, DirectoryEntry, OutboundMessage, ProviderError, Providers};
 use crate::store::messaging::{MessageRow, MessageUpdate, NoteRow, PatientRow};
 use crate::store::{Store, new_id};
@@ -1014,7 +1014,7 @@ impl MessagingService {
                 Err(ProviderError::Refused { code, .. }) => {
                     self.fail_and_refund(
                         message,
-                        &format!("{provider} refused the message ({})", safe(&code)),
+                        &format!("{provider} refused the message ({})", safe_word(&code)),
                     )
                     .await?;
                 }
@@ -1556,12 +1556,5 @@ fn decode_hex(text: &str) -> Option<Vec<u8>> {
     (0..text.len())
         .step_by(2)
         .map(|index| u8::from_str_radix(text.get(index..index + 2)?, 16).ok())
-        .collect()
-}
-
-fn safe(word: &str) -> String {
-    word.chars()
-        .filter(char::is_ascii_alphanumeric)
-        .take(32)
         .collect()
 }

@@ -24,3 +24,11 @@ pub(crate) fn later(
         .and_then(|delay| now.checked_add_signed(delay))
         .unwrap_or(chrono::DateTime::<chrono::Utc>::MAX_UTC)
 }
+
+/// A provider's error word reduced to at most 32 ASCII letters and digits, safe to show.
+pub(crate) fn safe_word(word: &str) -> String {
+    word.chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(32)
+        .collect()
+}
