@@ -17,12 +17,19 @@ use crate::domain::messaging::{MessagingService, MessagingSettings};
 use crate::domain::pricing::{Catalogue, DEFAULT_TIERS};
 use crate::domain::types::Provider;
 use crate::events::EventBus;
+use crate::graphql::limits::OperationLimits;
 use crate::graphql::{Limits, Services, build_schema};
+use crate::ratelimit::TokenBuckets;
+use crate::ws::{OpenOperations, WsLimits};
 use crate::http::{CorsPolicy, HttpState, router};
 use crate::providers::payments::HttpPaymentGateway;
 use crate::providers::{ProviderEndpoints, Providers};
 use crate::store::Store;
 use crate::{dev, workers};
+
+/// How deep an introspection query may nest: GraphiQL's own schema query (graphql-js's
+/// `getIntrospectionQuery`, whose type references nest `ofType` nine times) needs 14.
+const MAX_INTROSPECTION_DEPTH: usize = 16;
 
 /// A built gateway, bound to its port, not yet serving.
 pub struct App {
@@ -156,6 +163,11 @@ impl App {
                 approval_check_lease: Duration::from_millis(settings.providers.timeout_ms) * 2
                     + poll_interval,
                 validate_login_per_minute: settings.validate_login_per_minute,
+                failed_logins_per_user: settings.limits.failed_logins_per_user,
+                failed_logins_per_username: settings.limits.failed_logins_per_username,
+                failed_login_window: Duration::from_secs(
+                    settings.limits.failed_login_window_seconds,
+                ),
             },
         );
         let listener = TcpListener::bind(settings.listen).await.map_err(|error| {
@@ -211,9 +223,24 @@ impl App {
                     .min(Duration::from_secs(10)),
             },
             Limits {
-                max_depth: settings.graphql.max_depth,
+                operation: OperationLimits {
+                    max_query_bytes: settings.graphql.max_body_bytes,
+                    max_aliases: settings.graphql.max_aliases,
+                    max_depth: settings.graphql.max_depth,
+                    max_introspection_depth: MAX_INTROSPECTION_DEPTH,
+                    max_directives: settings.graphql.max_directives,
+                    directory_calls_per_operation: settings.limits.directory_calls_per_operation,
+                },
                 max_complexity: settings.graphql.max_complexity,
                 introspection: settings.introspection_enabled(),
+                user_requests: TokenBuckets::new(
+                    settings.limits.user_requests_per_second,
+                    settings.limits.user_request_burst,
+                ),
+                address_requests: TokenBuckets::new(
+                    settings.limits.address_requests_per_second,
+                    settings.limits.address_request_burst,
+                ),
             },
         );
 
@@ -282,8 +309,18 @@ impl App {
                 verifier,
                 store: store.clone(),
                 playground: settings.playground_enabled(),
-                max_aliases: settings.graphql.max_aliases,
                 messaging: messaging.clone(),
+                max_response_bytes: settings.graphql.max_response_bytes,
+                ws_limits: WsLimits {
+                    init_timeout: Duration::from_secs(
+                        settings.limits.ws_connection_init_timeout_seconds,
+                    ),
+                    subscriptions_per_connection: settings.limits.ws_subscriptions_per_connection,
+                    subscriptions_per_user: settings.limits.ws_subscriptions_per_user,
+                    max_response_bytes: settings.graphql.max_response_bytes,
+                },
+                open_operations: OpenOperations::default(),
+                max_ws_message_bytes: settings.graphql.max_body_bytes,
             },
             cors,
             settings.graphql.max_body_bytes,
@@ -352,8 +389,12 @@ impl App {
             sandbox,
             ..
         } = self;
-        axum::serve(listener, router)
-            .with_graceful_shutdown(stop)
+        // Client addresses feed the per-address request limits.
+        axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(stop)
             .await?;
         let _ = shutdown.send(true);
         for worker in workers {

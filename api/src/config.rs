@@ -163,8 +163,12 @@ pub struct GraphqlSettings {
     pub max_complexity: usize,
     /// Maximum aliased fields in one document.
     pub max_aliases: usize,
-    /// Maximum request body in bytes.
+    /// Maximum request body in bytes (HTTP), and WebSocket message and operation text size.
     pub max_body_bytes: usize,
+    /// Maximum response in bytes for one operation (HTTP body or WebSocket message).
+    pub max_response_bytes: usize,
+    /// Maximum directives in one document.
+    pub max_directives: usize,
 }
 
 impl Default for GraphqlSettings {
@@ -176,6 +180,54 @@ impl Default for GraphqlSettings {
             max_complexity: 2000,
             max_aliases: 30,
             max_body_bytes: 256 * 1024,
+            max_response_bytes: 4 * 1024 * 1024,
+            max_directives: 50,
+        }
+    }
+}
+
+/// Limits on how often and how much a client may ask (see README "Limits and permissions").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitSettings {
+    /// Failed link/registration attempts per user per window (shared by every node).
+    pub failed_logins_per_user: u32,
+    /// Failed link/registration attempts per provider username per window, gateway-wide.
+    pub failed_logins_per_username: u32,
+    /// The sliding window of the two limits above, seconds.
+    pub failed_login_window_seconds: u64,
+    /// Requests per user: tokens refilled per second (per node).
+    pub user_requests_per_second: u32,
+    /// Requests per user: bucket size (the burst allowed at once).
+    pub user_request_burst: u32,
+    /// Requests per client address: tokens refilled per second (per node).
+    pub address_requests_per_second: u32,
+    /// Requests per client address: bucket size.
+    pub address_request_burst: u32,
+    /// Seconds a WebSocket may stay open without `connection_init`.
+    pub ws_connection_init_timeout_seconds: u64,
+    /// Subscriptions open at once on one WebSocket.
+    pub ws_subscriptions_per_connection: usize,
+    /// Subscriptions open at once per user, over all their WebSockets on a node.
+    pub ws_subscriptions_per_user: usize,
+    /// Directory provider calls one GraphQL operation may cause, whatever it aliases or pages.
+    pub directory_calls_per_operation: u32,
+}
+
+impl Default for LimitSettings {
+    fn default() -> Self {
+        Self {
+            failed_logins_per_user: 10,
+            failed_logins_per_username: 20,
+            failed_login_window_seconds: 15 * 60,
+            user_requests_per_second: 20,
+            user_request_burst: 60,
+            address_requests_per_second: 50,
+            address_request_burst: 150,
+            ws_connection_init_timeout_seconds: 10,
+            ws_subscriptions_per_connection: 50,
+            ws_subscriptions_per_user: 100,
+            directory_calls_per_operation: 12,
         }
     }
 }
@@ -217,6 +269,8 @@ pub struct Settings {
     pub cors_allowed_origins: Vec<String>,
     /// `validateLogin` calls per user per minute.
     pub validate_login_per_minute: u32,
+    /// Attempt, request and WebSocket limits.
+    pub limits: LimitSettings,
     /// Seed the demo practice (dev mode).
     pub seed_demo_data: bool,
     /// Print the dev banner with tokens (dev mode).
@@ -245,6 +299,7 @@ impl Default for Settings {
             graphql: GraphqlSettings::default(),
             cors_allowed_origins: Vec::new(),
             validate_login_per_minute: 5,
+            limits: LimitSettings::default(),
             seed_demo_data: true,
             print_banner: true,
         }
@@ -378,6 +433,33 @@ impl Settings {
         if let Some(limit) = get("SMD_VALIDATE_LOGIN_PER_MINUTE") {
             self.validate_login_per_minute = parse_number("SMD_VALIDATE_LOGIN_PER_MINUTE", &limit)?;
         }
+        let limits = &mut self.limits;
+        for (name, field) in [
+            ("SMD_FAILED_LOGINS_PER_USER", &mut limits.failed_logins_per_user),
+            (
+                "SMD_FAILED_LOGINS_PER_USERNAME",
+                &mut limits.failed_logins_per_username,
+            ),
+            ("SMD_USER_REQUESTS_PER_SECOND", &mut limits.user_requests_per_second),
+            ("SMD_USER_REQUEST_BURST", &mut limits.user_request_burst),
+            (
+                "SMD_ADDRESS_REQUESTS_PER_SECOND",
+                &mut limits.address_requests_per_second,
+            ),
+            ("SMD_ADDRESS_REQUEST_BURST", &mut limits.address_request_burst),
+        ] {
+            if let Some(value) = get(name) {
+                *field = parse_number(name, &value)?;
+            }
+        }
+        if let Some(value) = get("SMD_WS_SUBSCRIPTIONS_PER_CONNECTION") {
+            limits.ws_subscriptions_per_connection =
+                parse_number("SMD_WS_SUBSCRIPTIONS_PER_CONNECTION", &value)?;
+        }
+        if let Some(value) = get("SMD_WS_SUBSCRIPTIONS_PER_USER") {
+            limits.ws_subscriptions_per_user =
+                parse_number("SMD_WS_SUBSCRIPTIONS_PER_USER", &value)?;
+        }
         Ok(())
     }
 
@@ -487,6 +569,26 @@ impl Settings {
             return Err(ConfigError(
                 "SMD_CORS_ALLOWED_ORIGINS cannot be *: list the PMS origins (tokens travel in a header, so a wildcard would let any site call the API with a stolen token)".into(),
             ));
+        }
+        let limits = &self.limits;
+        for (name, value) in [
+            ("failed_logins_per_user", u64::from(limits.failed_logins_per_user)),
+            ("failed_logins_per_username", u64::from(limits.failed_logins_per_username)),
+            ("failed_login_window_seconds", limits.failed_login_window_seconds),
+            ("user_requests_per_second", u64::from(limits.user_requests_per_second)),
+            ("user_request_burst", u64::from(limits.user_request_burst)),
+            ("address_requests_per_second", u64::from(limits.address_requests_per_second)),
+            ("address_request_burst", u64::from(limits.address_request_burst)),
+            ("ws_connection_init_timeout_seconds", limits.ws_connection_init_timeout_seconds),
+            ("ws_subscriptions_per_connection", limits.ws_subscriptions_per_connection as u64),
+            ("ws_subscriptions_per_user", limits.ws_subscriptions_per_user as u64),
+            ("directory_calls_per_operation", u64::from(limits.directory_calls_per_operation)),
+        ] {
+            if value == 0 {
+                return Err(ConfigError(format!(
+                    "limits.{name} must be at least 1 (a limit of 0 would refuse everything)"
+                )));
+            }
         }
         if self.validate_login_per_minute == 0 {
             return Err(ConfigError(

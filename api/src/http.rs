@@ -3,12 +3,14 @@
 
 use std::sync::Arc;
 
-use async_graphql::http::{ALL_WEBSOCKET_PROTOCOLS, GraphiQLSource};
-use async_graphql::parser::types::{ExecutableDocument, OperationType, Selection, SelectionSet};
-use async_graphql::{Data, ServerError};
-use async_graphql_axum::{GraphQLProtocol, GraphQLRequest, GraphQLResponse, GraphQLWebSocket};
+use std::net::SocketAddr;
+
+use async_graphql::ServerError;
+use async_graphql::http::GraphiQLSource;
+use async_graphql::parser::types::OperationType;
+use async_graphql_axum::GraphQLRequest;
 use axum::Router;
-use axum::extract::{State, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, State, WebSocketUpgrade};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
@@ -19,6 +21,7 @@ use tracing::Instrument;
 use crate::auth::TokenVerifier;
 use crate::domain::audit::Principal;
 use crate::graphql::error::ApiError;
+use crate::graphql::limits::ClientAddress;
 use crate::graphql::{AppSchema, Caller};
 use crate::store::Store;
 
@@ -29,8 +32,13 @@ pub(crate) struct HttpState {
     pub verifier: Arc<TokenVerifier>,
     pub store: Store,
     pub playground: bool,
-    pub max_aliases: usize,
     pub messaging: crate::domain::messaging::MessagingService,
+    /// Largest response body (JSON) sent for one operation, on either transport.
+    pub max_response_bytes: usize,
+    pub ws_limits: crate::ws::WsLimits,
+    pub open_operations: crate::ws::OpenOperations,
+    /// Largest WebSocket message accepted.
+    pub max_ws_message_bytes: usize,
 }
 
 /// Which browser origins may call the API.
@@ -91,11 +99,53 @@ fn request_id(headers: &HeaderMap) -> String {
         .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned)
 }
 
-fn error_response(error: ApiError) -> GraphQLResponse {
+fn error_response(error: ApiError) -> Response {
     let mut server_error: ServerError =
         async_graphql::Error::from(error).into_server_error(Default::default());
     server_error.locations.clear();
-    async_graphql::Response::from_errors(vec![server_error]).into()
+    json_response(
+        StatusCode::OK,
+        &async_graphql::Response::from_errors(vec![server_error]),
+    )
+}
+
+fn json_response(status: StatusCode, body: &impl serde::Serialize) -> Response {
+    match serde_json::to_vec(body) {
+        Ok(bytes) => (
+            status,
+            [(header::CONTENT_TYPE, "application/json")],
+            bytes,
+        )
+            .into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+/// Every error leaves with a code. Parse, validation and limit errors come from async-graphql
+/// without one; they are all faults in the client's document.
+pub(crate) fn fill_error_codes(response: &mut async_graphql::Response) {
+    for error in &mut response.errors {
+        let extensions = error.extensions.get_or_insert_with(Default::default);
+        if extensions.get("code").is_none() {
+            extensions.set("code", "BAD_USER_INPUT");
+        }
+    }
+}
+
+/// The seconds of the first `RATE_LIMITED` error, if any.
+fn rate_limited_for(response: &async_graphql::Response) -> Option<u64> {
+    response.errors.iter().find_map(|error| {
+        let extensions = error.extensions.as_ref()?;
+        match extensions.get("code")? {
+            async_graphql::Value::String(code) if code == "RATE_LIMITED" => {
+                match extensions.get("retryAfterSeconds")? {
+                    async_graphql::Value::Number(seconds) => seconds.as_u64(),
+                    _ => None,
+                }
+            }
+            _ => None,
+        }
+    })
 }
 
 impl HttpState {
@@ -143,8 +193,9 @@ impl HttpState {
     async fn execute(
         &self,
         headers: &HeaderMap,
+        address: SocketAddr,
         request: async_graphql::Request,
-    ) -> GraphQLResponse {
+    ) -> Response {
         let request_id = request_id(headers);
         let authorization = headers
             .get(header::AUTHORIZATION)
@@ -153,43 +204,65 @@ impl HttpState {
             Ok(principal) => principal,
             Err(error) => return error_response(error),
         };
-        if let Ok(document) = async_graphql::parser::parse_query(&request.query) {
-            let aliases = count_aliases(&document);
-            if aliases > self.max_aliases {
-                return error_response(ApiError::bad_input(format!(
-                    "the document uses {aliases} aliases; at most {} are allowed",
-                    self.max_aliases
-                )));
-            }
-        }
         let span = tracing::info_span!("graphql", request_id = %request_id);
         let mut response = self
             .schema
-            .execute(request.data(Caller(principal)))
+            .execute(
+                request
+                    .data(Caller(principal))
+                    .data(ClientAddress(address.ip())),
+            )
             .instrument(span)
             .await;
-        // Parse, validation and limit errors come from async-graphql without a code; they are
-        // all faults in the client's document.
-        for error in &mut response.errors {
-            let extensions = error.extensions.get_or_insert_with(Default::default);
-            if extensions.get("code").is_none() {
-                extensions.set("code", "BAD_USER_INPUT");
-            }
+        fill_error_codes(&mut response);
+        let retry_after = rate_limited_for(&response);
+        // Refused before it ran: the rate limiter's 429, with the wait in Retry-After.
+        let status = if retry_after.is_some()
+            && response.data == async_graphql::Value::Null
+            && response.errors.iter().all(|error| error.path.is_empty())
+        {
+            StatusCode::TOO_MANY_REQUESTS
+        } else {
+            StatusCode::OK
+        };
+        let Ok(body) = serde_json::to_vec(&response) else {
+            return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+        };
+        if body.len() > self.max_response_bytes {
+            return error_response(ApiError::bad_input(format!(
+                "the result is {} bytes; at most {} are sent at once — ask for fewer items (first) or fewer fields",
+                body.len(),
+                self.max_response_bytes
+            )));
         }
-        response.into()
+        let mut http = (status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
+        if let Some(seconds) = retry_after
+            && let Ok(value) = HeaderValue::from_str(&seconds.to_string())
+        {
+            http.headers_mut().insert(header::RETRY_AFTER, value);
+        }
+        http
     }
 }
 
 async fn graphql_post(
     State(state): State<HttpState>,
+    ConnectInfo(address): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     request: GraphQLRequest,
-) -> GraphQLResponse {
-    state.execute(&headers, request.into_inner()).await
+) -> Response {
+    state
+        .execute(&headers, address, request.into_inner())
+        .await
 }
 
 /// `GET /graphql?query=…` runs a query (never a mutation); a bare GET serves GraphiQL.
-async fn graphql_get(State(state): State<HttpState>, headers: HeaderMap, uri: Uri) -> Response {
+async fn graphql_get(
+    State(state): State<HttpState>,
+    ConnectInfo(address): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Response {
     let query_string = uri.query().unwrap_or_default();
     if !query_string
         .split('&')
@@ -216,8 +289,7 @@ async fn graphql_get(State(state): State<HttpState>, headers: HeaderMap, uri: Ur
         Err(_) => {
             return error_response(ApiError::bad_input(
                 "the query string is not a GraphQL request",
-            ))
-            .into_response();
+            ));
         }
     };
     if let Ok(document) = async_graphql::parser::parse_query(&request.query) {
@@ -235,47 +307,51 @@ async fn graphql_get(State(state): State<HttpState>, headers: HeaderMap, uri: Ur
                 .into_response();
         }
     }
-    state.execute(&headers, request).await.into_response()
+    state.execute(&headers, address, request).await
 }
 
 async fn graphql_ws(
     State(state): State<HttpState>,
+    ConnectInfo(address): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    protocol: GraphQLProtocol,
     upgrade: WebSocketUpgrade,
 ) -> Response {
     let request_id = request_id(&headers);
-    upgrade
-        .protocols(ALL_WEBSOCKET_PROTOCOLS)
-        .on_upgrade(move |stream| {
-            let schema = state.schema.clone();
-            GraphQLWebSocket::new(stream, schema, protocol)
-                .on_connection_init(move |payload| async move {
-                    let authorization = ["Authorization", "authorization"]
-                        .iter()
-                        .find_map(|key| {
-                            payload
-                                .get(key)
-                                .and_then(|value| value.as_str())
-                                .map(str::to_owned)
-                        })
-                        .or_else(|| {
-                            payload
-                                .get("token")
-                                .and_then(|value| value.as_str())
-                                .map(|token| format!("Bearer {token}"))
-                        });
-                    let principal = state
-                        .authenticate(authorization.as_deref(), request_id)
-                        .await
-                        .map_err(async_graphql::Error::from)?
-                        .ok_or_else(|| async_graphql::Error::from(ApiError::unauthenticated()))?;
-                    let mut data = Data::default();
-                    data.insert(Caller(Some(principal)));
-                    Ok(data)
+    let upgrade = upgrade
+        .protocols([crate::ws::PROTOCOL])
+        .max_message_size(state.max_ws_message_bytes)
+        .max_frame_size(state.max_ws_message_bytes);
+    let subprotocol_ok = upgrade.selected_protocol().is_some();
+    upgrade.on_upgrade(move |socket| async move {
+        let connection = crate::ws::Connection {
+            schema: state.schema.clone(),
+            limits: state.ws_limits,
+            open: state.open_operations.clone(),
+            address: address.ip(),
+        };
+        crate::ws::serve(socket, connection, subprotocol_ok, |payload| async move {
+            let authorization = ["Authorization", "authorization"]
+                .iter()
+                .find_map(|key| {
+                    payload
+                        .get(key)
+                        .and_then(|value| value.as_str())
+                        .map(str::to_owned)
                 })
-                .serve()
+                .or_else(|| {
+                    payload
+                        .get("token")
+                        .and_then(|value| value.as_str())
+                        .map(|token| format!("Bearer {token}"))
+                });
+            state
+                .authenticate(authorization.as_deref(), request_id)
+                .await
+                .ok()
+                .flatten()
         })
+        .await;
+    })
 }
 
 /// Delivery receipts pushed by ReferralNet: 204 when accepted, 401 when the signature or
@@ -321,27 +397,3 @@ async fn readyz(State(state): State<HttpState>) -> Response {
     }
 }
 
-fn count_aliases(document: &ExecutableDocument) -> usize {
-    fn in_set(set: &SelectionSet) -> usize {
-        set.items
-            .iter()
-            .map(|item| match &item.node {
-                Selection::Field(field) => {
-                    usize::from(field.node.alias.is_some()) + in_set(&field.node.selection_set.node)
-                }
-                Selection::InlineFragment(fragment) => in_set(&fragment.node.selection_set.node),
-                Selection::FragmentSpread(_) => 0,
-            })
-            .sum()
-    }
-    document
-        .operations
-        .iter()
-        .map(|(_, operation)| in_set(&operation.node.selection_set.node))
-        .sum::<usize>()
-        + document
-            .fragments
-            .values()
-            .map(|fragment| in_set(&fragment.node.selection_set.node))
-            .sum::<usize>()
-}

@@ -10,6 +10,8 @@ pub mod domain;
 pub mod events;
 pub mod graphql;
 mod http;
+mod ws;
+pub mod ratelimit;
 pub mod providers;
 pub mod store;
 mod workers;

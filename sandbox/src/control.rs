@@ -44,6 +44,7 @@ pub(crate) fn routes() -> Router<SandboxState> {
             get(list_faults).post(add_fault).delete(clear_faults),
         )
         .route("/_sandbox/charges", get(list_charges))
+        .route("/_sandbox/requests", get(list_requests))
         .route("/_sandbox/inbound", post(send_inbound))
         .route("/_sandbox/messages", get(list_messages))
         .route("/_sandbox/directory/{hpii}", get(read_directory_entry))
@@ -277,6 +278,21 @@ async fn clear_faults(namespace: CurrentNamespace) -> StatusCode {
 /// so tests can count what was really charged.
 async fn list_charges(namespace: CurrentNamespace) -> Json<Vec<Charge>> {
     namespace.with_state(|state| Json(state.payments.charges().to_vec()))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RequestsQuery {
+    provider: Option<String>,
+}
+
+/// `GET /_sandbox/requests[?provider=argus|referralnet|payments]`: the recent requests the
+/// providers received in this namespace, oldest first (method, path, status, time; no secrets).
+async fn list_requests(
+    namespace: CurrentNamespace,
+    axum::extract::Query(query): axum::extract::Query<RequestsQuery>,
+) -> Json<Vec<crate::requests::RequestRecord>> {
+    namespace.with_state(|state| Json(state.requests.list(query.provider.as_deref())))
 }
 
 #[derive(Deserialize)]

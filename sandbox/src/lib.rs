@@ -20,6 +20,7 @@
 //! - `argus_messaging`, `referralnet_messaging`: the two providers' messaging APIs;
 //! - `webhooks`: the background pushes of ReferralNet receipts;
 //! - `payments`: the payment gateway's HTTP API, test cards, charges and idempotency keys;
+//! - `requests`: the recent provider requests of each namespace (`GET /_sandbox/requests`);
 //! - `control`: the `/_sandbox` control API.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -43,6 +44,7 @@ mod payments;
 mod provider;
 mod referralnet;
 mod referralnet_messaging;
+mod requests;
 mod webhooks;
 
 pub use clock::{InvalidClockSpeed, MAXIMUM_CLOCK_SPEED, validate_clock_speed};
@@ -96,6 +98,10 @@ pub fn router(config: SandboxConfig) -> Router {
         .merge(referralnet_messaging::routes())
         .merge(payments::routes())
         .merge(control::routes())
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            requests::record,
+        ))
         .with_state(state);
     namespace::with_namespace_routing(routes)
 }

@@ -80,6 +80,7 @@ pub(crate) struct NamespaceState {
     pub(crate) faults: FaultQueue,
     pub(crate) payments: PaymentBook,
     pub(crate) messages: MessageStore,
+    pub(crate) requests: crate::requests::RequestLog,
 }
 
 impl NamespaceState {
@@ -97,6 +98,7 @@ impl NamespaceState {
             faults: FaultQueue::default(),
             payments: PaymentBook::default(),
             messages: MessageStore::default(),
+            requests: crate::requests::RequestLog::default(),
         }
     }
 

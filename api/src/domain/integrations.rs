@@ -17,6 +17,7 @@ use crate::domain::{GatewayError, later, safe_word};
 use crate::events::EventBus;
 use crate::providers::{AccountState, ProviderError, Providers};
 use crate::store::accounts::{AccountOrigin, AccountRow, CheckOutcome, InsertOutcome, LinkRow};
+use crate::store::limits::{AttemptLimit, Reservation};
 use crate::store::{Store, new_id};
 
 /// A provider connection as one user sees it.
@@ -70,6 +71,13 @@ pub struct IntegrationSettings {
     pub approval_check_lease: Duration,
     /// `validateLogin` calls allowed per user per minute.
     pub validate_login_per_minute: u32,
+    /// Failed (or still running) link and registration attempts allowed per user per
+    /// [`Self::failed_login_window`].
+    pub failed_logins_per_user: u32,
+    /// The same, per provider username, whoever tries it, gateway-wide.
+    pub failed_logins_per_username: u32,
+    /// The sliding window of the two limits above.
+    pub failed_login_window: Duration,
 }
 
 /// The integration rules, over storage, the provider adapters and the event bus.
@@ -82,10 +90,6 @@ pub struct IntegrationService {
     settings: IntegrationSettings,
 }
 
-/// Failed link/registration attempts allowed per user per window.
-const FAILED_ATTEMPTS_ALLOWED: u64 = 10;
-/// The window for [`FAILED_ATTEMPTS_ALLOWED`], in minutes.
-const FAILED_ATTEMPTS_WINDOW_MINUTES: i64 = 15;
 
 fn target(provider: Provider) -> String {
     format!("provider:{}", provider.code())
@@ -201,7 +205,22 @@ impl IntegrationService {
         provider: Provider,
         credentials: ProviderCredentials,
     ) -> Result<IntegrationView, GatewayError> {
-        self.limit_failed_attempts(principal).await?;
+        let slots = self
+            .reserve_login_attempt(principal, provider, &credentials.username)
+            .await?;
+        let result = self
+            .link_existing_reserved(principal, provider, credentials)
+            .await;
+        self.settle_login_attempt(slots, &result).await;
+        result
+    }
+
+    async fn link_existing_reserved(
+        &self,
+        principal: &Principal,
+        provider: Provider,
+        credentials: ProviderCredentials,
+    ) -> Result<IntegrationView, GatewayError> {
         if let Some(account) = self
             .store
             .find_account(&principal.group_id, provider)
@@ -211,6 +230,13 @@ impl IntegrationService {
                 .link_to_group_account(principal, &account, &credentials)
                 .await;
         }
+        self.refuse_username_of_another_practice(
+            principal,
+            provider,
+            &credentials.username,
+            actions::LINK_GROUP_ACCOUNT,
+        )
+        .await?;
         let state = match self
             .providers
             .get(provider)
@@ -272,16 +298,21 @@ impl IntegrationService {
                 self.integration(principal, provider).await
             }
             // Someone in the group linked the same provider a moment ago: join their account.
+            // Or another practice linked this username a moment ago (the unique index caught it).
             InsertOutcome::AlreadyExists => {
-                let account = self
+                match self
                     .store
                     .find_account(&principal.group_id, provider)
                     .await?
-                    .ok_or_else(|| {
-                        GatewayError::internal(anyhow::anyhow!("account vanished after conflict"))
-                    })?;
-                self.link_to_group_account(principal, &account, &credentials)
-                    .await
+                {
+                    Some(account) => {
+                        self.link_to_group_account(principal, &account, &credentials)
+                            .await
+                    }
+                    None => Err(self
+                        .username_conflict(principal, provider, actions::LINK_GROUP_ACCOUNT)
+                        .await),
+                }
             }
         }
     }
@@ -341,7 +372,22 @@ impl IntegrationService {
         provider: Provider,
         registration: Registration,
     ) -> Result<IntegrationView, GatewayError> {
-        self.limit_failed_attempts(principal).await?;
+        let slots = self
+            .reserve_login_attempt(principal, provider, &registration.credentials.username)
+            .await?;
+        let result = self
+            .register_reserved(principal, provider, registration)
+            .await;
+        self.settle_login_attempt(slots, &result).await;
+        result
+    }
+
+    async fn register_reserved(
+        &self,
+        principal: &Principal,
+        provider: Provider,
+        registration: Registration,
+    ) -> Result<IntegrationView, GatewayError> {
         if let Some(account) = self
             .store
             .find_account(&principal.group_id, provider)
@@ -358,6 +404,13 @@ impl IntegrationService {
                 account.status.code()
             )));
         }
+        self.refuse_username_of_another_practice(
+            principal,
+            provider,
+            &registration.credentials.username,
+            actions::REGISTER_ACCOUNT,
+        )
+        .await?;
         let adapter = self.providers.get(provider);
         let state = match adapter.register(&registration).await {
             Ok(state) => state,
@@ -432,9 +485,12 @@ impl IntegrationService {
                 {
                     self.integration(principal, provider).await
                 }
-                _ => Err(GatewayError::Conflict(format!(
+                Some(_) => Err(GatewayError::Conflict(format!(
                     "another user of your practice set up {provider} at the same moment; reload the integrations to see it"
                 ))),
+                None => Err(self
+                    .username_conflict(principal, provider, actions::REGISTER_ACCOUNT)
+                    .await),
             },
         }
     }
@@ -445,18 +501,22 @@ impl IntegrationService {
         principal: &Principal,
         provider: Provider,
     ) -> Result<LoginValidation, GatewayError> {
-        let window_start = Utc::now() - chrono::Duration::seconds(60);
-        let recent = self
-            .store
-            .count_recent_audit(&principal.user_id, actions::VALIDATE_LOGIN, window_start)
-            .await?;
-        if recent >= u64::from(self.settings.validate_login_per_minute) {
+        // Reserved before anything else and never given back: every check counts.
+        let limit = AttemptLimit {
+            bucket: format!("validate-login:user:{}", principal.user_id),
+            max: self.settings.validate_login_per_minute,
+            window: Duration::from_secs(60),
+        };
+        if let Reservation::Full { retry_after, .. } =
+            self.store.reserve_attempts(&[limit], Utc::now()).await?
+        {
             return Err(GatewayError::RateLimited {
                 message: format!(
-                    "login validation is limited to {} checks a minute; wait a minute and try again",
-                    self.settings.validate_login_per_minute
+                    "login validation is limited to {} checks a minute; try again in {} seconds",
+                    self.settings.validate_login_per_minute,
+                    retry_after.as_secs()
                 ),
-                retry_after: Duration::from_secs(60),
+                retry_after,
             });
         }
         let current = self.integration(principal, provider).await?;
@@ -823,31 +883,116 @@ impl IntegrationService {
         provider_failure(provider, error)
     }
 
-    /// Stops a user who keeps failing to link or register (password guessing through the
-    /// gateway): at most `FAILED_ATTEMPTS_ALLOWED` failures per `FAILED_ATTEMPTS_WINDOW`.
-    async fn limit_failed_attempts(&self, principal: &Principal) -> Result<(), GatewayError> {
-        let since = Utc::now() - chrono::Duration::minutes(FAILED_ATTEMPTS_WINDOW_MINUTES);
-        let failures = self
-            .store
-            .count_recent_failures(
-                &principal.user_id,
-                &[
-                    actions::LINK_GROUP_ACCOUNT,
-                    actions::LINK_INDIVIDUAL,
-                    actions::REGISTER_ACCOUNT,
-                ],
-                since,
-            )
-            .await?;
-        if failures >= FAILED_ATTEMPTS_ALLOWED {
-            return Err(GatewayError::RateLimited {
-                message: format!(
-                    "too many failed attempts to link or register a provider account; wait {FAILED_ATTEMPTS_WINDOW_MINUTES} minutes and check the username and password"
+    /// Reserves a slot for a link or registration attempt in two sliding windows, before
+    /// anything is checked: the caller's own (password guessing from one login) and the
+    /// provider username's, gateway-wide (guessing one account's password from many logins).
+    /// Slots are given back when the attempt turns out not to be a failed login.
+    async fn reserve_login_attempt(
+        &self,
+        principal: &Principal,
+        provider: Provider,
+        username: &ProviderUsername,
+    ) -> Result<Vec<String>, GatewayError> {
+        let window = self.settings.failed_login_window;
+        let limits = [
+            AttemptLimit {
+                bucket: format!("login-failures:user:{}", principal.user_id),
+                max: self.settings.failed_logins_per_user,
+                window,
+            },
+            AttemptLimit {
+                bucket: format!(
+                    "login-failures:username:{}:{}",
+                    provider.code(),
+                    username.as_str().to_lowercase()
                 ),
-                retry_after: Duration::from_secs(FAILED_ATTEMPTS_WINDOW_MINUTES as u64 * 60),
-            });
+                max: self.settings.failed_logins_per_username,
+                window,
+            },
+        ];
+        match self.store.reserve_attempts(&limits, Utc::now()).await? {
+            Reservation::Reserved(slots) => Ok(slots),
+            Reservation::Full {
+                limit_index,
+                retry_after,
+            } => {
+                let minutes = retry_after.as_secs().div_ceil(60);
+                let whose = if limit_index == 0 {
+                    "from your login"
+                } else {
+                    "for this provider username"
+                };
+                self.audit(
+                    AuditEntry::by(
+                        principal,
+                        actions::LINK_GROUP_ACCOUNT,
+                        target(provider),
+                        AuditOutcome::Denied,
+                    )
+                    .with_detail("tooManyFailedAttempts"),
+                )
+                .await;
+                Err(GatewayError::RateLimited {
+                    message: format!(
+                        "too many failed attempts to link or register a {provider} account {whose}; check the username and password and try again in {minutes} minutes"
+                    ),
+                    retry_after,
+                })
+            }
+        }
+    }
+
+    /// Only failed logins keep their slot: a success, a provider outage or our own fault gives
+    /// it back.
+    async fn settle_login_attempt(
+        &self,
+        slots: Vec<String>,
+        result: &Result<IntegrationView, GatewayError>,
+    ) {
+        let failed_login = matches!(
+            result,
+            Err(GatewayError::ProviderRejected(_)
+                | GatewayError::BadUserInput(_)
+                | GatewayError::Conflict(_))
+        );
+        if !failed_login && let Err(error) = self.store.release_attempts(&slots).await {
+            tracing::error!(error = ?error, "could not release attempt slots");
+        }
+    }
+
+    /// A provider account belongs to one practice. Decided before any provider call, and
+    /// without naming the practice that holds it.
+    async fn refuse_username_of_another_practice(
+        &self,
+        principal: &Principal,
+        provider: Provider,
+        username: &ProviderUsername,
+        action: &str,
+    ) -> Result<(), GatewayError> {
+        if self
+            .store
+            .username_held_by_another_group(&principal.group_id, provider, username.as_str())
+            .await?
+        {
+            return Err(self.username_conflict(principal, provider, action).await);
         }
         Ok(())
+    }
+
+    async fn username_conflict(
+        &self,
+        principal: &Principal,
+        provider: Provider,
+        action: &str,
+    ) -> GatewayError {
+        self.audit(
+            AuditEntry::by(principal, action, target(provider), AuditOutcome::Denied)
+                .with_detail("accountLinkedToAnotherPractice"),
+        )
+        .await;
+        GatewayError::Conflict(format!(
+            "this {provider} account is linked to another practice; a provider account serves one practice, so use your practice's own account or register a new one"
+        ))
     }
 
     /// Records an audit event that stands alone. Failing to record it is logged, not hidden,

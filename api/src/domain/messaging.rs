@@ -15,6 +15,8 @@ use chrono::{DateTime, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::crypto::SecretBox;
+use crate::domain::directory_cache::{DirectoryCache, LookupError};
+use crate::domain::CallBudget;
 use crate::domain::audit::{AuditEntry, AuditOutcome, Principal};
 use crate::domain::credits::{CREDITS_PER_MESSAGE, CreditService, IdempotencyKey};
 use crate::domain::hl7;
@@ -41,6 +43,10 @@ pub mod actions {
 
 /// How many due messages one outbox pass takes on.
 pub const OUTBOX_BATCH: usize = 50;
+
+/// How long a practice's directory pages are reused (aliases, paging, repeated sends to one
+/// recipient). Directories change over days; a minute keeps them fresh enough.
+const DIRECTORY_CACHE_TTL: Duration = Duration::from_secs(60);
 
 /// Tunables.
 #[derive(Debug, Clone)]
@@ -169,6 +175,7 @@ pub struct MessagingService {
     credits: CreditService,
     integrations: IntegrationService,
     settings: MessagingSettings,
+    directory: DirectoryCache,
 }
 
 fn clean_text(field: &str, raw: &str, max: usize) -> Result<String, GatewayError> {
@@ -213,6 +220,7 @@ impl MessagingService {
             credits,
             integrations,
             settings,
+            directory: DirectoryCache::new(DIRECTORY_CACHE_TTL),
         }
     }
 
@@ -443,6 +451,7 @@ impl MessagingService {
         only: Option<Provider>,
         offset: u64,
         first: u64,
+        budget: &CallBudget,
     ) -> Result<SearchResult, GatewayError> {
         let query = query.trim();
         if query.chars().count() > 100 {
@@ -469,10 +478,26 @@ impl MessagingService {
             let adapter = self.providers.get(*provider);
             let mut fetched = 0;
             loop {
-                match adapter
-                    .search_directory(credentials, query, fetched, 50)
-                    .await
-                {
+                let page = self
+                    .directory
+                    .page(
+                        &principal.group_id,
+                        *provider,
+                        query,
+                        fetched,
+                        50,
+                        || async {
+                            if !budget.spend() {
+                                return Err(LookupError::BudgetSpent);
+                            }
+                            adapter
+                                .search_directory(credentials, query, fetched, 50)
+                                .await
+                                .map_err(LookupError::Provider)
+                        },
+                    )
+                    .await;
+                match page {
                     Ok(page) => {
                         let count = page.entries.len() as u64;
                         for entry in page.entries {
@@ -490,7 +515,12 @@ impl MessagingService {
                             break;
                         }
                     }
-                    Err(error) => {
+                    Err(LookupError::BudgetSpent) => {
+                        return Err(GatewayError::BadUserInput(
+                            "this request asks the provider directories too many times (aliases or deep paging); search once per request and page with `after`".into(),
+                        ));
+                    }
+                    Err(LookupError::Provider(error)) => {
                         tracing::warn!(%provider, error = %error, "directory search failed");
                         warnings.push(format!("{provider} did not answer, so results reachable only through {provider} may be missing"));
                         break;
@@ -529,12 +559,17 @@ impl MessagingService {
         let mut reach = Vec::new();
         let mut unanswered = Vec::new();
         for (provider, credentials) in self.active_providers(principal, None).await? {
-            match self
-                .providers
-                .get(provider)
-                .search_directory(&credentials, hpii, 0, 50)
-                .await
-            {
+            let adapter = self.providers.get(provider);
+            let page = self
+                .directory
+                .page(&principal.group_id, provider, hpii, 0, 50, || async {
+                    adapter
+                        .search_directory(&credentials, hpii, 0, 50)
+                        .await
+                        .map_err(LookupError::Provider)
+                })
+                .await;
+            match page {
                 Ok(page) => {
                     if let Some(entry) = page.entries.into_iter().find(|entry| entry.hpii == hpii) {
                         reach.push(provider);

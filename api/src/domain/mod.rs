@@ -4,6 +4,7 @@
 
 pub mod audit;
 pub mod credits;
+pub(crate) mod directory_cache;
 pub mod error;
 pub mod hl7;
 pub mod integrations;
@@ -31,4 +32,25 @@ pub(crate) fn safe_word(word: &str) -> String {
         .filter(char::is_ascii_alphanumeric)
         .take(32)
         .collect()
+}
+
+/// How many calls to a provider's directory one client operation may still cause. Aliases and
+/// paging cannot multiply provider traffic past it; answers served from the practice's cache of
+/// recent pages cost nothing.
+#[derive(Debug)]
+pub struct CallBudget(std::sync::atomic::AtomicU32);
+
+impl CallBudget {
+    /// A budget of `calls`.
+    pub fn new(calls: u32) -> Self {
+        Self(std::sync::atomic::AtomicU32::new(calls))
+    }
+
+    /// Takes one call from the budget; `false` when it is spent.
+    pub fn spend(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        self.0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| left.checked_sub(1))
+            .is_ok()
+    }
 }

@@ -66,6 +66,7 @@ pub struct AuditQuery;
 #[Object]
 impl AuditQuery {
     /// The practice's audit events, newest first (administrators only).
+    #[graphql(complexity = "first.unwrap_or(20).clamp(1, 100) as usize * child_complexity + 1")]
     async fn audit_events(
         &self,
         ctx: &Context<'_>,

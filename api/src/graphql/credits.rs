@@ -219,6 +219,7 @@ impl Credits {
     }
 
     /// Every change to the balance, newest first.
+    #[graphql(complexity = "first.unwrap_or(20).clamp(1, 100) as usize * child_complexity + 1")]
     async fn ledger(
         &self,
         ctx: &Context<'_>,

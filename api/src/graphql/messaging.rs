@@ -336,6 +336,7 @@ pub struct MessagingQuery;
 #[Object]
 impl MessagingQuery {
     /// Your clinical notes, newest first.
+    #[graphql(complexity = "first.unwrap_or(20).clamp(1, 50) as usize * child_complexity + 1")]
     async fn clinical_notes(
         &self,
         ctx: &Context<'_>,
@@ -378,6 +379,7 @@ impl MessagingQuery {
 
     /// Searches the directories of every provider your practice is ACTIVE on and merges them
     /// by HPI-I; `providers` on each result says who reaches them.
+    #[graphql(complexity = "first.unwrap_or(20).clamp(1, 50) as usize * child_complexity + 1")]
     async fn search_practitioners(
         &self,
         ctx: &Context<'_>,
@@ -402,7 +404,15 @@ impl MessagingQuery {
         };
         let result = services(ctx)
             .messaging
-            .search(principal, &query, provider.map(Into::into), offset, first)
+            .search(
+                principal,
+                &query,
+                provider.map(Into::into),
+                offset,
+                first,
+                ctx.data_opt::<crate::domain::CallBudget>()
+                    .unwrap_or(&crate::domain::CallBudget::new(0)),
+            )
             .await?;
         let edges: Vec<PractitionerSearchEdge> = result
             .hits
@@ -436,6 +446,7 @@ impl MessagingQuery {
     }
 
     /// Your secure messages, newest first.
+    #[graphql(complexity = "first.unwrap_or(20).clamp(1, 100) as usize * child_complexity + 1")]
     async fn messages(
         &self,
         ctx: &Context<'_>,

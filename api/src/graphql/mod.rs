@@ -6,6 +6,7 @@ mod audit;
 mod credits;
 pub mod error;
 mod integrations;
+pub mod limits;
 mod me;
 mod messaging;
 mod types;
@@ -80,15 +81,18 @@ pub struct Services {
     pub subscription_refresh: Duration,
 }
 
-/// Limits applied to every operation.
-#[derive(Debug, Clone, Copy)]
+/// Limits applied to every operation, on every transport.
 pub struct Limits {
-    /// Maximum depth.
-    pub max_depth: usize,
-    /// Maximum complexity.
+    /// Size, aliases, depth, directives, directory calls.
+    pub operation: limits::OperationLimits,
+    /// Maximum complexity (a list's children count once per item its `first` asks for).
     pub max_complexity: usize,
     /// Whether introspection is answered.
     pub introspection: bool,
+    /// Request buckets per user (this node's).
+    pub user_requests: crate::ratelimit::TokenBuckets,
+    /// Request buckets per client address (this node's).
+    pub address_requests: crate::ratelimit::TokenBuckets,
 }
 
 /// The schema with services and limits.
@@ -96,7 +100,12 @@ pub fn build_schema(services: Services, limits: Limits) -> AppSchema {
     let mut builder = schema_builder()
         .data(services.integrations.clone())
         .data(services)
-        .limit_depth(limits.max_depth)
+        .extension(limits::Limiter::new(
+            limits.operation,
+            limits.user_requests,
+            limits.address_requests,
+        ))
+        // Depth is measured by the limiter, which gives introspection its own allowance.
         .limit_complexity(limits.max_complexity)
         .limit_recursive_depth(32)
         .limit_directives(10);

@@ -3,7 +3,7 @@
 use chrono::{DateTime, Utc};
 use sea_orm::{
     ActiveValue::Set,
-    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
+    ColumnTrait, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect,
     sea_query::{Expr, ExprTrait},
 };
 
@@ -191,6 +191,22 @@ impl Store {
         self.insert_audit_in(&txn, audit).await?;
         txn.commit().await?;
         Ok(InsertOutcome::Inserted(()))
+    }
+
+    /// Whether a practice other than `group_id` holds this provider username.
+    pub async fn username_held_by_another_group(
+        &self,
+        group_id: &str,
+        provider: Provider,
+        username: &str,
+    ) -> Result<bool, StoreError> {
+        Ok(provider_accounts::Entity::find()
+            .filter(provider_accounts::Column::Provider.eq(provider.code()))
+            .filter(provider_accounts::Column::Username.eq(username))
+            .filter(provider_accounts::Column::GroupId.ne(group_id))
+            .count(self.connection())
+            .await?
+            > 0)
     }
 
     /// Stores an individual link and its audit entry. `AlreadyExists` if the user already has

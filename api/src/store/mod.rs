@@ -11,6 +11,7 @@ pub mod accounts;
 pub mod audit;
 pub mod credits;
 pub(crate) mod entities;
+pub mod limits;
 pub mod messaging;
 pub mod users;
 
