@@ -19,12 +19,12 @@ use crate::domain::types::Provider;
 use crate::events::EventBus;
 use crate::graphql::limits::OperationLimits;
 use crate::graphql::{Limits, Services, build_schema};
-use crate::ratelimit::TokenBuckets;
-use crate::ws::{OpenOperations, WsLimits};
 use crate::http::{CorsPolicy, HttpState, router};
 use crate::providers::payments::HttpPaymentGateway;
 use crate::providers::{ProviderEndpoints, Providers};
+use crate::ratelimit::TokenBuckets;
 use crate::store::Store;
+use crate::ws::{OpenOperations, WsLimits};
 use crate::{dev, workers};
 
 /// How deep an introspection query may nest: GraphiQL's own schema query (graphql-js's
@@ -395,7 +395,7 @@ impl App {
             router.into_make_service_with_connect_info::<SocketAddr>(),
         )
         .with_graceful_shutdown(stop)
-            .await?;
+        .await?;
         let _ = shutdown.send(true);
         for worker in workers {
             let _ = worker.await;

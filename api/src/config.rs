@@ -435,18 +435,27 @@ impl Settings {
         }
         let limits = &mut self.limits;
         for (name, field) in [
-            ("SMD_FAILED_LOGINS_PER_USER", &mut limits.failed_logins_per_user),
+            (
+                "SMD_FAILED_LOGINS_PER_USER",
+                &mut limits.failed_logins_per_user,
+            ),
             (
                 "SMD_FAILED_LOGINS_PER_USERNAME",
                 &mut limits.failed_logins_per_username,
             ),
-            ("SMD_USER_REQUESTS_PER_SECOND", &mut limits.user_requests_per_second),
+            (
+                "SMD_USER_REQUESTS_PER_SECOND",
+                &mut limits.user_requests_per_second,
+            ),
             ("SMD_USER_REQUEST_BURST", &mut limits.user_request_burst),
             (
                 "SMD_ADDRESS_REQUESTS_PER_SECOND",
                 &mut limits.address_requests_per_second,
             ),
-            ("SMD_ADDRESS_REQUEST_BURST", &mut limits.address_request_burst),
+            (
+                "SMD_ADDRESS_REQUEST_BURST",
+                &mut limits.address_request_burst,
+            ),
         ] {
             if let Some(value) = get(name) {
                 *field = parse_number(name, &value)?;
@@ -572,17 +581,47 @@ impl Settings {
         }
         let limits = &self.limits;
         for (name, value) in [
-            ("failed_logins_per_user", u64::from(limits.failed_logins_per_user)),
-            ("failed_logins_per_username", u64::from(limits.failed_logins_per_username)),
-            ("failed_login_window_seconds", limits.failed_login_window_seconds),
-            ("user_requests_per_second", u64::from(limits.user_requests_per_second)),
+            (
+                "failed_logins_per_user",
+                u64::from(limits.failed_logins_per_user),
+            ),
+            (
+                "failed_logins_per_username",
+                u64::from(limits.failed_logins_per_username),
+            ),
+            (
+                "failed_login_window_seconds",
+                limits.failed_login_window_seconds,
+            ),
+            (
+                "user_requests_per_second",
+                u64::from(limits.user_requests_per_second),
+            ),
             ("user_request_burst", u64::from(limits.user_request_burst)),
-            ("address_requests_per_second", u64::from(limits.address_requests_per_second)),
-            ("address_request_burst", u64::from(limits.address_request_burst)),
-            ("ws_connection_init_timeout_seconds", limits.ws_connection_init_timeout_seconds),
-            ("ws_subscriptions_per_connection", limits.ws_subscriptions_per_connection as u64),
-            ("ws_subscriptions_per_user", limits.ws_subscriptions_per_user as u64),
-            ("directory_calls_per_operation", u64::from(limits.directory_calls_per_operation)),
+            (
+                "address_requests_per_second",
+                u64::from(limits.address_requests_per_second),
+            ),
+            (
+                "address_request_burst",
+                u64::from(limits.address_request_burst),
+            ),
+            (
+                "ws_connection_init_timeout_seconds",
+                limits.ws_connection_init_timeout_seconds,
+            ),
+            (
+                "ws_subscriptions_per_connection",
+                limits.ws_subscriptions_per_connection as u64,
+            ),
+            (
+                "ws_subscriptions_per_user",
+                limits.ws_subscriptions_per_user as u64,
+            ),
+            (
+                "directory_calls_per_operation",
+                u64::from(limits.directory_calls_per_operation),
+            ),
         ] {
             if value == 0 {
                 return Err(ConfigError(format!(

@@ -111,12 +111,7 @@ fn error_response(error: ApiError) -> Response {
 
 fn json_response(status: StatusCode, body: &impl serde::Serialize) -> Response {
     match serde_json::to_vec(body) {
-        Ok(bytes) => (
-            status,
-            [(header::CONTENT_TYPE, "application/json")],
-            bytes,
-        )
-            .into_response(),
+        Ok(bytes) => (status, [(header::CONTENT_TYPE, "application/json")], bytes).into_response(),
         Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }
 }
@@ -251,9 +246,7 @@ async fn graphql_post(
     headers: HeaderMap,
     request: GraphQLRequest,
 ) -> Response {
-    state
-        .execute(&headers, address, request.into_inner())
-        .await
+    state.execute(&headers, address, request.into_inner()).await
 }
 
 /// `GET /graphql?query=…` runs a query (never a mutation); a bare GET serves GraphiQL.
@@ -396,4 +389,3 @@ async fn readyz(State(state): State<HttpState>) -> Response {
         }
     }
 }
-

@@ -10,11 +10,11 @@ pub mod domain;
 pub mod events;
 pub mod graphql;
 mod http;
-mod ws;
-pub mod ratelimit;
 pub mod providers;
+pub mod ratelimit;
 pub mod store;
 mod workers;
+mod ws;
 
 pub use app::App;
 pub use config::Settings;

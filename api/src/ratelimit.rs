@@ -44,10 +44,9 @@ impl TokenBuckets {
 
     fn take_at(&self, key: &str, now: Instant) -> Result<(), Duration> {
         // A stable hash of the key picks its shard (the shard's map hashes it properly).
-        let shard = key
-            .bytes()
-            .fold(0usize, |hash, byte| hash.wrapping_mul(31).wrapping_add(usize::from(byte)))
-            % SHARDS;
+        let shard = key.bytes().fold(0usize, |hash, byte| {
+            hash.wrapping_mul(31).wrapping_add(usize::from(byte))
+        }) % SHARDS;
         let mut buckets = self.shards[shard]
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);

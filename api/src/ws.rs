@@ -42,7 +42,10 @@ pub(crate) struct OpenOperations(Arc<Mutex<HashMap<String, usize>>>);
 
 impl OpenOperations {
     fn try_open(&self, user_id: &str, max: usize) -> Option<OpenGuard> {
-        let mut counts = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut counts = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let count = counts.entry(user_id.to_owned()).or_default();
         if *count >= max {
             return None;
@@ -283,9 +286,7 @@ fn start(
     open_here: usize,
     outgoing: mpsc::Sender<Outgoing>,
 ) -> Result<JoinHandle<()>, Value> {
-    let refuse = |code: &str, message: String| {
-        json!({"type": "error", "id": id, "payload": [{"message": message, "extensions": {"code": code}}]})
-    };
+    let refuse = |code: &str, message: String| json!({"type": "error", "id": id, "payload": [{"message": message, "extensions": {"code": code}}]});
     let request: async_graphql::Request = serde_json::from_value(payload).map_err(|_| {
         refuse(
             "BAD_USER_INPUT",
@@ -354,7 +355,9 @@ fn start(
             }
         }
         let _ = outgoing
-            .send(Outgoing::Text(json!({"type": "complete", "id": id}).to_string()))
+            .send(Outgoing::Text(
+                json!({"type": "complete", "id": id}).to_string(),
+            ))
             .await;
         let _ = outgoing.send(Outgoing::Finished(id)).await;
     }))
@@ -373,7 +376,9 @@ fn parse(message: &Message) -> Parsed {
             Ok(message) => Parsed::Message(message),
             Err(_) => Parsed::Invalid("Invalid message received".into()),
         },
-        Message::Binary(_) => Parsed::Invalid("Invalid message received: binary frames are not used".into()),
+        Message::Binary(_) => {
+            Parsed::Invalid("Invalid message received: binary frames are not used".into())
+        }
         Message::Ping(_) | Message::Pong(_) => Parsed::Ignore,
         Message::Close(_) => Parsed::Closed,
     }

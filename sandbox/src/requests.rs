@@ -97,7 +97,10 @@ mod tests {
     #[test]
     fn only_provider_paths_are_recorded() {
         assert_eq!(provider_of("/argus/v1/account"), Some("argus"));
-        assert_eq!(provider_of("/referralnet/api/sessions"), Some("referralnet"));
+        assert_eq!(
+            provider_of("/referralnet/api/sessions"),
+            Some("referralnet")
+        );
         assert_eq!(provider_of("/payments/v1/charges"), Some("payments"));
         assert_eq!(provider_of("/_sandbox/requests"), None);
         assert_eq!(provider_of("/argusx/v1"), None);

@@ -75,6 +75,11 @@ pub async fn spawn_app() -> TestApp {
 }
 
 pub async fn spawn_app_with(options: Options) -> TestApp {
+    spawn_app_configured(options, |_| {}).await
+}
+
+/// Like [`spawn_app_with`], with a last say over the gateway's settings.
+pub async fn spawn_app_configured(options: Options, change: impl FnOnce(&mut Settings)) -> TestApp {
     smd_gateway::install_crypto_provider();
     let sandbox = smd_sandbox::spawn("127.0.0.1:0".parse().unwrap(), SandboxConfig::default())
         .await
@@ -136,6 +141,8 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         print_banner: false,
         ..Settings::default()
     };
+    let mut settings = settings;
+    change(&mut settings);
     start_gateway(settings, Arc::new(sandbox), sqlite_path, Arc::new(data_dir)).await
 }
 
@@ -395,6 +402,27 @@ impl TestApp {
     }
 
     /// Counts rows in a table (to prove nothing was stored).
+    /// The requests a sandbox provider (`argus`, `referralnet`, `payments`) received whose
+    /// path is `path`.
+    pub async fn provider_requests(&self, provider: &str, path: &str) -> usize {
+        let records: Vec<Value> = self
+            .client
+            .get(format!(
+                "{}/_sandbox/requests?provider={provider}",
+                self.sandbox.base_url()
+            ))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        records
+            .iter()
+            .filter(|record| record["path"] == path)
+            .count()
+    }
+
     pub async fn count_rows(&self, table: &str) -> i64 {
         self.store.count_rows_for_tests(table).await
     }

@@ -213,7 +213,13 @@ async fn validate_login_checks_the_stored_credentials_and_is_rate_limited() {
     assert_eq!(second["data"]["validateLogin"]["valid"], true);
     let third = app.gql(Some(&chen), validate, json!({})).await;
     assert_eq!(error_code(&third), Some("RATE_LIMITED"), "{third}");
-    assert_eq!(third["errors"][0]["extensions"]["retryAfterSeconds"], 60);
+    let retry_after = third["errors"][0]["extensions"]["retryAfterSeconds"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        (1..=60).contains(&retry_after),
+        "until the oldest check leaves the minute: {retry_after}"
+    );
 }
 
 #[tokio::test]

@@ -140,7 +140,11 @@ mod tests {
             }
         });
         let answers = futures::future::join_all(askers).await;
-        assert!(answers.iter().all(|answer| answer.as_ref().unwrap().total == 7));
+        assert!(
+            answers
+                .iter()
+                .all(|answer| answer.as_ref().unwrap().total == 7)
+        );
         assert_eq!(calls.load(Ordering::SeqCst), 1);
     }
 
@@ -168,7 +172,9 @@ mod tests {
         let cache = DirectoryCache::new(Duration::ZERO);
         for expected in [1, 2] {
             let answer = cache
-                .page("g1", Provider::Argus, "x", 0, 50, || async move { Ok(page(expected)) })
+                .page("g1", Provider::Argus, "x", 0, 50, || async move {
+                    Ok(page(expected))
+                })
                 .await;
             assert_eq!(answer.unwrap().total, expected);
         }

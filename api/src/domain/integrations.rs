@@ -90,7 +90,6 @@ pub struct IntegrationService {
     settings: IntegrationSettings,
 }
 
-
 fn target(provider: Provider) -> String {
     format!("provider:{}", provider.code())
 }

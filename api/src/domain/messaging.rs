@@ -15,10 +15,10 @@ use chrono::{DateTime, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::crypto::SecretBox;
-use crate::domain::directory_cache::{DirectoryCache, LookupError};
 use crate::domain::CallBudget;
 use crate::domain::audit::{AuditEntry, AuditOutcome, Principal};
 use crate::domain::credits::{CREDITS_PER_MESSAGE, CreditService, IdempotencyKey};
+use crate::domain::directory_cache::{DirectoryCache, LookupError};
 use crate::domain::hl7;
 use crate::domain::integrations::IntegrationService;
 use crate::domain::types::{ConnectionStatus, Provider, Role};

@@ -50,7 +50,9 @@ impl CallBudget {
     pub fn spend(&self) -> bool {
         use std::sync::atomic::Ordering;
         self.0
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| left.checked_sub(1))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| {
+                left.checked_sub(1)
+            })
             .is_ok()
     }
 }

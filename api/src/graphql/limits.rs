@@ -73,7 +73,11 @@ struct LimiterExtension {
 }
 
 /// A refusal with its code, shaped like every other error the gateway returns.
-pub(crate) fn refusal(code: &'static str, message: String, retry_after: Option<u64>) -> ServerError {
+pub(crate) fn refusal(
+    code: &'static str,
+    message: String,
+    retry_after: Option<u64>,
+) -> ServerError {
     let mut error = ServerError::new(message, None);
     let extensions = error.extensions.get_or_insert_with(Default::default);
     extensions.set("code", code);
@@ -110,7 +114,9 @@ impl Extension for LimiterExtension {
             let seconds = retry_after_seconds(wait);
             return Err(refusal(
                 "RATE_LIMITED",
-                format!("too many requests from your network address; wait {seconds} s and try again"),
+                format!(
+                    "too many requests from your network address; wait {seconds} s and try again"
+                ),
                 Some(seconds),
             ));
         }
@@ -170,7 +176,7 @@ impl Extension for LimiterExtension {
             return Err(refusal(
                 "BAD_USER_INPUT",
                 format!(
-                    "the query is nested {} levels deep; at most {} are allowed",
+                    "the query is too deep: {} levels of fields where at most {} are allowed",
                     shape.depth, self.limits.max_depth
                 ),
                 None,
@@ -180,7 +186,7 @@ impl Extension for LimiterExtension {
             return Err(refusal(
                 "BAD_USER_INPUT",
                 format!(
-                    "the introspection query is nested {} levels deep; at most {} are allowed",
+                    "the introspection query is too deep: {} levels where at most {} are allowed",
                     shape.introspection_depth, self.limits.max_introspection_depth
                 ),
                 None,
@@ -244,9 +250,8 @@ fn walk(
                 shape.aliases += usize::from(field.alias.is_some());
                 shape.directives += field.directives.len();
                 let name = field.name.node.as_str();
-                let inside = introspection_from.or(
-                    (name == "__schema" || name == "__type").then_some(depth),
-                );
+                let inside = introspection_from
+                    .or((name == "__schema" || name == "__type").then_some(depth));
                 match inside {
                     Some(start) => {
                         shape.introspection_depth =
@@ -310,9 +315,8 @@ mod tests {
 
     #[test]
     fn aliases_are_counted_through_every_spread_of_a_fragment() {
-        let counted = shape(
-            "query { ...F ...F ...F } fragment F on Query { a: me { id } b: me { id } }",
-        );
+        let counted =
+            shape("query { ...F ...F ...F } fragment F on Query { a: me { id } b: me { id } }");
         assert_eq!(counted.aliases, 6);
     }
 
@@ -336,9 +340,8 @@ mod tests {
 
     #[test]
     fn a_fragment_cycle_is_refused_instead_of_followed() {
-        let counted = shape(
-            "{ ...A } fragment A on Query { me { id } ...B } fragment B on Query { ...A }",
-        );
+        let counted =
+            shape("{ ...A } fragment A on Query { me { id } ...B } fragment B on Query { ...A }");
         assert!(counted.fields > MAX_EXPANDED_FIELDS);
     }
 
