@@ -7,6 +7,7 @@ pub use sea_orm_migration::prelude::*;
 mod m20261124_000001_accounts;
 mod m20261125_000002_credits;
 mod m20261125_000003_messaging;
+mod m20261201_000005_hpii_inbox;
 
 /// Applies the gateway's migrations, in order.
 pub struct Migrator;
@@ -18,6 +19,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261124_000001_accounts::Migration),
             Box::new(m20261125_000002_credits::Migration),
             Box::new(m20261125_000003_messaging::Migration),
+            Box::new(m20261201_000005_hpii_inbox::Migration),
         ]
     }
 }
