@@ -1263,7 +1263,7 @@ impl MessagingService {
         {
             // The other holder is not named: an administrator can find them in the audit trail.
             HpiiChange::HeldByAnother => Err(GatewayError::Conflict(
-                "this HPI-I is already held by another practitioner of your practice; check the number, or ask an administrator to release it".into(),
+                "this HPI-I is already held by another practitioner of your practice; check the number, or ask an administrator (the audit trail shows who set it)".into(),
             )),
             HpiiChange::Unchanged | HpiiChange::Set { .. } => Ok(()),
         }
