@@ -8,6 +8,7 @@ mod m20261124_000001_accounts;
 mod m20261125_000002_credits;
 mod m20261125_000003_messaging;
 mod m20261201_000004_limits;
+mod m20261201_000005_hpii_inbox;
 
 /// Applies the gateway's migrations, in order.
 pub struct Migrator;
@@ -20,6 +21,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261125_000002_credits::Migration),
             Box::new(m20261125_000003_messaging::Migration),
             Box::new(m20261201_000004_limits::Migration),
+            Box::new(m20261201_000005_hpii_inbox::Migration),
         ]
     }
 }

@@ -5,6 +5,7 @@
 mod auth;
 mod credits;
 mod helpers;
+mod inbox;
 mod integrations;
 mod limits;
 mod messaging;

@@ -51,6 +51,8 @@ pub mod actions {
     pub const DISCONNECT_INDIVIDUAL: &str = "DISCONNECT_INDIVIDUAL";
     /// The group account (and every link to it) was removed.
     pub const DISCONNECT_GROUP_ACCOUNT: &str = "DISCONNECT_GROUP_ACCOUNT";
+    /// A practitioner set or changed their HPI-I, or was refused one another user holds.
+    pub const SET_HPII: &str = "SET_HPII";
 }
 
 /// The authenticated caller, as provisioned from a verified token.

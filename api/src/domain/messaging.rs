@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::crypto::SecretBox;
 use crate::domain::CallBudget;
-use crate::domain::audit::{AuditEntry, AuditOutcome, Principal};
+use crate::domain::audit::{AuditEntry, AuditOutcome, Principal, actions as audit_actions};
 use crate::domain::credits::{CREDITS_PER_MESSAGE, CreditService, IdempotencyKey};
 use crate::domain::directory_cache::{DirectoryCache, LookupError};
 use crate::domain::hl7;
@@ -24,7 +24,8 @@ use crate::domain::integrations::IntegrationService;
 use crate::domain::types::{ConnectionStatus, Provider, Role};
 use crate::domain::{GatewayError, later, safe_word};
 use crate::providers::{DeliveryState, DirectoryEntry, OutboundMessage, ProviderError, Providers};
-use crate::store::messaging::{MessageRow, MessageUpdate, NoteRow, PatientRow};
+use crate::store::messaging::{Assignment, MessageRow, MessageUpdate, NoteRow, PatientRow};
+use crate::store::users::HpiiChange;
 use crate::store::{Store, new_id};
 
 /// Audit actions for messaging.
@@ -39,6 +40,9 @@ pub mod actions {
     pub const RECEIVE_MESSAGE: &str = "RECEIVE_MESSAGE";
     /// A failed message's credits were refunded.
     pub const REFUND_MESSAGE: &str = "REFUND_MESSAGE";
+    /// A received message was taken from the practice's unassigned inbox (or a claim of one
+    /// was refused because another claim won).
+    pub const ASSIGN_MESSAGE: &str = "ASSIGN_MESSAGE";
 }
 
 /// How many due messages one outbox pass takes on.
@@ -785,7 +789,7 @@ impl MessagingService {
         let row = MessageRow {
             id: message_id.clone(),
             group_id: principal.group_id.clone(),
-            owner_user_id: principal.user_id.clone(),
+            owner_user_id: Some(principal.user_id.clone()),
             direction: "OUTBOUND".into(),
             provider: provider.code().into(),
             status: "QUEUED".into(),
@@ -805,6 +809,7 @@ impl MessagingService {
             sent_at: None,
             delivered_at: None,
             acknowledged_at: None,
+            addressed_hpii: None,
         };
         let mut bought = false;
         loop {
@@ -931,22 +936,30 @@ impl MessagingService {
         id: &str,
     ) -> Result<(MessageRow, Vec<hl7::Section>), GatewayError> {
         practitioner_only(principal, "read secure messages")?;
-        let row = self
-            .store
-            .find_message(&principal.user_id, id)
-            .await?
-            .ok_or_else(|| GatewayError::NotFound(format!("you have no message {id:?}")))?;
+        // Practitioners may also read what waits in their practice's unassigned inbox, to
+        // decide who should take it.
+        let row = match self.store.find_message(&principal.user_id, id).await? {
+            Some(row) => row,
+            None => self
+                .store
+                .find_unassigned_message(&principal.group_id, id)
+                .await?
+                .ok_or_else(|| GatewayError::NotFound(format!("you have no message {id:?}")))?,
+        };
         let payload = self.open_payload(&row)?;
         let sections = hl7::parse(&payload.hl7)
             .map(|message| message.referral_sections())
             .unwrap_or_default();
-        self.audit(AuditEntry::by(
+        let mut audit = AuditEntry::by(
             principal,
             actions::READ_MESSAGE,
             format!("message:{id}"),
             AuditOutcome::Success,
-        ))
-        .await;
+        );
+        if row.owner_user_id.is_none() {
+            audit = audit.with_detail("unassigned");
+        }
+        self.audit(audit).await;
         Ok((row, sections))
     }
 
@@ -1196,6 +1209,13 @@ impl MessagingService {
         message: &MessageRow,
         reason: &str,
     ) -> Result<(), GatewayError> {
+        // Only received messages can be unassigned; an outbound one always has its sender.
+        let sender = message.owner_user_id.as_deref().ok_or_else(|| {
+            GatewayError::internal(anyhow::anyhow!(
+                "outbound message {} has no sender",
+                message.id
+            ))
+        })?;
         let txn = self.store.begin_credit_transaction().await?;
         let update = MessageUpdate {
             status: Some("FAILED".into()),
@@ -1216,7 +1236,7 @@ impl MessagingService {
             .refund_in(
                 &txn,
                 &message.group_id,
-                &message.owner_user_id,
+                sender,
                 message.credits_charged,
                 &message.id,
             )
@@ -1235,7 +1255,10 @@ impl MessagingService {
     }
 
     /// Records the calling practitioner's HPI-I (their identity in referrals they send, and
-    /// how inbound messages addressed to them find them).
+    /// how inbound messages addressed to them find them). An HPI-I belongs to at most one
+    /// practitioner of a practice: the store's unique index decides between concurrent claims,
+    /// so exactly one wins and the others get `Conflict`. Setting the HPI-I one already has
+    /// changes nothing and succeeds. Every set, change and refused claim is audited.
     pub async fn set_my_hpii(&self, principal: &Principal, hpii: &str) -> Result<(), GatewayError> {
         practitioner_only(principal, "have an HPI-I")?;
         let hpii = hpii.trim();
@@ -1244,18 +1267,127 @@ impl MessagingService {
                 "hpii must be 16 digits starting 800361 with a valid check digit".into(),
             ));
         }
-        if let Some(other) = self
+        let audit = |change: &HpiiChange| {
+            let (outcome, detail) = match change {
+                HpiiChange::Set { previous: None } => {
+                    (AuditOutcome::Success, format!("set {hpii}"))
+                }
+                HpiiChange::Set {
+                    previous: Some(previous),
+                } => (
+                    AuditOutcome::Success,
+                    format!("changed from {previous} to {hpii}"),
+                ),
+                HpiiChange::HeldByAnother | HpiiChange::Unchanged => (
+                    AuditOutcome::Denied,
+                    format!("{hpii} is held by another user of the practice"),
+                ),
+            };
+            AuditEntry::by(
+                principal,
+                audit_actions::SET_HPII,
+                format!("practitioner:{}", principal.subject),
+                outcome,
+            )
+            .with_detail(detail)
+        };
+        match self
             .store
-            .practitioner_by_hpii(&principal.group_id, hpii)
+            .set_user_hpii(&principal.user_id, hpii, audit)
             .await?
-            && other.id != principal.user_id
         {
-            return Err(GatewayError::Conflict(
-                "another practitioner of your practice has that HPI-I".into(),
-            ));
+            // The other holder is not named: an administrator can find them in the audit trail.
+            HpiiChange::HeldByAnother => Err(GatewayError::Conflict(
+                "this HPI-I is already held by another practitioner of your practice; check the number, or ask an administrator (the audit trail shows who set it)".into(),
+            )),
+            HpiiChange::Unchanged | HpiiChange::Set { .. } => Ok(()),
         }
-        self.store.set_user_hpii(&principal.user_id, hpii).await?;
-        Ok(())
+    }
+
+    /// The caller's HPI-I, if they set one.
+    pub async fn my_hpii(&self, principal: &Principal) -> Result<Option<String>, GatewayError> {
+        Ok(self
+            .store
+            .user_by_id(&principal.user_id)
+            .await?
+            .and_then(|user| user.hpii))
+    }
+
+    /// The practice's unassigned inbox (received messages whose HPI-I nobody holds), newest
+    /// first. Envelopes only: the content stays sealed until a practitioner reads one with
+    /// [`Self::message`]. Practitioners and administrators of the practice may list it.
+    pub async fn unassigned_messages(
+        &self,
+        principal: &Principal,
+        after: Option<&str>,
+        first: u64,
+    ) -> Result<Vec<MessageRow>, GatewayError> {
+        Ok(self
+            .store
+            .list_unassigned_messages(&principal.group_id, after, first)
+            .await?)
+    }
+
+    /// Takes a message from the practice's unassigned inbox and gives it to a practitioner:
+    /// the caller, or the colleague named by `to_practitioner` (their `sub`). Administrators
+    /// may hand messages on (triage from the envelope) but must name the practitioner, since
+    /// they hold no inbox. Of concurrent claims exactly one wins; the others get `Conflict`.
+    pub async fn assign_message(
+        &self,
+        principal: &Principal,
+        id: &str,
+        to_practitioner: Option<&str>,
+    ) -> Result<MessageRow, GatewayError> {
+        let assignee = match (principal.role, to_practitioner) {
+            (Role::Administrator, None) => {
+                return Err(GatewayError::BadUserInput(
+                    "toPractitionerId: administrators must name the practitioner who takes the message".into(),
+                ));
+            }
+            (Role::Practitioner, None) => principal.subject.as_str(),
+            (_, Some(subject)) => subject.trim(),
+        };
+        let assignee = self
+            .store
+            .find_practitioner(&principal.group_id, assignee)
+            .await?
+            .ok_or_else(|| {
+                GatewayError::NotFound(format!("no practitioner {assignee:?} in your practice"))
+            })?;
+        let audit = AuditEntry::by(
+            principal,
+            actions::ASSIGN_MESSAGE,
+            format!("message:{id}"),
+            AuditOutcome::Success,
+        )
+        .with_detail(format!("to practitioner:{}", assignee.subject));
+        match self
+            .store
+            .assign_message(&principal.group_id, id, &assignee.user_id, &audit)
+            .await?
+        {
+            Assignment::Assigned => {}
+            Assignment::AlreadyAssigned => {
+                let mut refused = audit;
+                refused.outcome = AuditOutcome::Denied;
+                refused.detail = Some("already assigned".into());
+                self.audit(refused).await;
+                return Err(GatewayError::Conflict(
+                    "this message is already assigned: someone took it from the unassigned inbox first".into(),
+                ));
+            }
+            Assignment::NotFound => {
+                return Err(GatewayError::NotFound(format!(
+                    "your practice has no received message {id:?}"
+                )));
+            }
+        }
+        self.store
+            .find_message(&assignee.user_id, id)
+            .await?
+            .ok_or_else(|| {
+                GatewayError::internal(anyhow::anyhow!("assigned message {id} vanished"))
+            })
     }
 
     /// Marks a received message as acknowledged by its practitioner.
@@ -1318,21 +1450,18 @@ impl MessagingService {
                     .as_ref()
                     .and_then(|message| message.party(hl7::ROLE_REFERRED_TO_PROVIDER))
                     .map(|party| party.hpii);
+                // Only a well-formed HPI-I can be anyone's; anything else is kept as "no HPI-I".
+                let addressed_hpii =
+                    addressed_hpii.filter(|hpii| crate::domain::types::is_valid_hpii(hpii));
+                // The practitioner of this practice who holds the HPI-I, or nobody: then it
+                // waits in the practice's unassigned inbox for a practitioner to claim it.
                 let owner = match &addressed_hpii {
-                    Some(hpii) if !hpii.is_empty() => self
+                    Some(hpii) => self
                         .store
                         .practitioner_by_hpii(&account.group_id, hpii)
                         .await?
                         .map(|user| user.id),
-                    _ => None,
-                };
-                let owner = match owner {
-                    Some(owner) => owner,
-                    None => self
-                        .store
-                        .first_linked_user(&account.id)
-                        .await?
-                        .unwrap_or_else(|| account.created_by_user_id.clone()),
+                    None => None,
                 };
                 let id = new_id();
                 let stored = StoredPayload {
@@ -1370,6 +1499,7 @@ impl MessagingService {
                     sent_at: None,
                     delivered_at: Some(now),
                     acknowledged_at: None,
+                    addressed_hpii,
                 };
                 let audit = AuditEntry::by_gateway(
                     &account.group_id,
@@ -1378,9 +1508,14 @@ impl MessagingService {
                     AuditOutcome::Success,
                 )
                 .with_detail(format!(
-                    "{} from {}",
+                    "{} from {}{}",
                     account.provider.code(),
-                    row.counterpart_hpii
+                    row.counterpart_hpii,
+                    if row.owner_user_id.is_none() {
+                        "; unassigned"
+                    } else {
+                        ""
+                    }
                 ));
                 // Stored (or stored before) first; only then may the provider forget it.
                 let is_new = self.store.insert_inbound_message(&row, &audit).await?;

@@ -3,11 +3,12 @@
 use async_graphql::{Context, Object, SimpleObject};
 
 use super::error::ApiError;
-use super::principal;
 use super::types::Role;
+use super::{principal, services};
 
 /// The signed-in user, as the gateway knows them from the verified token.
 #[derive(SimpleObject)]
+#[graphql(complex)]
 pub struct Me {
     /// The user's id in the practice-management system (the token's `sub`).
     pub id: String,
@@ -19,6 +20,14 @@ pub struct Me {
     pub group_id: String,
     /// Whether this user may send secure messages (practitioners only).
     pub can_send_secure_messages: bool,
+}
+
+#[async_graphql::ComplexObject]
+impl Me {
+    /// Your HPI-I, once set with `setMyHpii` (practitioners; read only when asked for).
+    async fn hpii(&self, ctx: &Context<'_>) -> Result<Option<String>, ApiError> {
+        Ok(services(ctx).messaging.my_hpii(principal(ctx)?).await?)
+    }
 }
 
 #[derive(Default)]

@@ -177,8 +177,10 @@ pub enum MessageDirection {
     Outbound,
 }
 
-/// A secure message.
+/// A secure message. Administrators see only its envelope (who, when, which provider): its
+/// `sections` are `FORBIDDEN` to them.
 #[derive(SimpleObject)]
+#[graphql(complex)]
 pub struct SecureMessage {
     /// Message id.
     pub id: ID,
@@ -208,12 +210,32 @@ pub struct SecureMessage {
     pub delivered_at: Option<DateTime<Utc>>,
     /// When the recipient's system acknowledged it.
     pub acknowledged_at: Option<DateTime<Utc>>,
-    /// The shared sections (only on `message(id)`, whose reading is audited).
-    pub sections: Option<Vec<Section>>,
+    /// The HPI-I a received message was addressed to, when it named a valid one.
+    pub addressed_to_hpii: Option<String>,
+    /// Whether it waits in the practice's unassigned inbox (received for an HPI-I nobody in
+    /// the practice holds); claim it with `assignMessage`.
+    pub unassigned: bool,
+    #[graphql(skip)]
+    content: Option<Vec<Section>>,
+}
+
+#[async_graphql::ComplexObject]
+impl SecureMessage {
+    /// The shared sections: only on `message(id)`, whose reading is audited (null in lists).
+    /// `FORBIDDEN` for administrators, who never see clinical content.
+    async fn sections(&self, ctx: &Context<'_>) -> Result<Option<Vec<Section>>, ApiError> {
+        if principal(ctx)?.role == crate::domain::types::Role::Administrator {
+            return Err(ApiError::new(
+                "FORBIDDEN",
+                "administrators see a message's envelope (sender, time, provider), never its content",
+            ));
+        }
+        Ok(self.content.clone())
+    }
 }
 
 impl SecureMessage {
-    fn from_row(row: MessageRow, sections: Option<Vec<Section>>) -> Self {
+    fn from_row(row: MessageRow, content: Option<Vec<Section>>) -> Self {
         Self {
             id: ID(row.id),
             direction: if row.direction == "INBOUND" {
@@ -235,7 +257,9 @@ impl SecureMessage {
             sent_at: row.sent_at,
             delivered_at: row.delivered_at,
             acknowledged_at: row.acknowledged_at,
-            sections,
+            addressed_to_hpii: row.addressed_hpii,
+            unassigned: row.owner_user_id.is_none(),
+            content,
         }
     }
 }
@@ -489,7 +513,42 @@ impl MessagingQuery {
         Ok(SecureMessageConnection { edges, page_info })
     }
 
-    /// One of your messages with its shared sections (reading content is audited).
+    /// Your practice's unassigned inbox, newest first: received messages addressed to an HPI-I
+    /// nobody in the practice holds (or to none). Practitioners and administrators see the
+    /// envelopes; practitioners read one with `message(id)` and take it with `assignMessage`.
+    #[graphql(complexity = "first.unwrap_or(20).clamp(1, 100) as usize * child_complexity + 1")]
+    async fn unassigned_messages(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(desc = "How many (1–100, default 20).")] first: Option<i32>,
+        #[graphql(desc = "Continue after this cursor.")] after: Option<String>,
+    ) -> Result<SecureMessageConnection, ApiError> {
+        let principal = principal(ctx)?;
+        let first = paging(first, 100)?;
+        let mut rows = services(ctx)
+            .messaging
+            .unassigned_messages(principal, after.as_deref(), first + 1)
+            .await?;
+        let has_next_page = rows.len() as u64 > first;
+        rows.truncate(first as usize);
+        let edges: Vec<SecureMessageEdge> = rows
+            .into_iter()
+            .map(|row| SecureMessageEdge {
+                cursor: row.id.clone(),
+                node: SecureMessage::from_row(row, None),
+            })
+            .collect();
+        let page_info = page_info(
+            &edges,
+            |edge| edge.cursor.clone(),
+            has_next_page,
+            after.is_some(),
+        );
+        Ok(SecureMessageConnection { edges, page_info })
+    }
+
+    /// One of your messages, or one waiting in your practice's unassigned inbox, with its
+    /// shared sections (practitioners only; reading content is audited).
     async fn message(
         &self,
         ctx: &Context<'_>,
@@ -562,7 +621,8 @@ impl MessagingMutation {
     }
 
     /// Records your HPI-I: it identifies you in the referrals you send, and routes messages
-    /// addressed to you into your inbox.
+    /// addressed to you into your inbox. An HPI-I belongs to one practitioner of a practice,
+    /// so one a colleague holds is `CONFLICT`; setting the one you have again changes nothing.
     async fn set_my_hpii(
         &self,
         ctx: &Context<'_>,
@@ -574,6 +634,31 @@ impl MessagingMutation {
             .set_my_hpii(principal, &hpii)
             .await?;
         Ok(true)
+    }
+
+    /// Takes a message from your practice's unassigned inbox: it becomes yours (or the named
+    /// colleague's) and appears among their received messages (`messages`, direction INBOUND).
+    /// When several people claim one message at once exactly one succeeds; the others get
+    /// `CONFLICT`.
+    async fn assign_message(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(desc = "Message id from `unassignedMessages`.")] id: ID,
+        #[graphql(
+            desc = "Give it to this practitioner of your practice instead of yourself (their id from `practitioners`); administrators must name one."
+        )]
+        to_practitioner_id: Option<ID>,
+    ) -> Result<SecureMessage, ApiError> {
+        let principal = principal(ctx)?;
+        let row = services(ctx)
+            .messaging
+            .assign_message(
+                principal,
+                &id,
+                to_practitioner_id.as_ref().map(|id| id.as_str()),
+            )
+            .await?;
+        Ok(SecureMessage::from_row(row, None))
     }
 
     /// Acknowledges a received message (you have read and accepted it).

@@ -318,17 +318,6 @@ impl Store {
             .collect()
     }
 
-    /// The practitioner who linked individually to an account first (inbound messages whose
-    /// addressee is unknown go to them).
-    pub async fn first_linked_user(&self, account_id: &str) -> Result<Option<String>, StoreError> {
-        Ok(provider_links::Entity::find()
-            .filter(provider_links::Column::AccountId.eq(account_id))
-            .order_by_asc(provider_links::Column::CreatedAt)
-            .one(self.connection())
-            .await?
-            .map(|link| link.user_id))
-    }
-
     /// Accounts waiting for approval whose next check is due, oldest first.
     pub async fn due_waiting_accounts(
         &self,

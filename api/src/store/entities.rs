@@ -320,6 +320,7 @@ pub mod messages {
         pub delivered_at: Option<i64>,
         pub acknowledged_at: Option<i64>,
         pub updated_at: i64,
+        pub addressed_hpii: Option<String>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -1,5 +1,10 @@
 //! Patients, clinical notes and secure messages (inbound and outbound) with the outbox
 //! schedule. Clinical content arrives here already sealed; this module never sees it in clear.
+//!
+//! A received message that no practitioner's HPI-I matches is stored *unassigned*: its owner
+//! column holds [`UNASSIGNED_OWNER`] (see `m20261201_000005_hpii_inbox` for why a sentinel and
+//! not NULL). Only this module knows the sentinel; [`MessageRow::owner_user_id`] is `None` for
+//! such a message.
 
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::{Expr, ExprTrait};
@@ -10,6 +15,32 @@ use sea_orm::{
 
 use super::entities::{clinical_notes, messages, patients};
 use super::{Store, StoreError, Transaction, from_millis, to_millis};
+use crate::domain::audit::AuditEntry;
+
+/// The owner column's value for a message waiting in its practice's unassigned inbox. User ids
+/// are UUIDs, so it can never name a real user.
+const UNASSIGNED_OWNER: &str = "unassigned";
+
+/// The owner column's value for an owner (`None`: unassigned).
+fn owner_to_column(owner: Option<&str>) -> String {
+    owner.unwrap_or(UNASSIGNED_OWNER).to_owned()
+}
+
+/// The owner an owner column names (`None`: unassigned).
+fn owner_from_column(column: String) -> Option<String> {
+    (column != UNASSIGNED_OWNER).then_some(column)
+}
+
+/// What an attempt to assign an unassigned message did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Assignment {
+    /// It was unassigned and now belongs to the assignee (with the audit event, atomically).
+    Assigned,
+    /// It exists in the group but someone already holds it (another claim won).
+    AlreadyAssigned,
+    /// No received message with that id in the group.
+    NotFound,
+}
 
 /// A stored patient (details sealed).
 #[derive(Debug, Clone)]
@@ -50,8 +81,9 @@ pub struct MessageRow {
     pub id: String,
     /// Group.
     pub group_id: String,
-    /// Sender (outbound) or addressee (inbound) practitioner.
-    pub owner_user_id: String,
+    /// Sender (outbound) or addressee (inbound) practitioner; `None` for a received message
+    /// waiting in the practice's unassigned inbox.
+    pub owner_user_id: Option<String>,
     /// `OUTBOUND` or `INBOUND`.
     pub direction: String,
     /// Provider code.
@@ -91,6 +123,8 @@ pub struct MessageRow {
     pub delivered_at: Option<DateTime<Utc>>,
     /// Acknowledged by the recipient's system.
     pub acknowledged_at: Option<DateTime<Utc>>,
+    /// The HPI-I a received message was addressed to, if it named one (envelope, not content).
+    pub addressed_hpii: Option<String>,
 }
 
 /// A change of a message's delivery state.
@@ -285,6 +319,90 @@ impl Store {
             .map(message_from_model))
     }
 
+    /// A received message of the group waiting in its unassigned inbox.
+    pub async fn find_unassigned_message(
+        &self,
+        group_id: &str,
+        id: &str,
+    ) -> Result<Option<MessageRow>, StoreError> {
+        Ok(messages::Entity::find_by_id(id.to_owned())
+            .filter(messages::Column::GroupId.eq(group_id))
+            .filter(messages::Column::OwnerUserId.eq(UNASSIGNED_OWNER))
+            .filter(messages::Column::Direction.eq("INBOUND"))
+            .one(self.connection())
+            .await?
+            .map(message_from_model))
+    }
+
+    /// The group's unassigned inbox, newest first.
+    pub async fn list_unassigned_messages(
+        &self,
+        group_id: &str,
+        before_id: Option<&str>,
+        limit: u64,
+    ) -> Result<Vec<MessageRow>, StoreError> {
+        let mut query = messages::Entity::find()
+            .filter(messages::Column::GroupId.eq(group_id))
+            .filter(messages::Column::OwnerUserId.eq(UNASSIGNED_OWNER))
+            .filter(messages::Column::Direction.eq("INBOUND"));
+        if let Some(before_id) = before_id {
+            query = query.filter(messages::Column::Id.lt(before_id));
+        }
+        Ok(query
+            .order_by_desc(messages::Column::Id)
+            .limit(limit)
+            .all(self.connection())
+            .await?
+            .into_iter()
+            .map(message_from_model)
+            .collect())
+    }
+
+    /// Gives an unassigned received message of the group to `to_user_id`, with its audit
+    /// event in the same transaction. The update is conditional on the message still being
+    /// unassigned, so of many concurrent claims exactly one changes the row (PostgreSQL
+    /// re-checks the condition after waiting for the winner's row lock; SQLite serialises the
+    /// writers) and the others see `AlreadyAssigned`.
+    pub async fn assign_message(
+        &self,
+        group_id: &str,
+        id: &str,
+        to_user_id: &str,
+        audit: &AuditEntry,
+    ) -> Result<Assignment, StoreError> {
+        let txn = self.begin_write().await?;
+        let changed = messages::Entity::update_many()
+            .col_expr(messages::Column::OwnerUserId, Expr::value(to_user_id))
+            .col_expr(
+                messages::Column::UpdatedAt,
+                Expr::value(to_millis(Utc::now())),
+            )
+            .filter(messages::Column::Id.eq(id))
+            .filter(messages::Column::GroupId.eq(group_id))
+            .filter(messages::Column::Direction.eq("INBOUND"))
+            .filter(messages::Column::OwnerUserId.eq(UNASSIGNED_OWNER))
+            .exec(&txn)
+            .await?
+            .rows_affected;
+        if changed == 1 {
+            self.insert_audit_in(&txn, audit).await?;
+            txn.commit().await?;
+            return Ok(Assignment::Assigned);
+        }
+        let exists = messages::Entity::find_by_id(id.to_owned())
+            .filter(messages::Column::GroupId.eq(group_id))
+            .filter(messages::Column::Direction.eq("INBOUND"))
+            .one(&txn)
+            .await?
+            .is_some();
+        txn.rollback().await?;
+        Ok(if exists {
+            Assignment::AlreadyAssigned
+        } else {
+            Assignment::NotFound
+        })
+    }
+
     /// A message by id (workers).
     pub async fn message_by_id(&self, id: &str) -> Result<Option<MessageRow>, StoreError> {
         Ok(messages::Entity::find_by_id(id.to_owned())
@@ -463,7 +581,7 @@ async fn insert_message(
     messages::Entity::insert(messages::ActiveModel {
         id: Set(row.id.clone()),
         group_id: Set(row.group_id.clone()),
-        owner_user_id: Set(row.owner_user_id.clone()),
+        owner_user_id: Set(owner_to_column(row.owner_user_id.as_deref())),
         direction: Set(row.direction.clone()),
         provider: Set(row.provider.clone()),
         status: Set(row.status.clone()),
@@ -484,6 +602,7 @@ async fn insert_message(
         delivered_at: Set(row.delivered_at.map(to_millis)),
         acknowledged_at: Set(row.acknowledged_at.map(to_millis)),
         updated_at: Set(to_millis(Utc::now())),
+        addressed_hpii: Set(row.addressed_hpii.clone()),
     })
     .exec_without_returning(connection)
     .await?;
@@ -505,7 +624,7 @@ fn message_from_model(model: messages::Model) -> MessageRow {
     MessageRow {
         id: model.id,
         group_id: model.group_id,
-        owner_user_id: model.owner_user_id,
+        owner_user_id: owner_from_column(model.owner_user_id),
         direction: model.direction,
         provider: model.provider,
         status: model.status,
@@ -525,5 +644,26 @@ fn message_from_model(model: messages::Model) -> MessageRow {
         sent_at: model.sent_at.map(from_millis),
         delivered_at: model.delivered_at.map(from_millis),
         acknowledged_at: model.acknowledged_at.map(from_millis),
+        addressed_hpii: model.addressed_hpii,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unassigned_message_round_trips_through_the_owner_sentinel_and_owners_stay_owners() {
+        let owner = uuid::Uuid::now_v7().to_string();
+        for (stored_owner, column) in [
+            (None, UNASSIGNED_OWNER.to_owned()),
+            (Some(owner.clone()), owner.clone()),
+        ] {
+            assert_eq!(owner_to_column(stored_owner.as_deref()), column);
+            assert_eq!(owner_from_column(column), stored_owner);
+        }
+        // The sentinel must fit the column and never look like a user id.
+        assert!(UNASSIGNED_OWNER.len() <= 36);
+        assert!(uuid::Uuid::parse_str(UNASSIGNED_OWNER).is_err());
     }
 }

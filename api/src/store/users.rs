@@ -6,7 +6,22 @@ use sea_orm::{ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter};
 
 use super::entities::{groups, users};
 use super::{Store, StoreError, new_id, to_millis};
+use crate::domain::audit::AuditEntry;
 use crate::domain::types::Role;
+
+/// What setting a practitioner's HPI-I did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HpiiChange {
+    /// They already had it; nothing was written.
+    Unchanged,
+    /// It is now theirs, replacing `previous` (`None`: their first).
+    Set {
+        /// The HPI-I it replaced.
+        previous: Option<String>,
+    },
+    /// Another user of the practice holds it; nothing changed.
+    HeldByAnother,
+}
 
 /// A stored user.
 #[derive(Debug, Clone)]
@@ -84,17 +99,52 @@ impl Store {
             })
     }
 
-    /// Sets a user's HPI-I.
-    pub async fn set_user_hpii(&self, user_id: &str, hpii: &str) -> Result<(), StoreError> {
+    /// Gives a practitioner an HPI-I, with its audit event in the same transaction.
+    /// `audit` is asked for the event once the previous HPI-I is known. The unique index
+    /// `ux_users_group_hpii` decides between concurrent claims of one HPI-I: exactly one
+    /// update succeeds and the others violate it, which is reported as `HeldByAnother` (and
+    /// audited through `audit` outside the failed transaction, which PostgreSQL has aborted).
+    pub async fn set_user_hpii(
+        &self,
+        user_id: &str,
+        hpii: &str,
+        audit: impl Fn(&HpiiChange) -> AuditEntry,
+    ) -> Result<HpiiChange, StoreError> {
+        use sea_orm::QuerySelect;
         use sea_orm::sea_query::Expr;
         let txn = self.begin_write().await?;
-        users::Entity::update_many()
+        // Locked so that the previous HPI-I named in the audit event is the one replaced
+        // (SQLite's write lock, taken by BEGIN IMMEDIATE, already serialises this).
+        let previous = users::Entity::find_by_id(user_id.to_owned())
+            .lock_exclusive()
+            .one(&txn)
+            .await?
+            .and_then(|user| user.hpii);
+        if previous.as_deref() == Some(hpii) {
+            txn.rollback().await?;
+            return Ok(HpiiChange::Unchanged);
+        }
+        let updated = users::Entity::update_many()
             .col_expr(users::Column::Hpii, Expr::value(hpii))
+            .col_expr(users::Column::UpdatedAt, Expr::value(to_millis(Utc::now())))
             .filter(users::Column::Id.eq(user_id))
             .exec(&txn)
-            .await?;
-        txn.commit().await?;
-        Ok(())
+            .await;
+        match updated {
+            Err(error) if super::is_unique_violation(&error) => {
+                txn.rollback().await?;
+                let change = HpiiChange::HeldByAnother;
+                self.insert_audit(&audit(&change)).await?;
+                Ok(change)
+            }
+            Err(error) => Err(error.into()),
+            Ok(_) => {
+                let change = HpiiChange::Set { previous };
+                self.insert_audit_in(&txn, &audit(&change)).await?;
+                txn.commit().await?;
+                Ok(change)
+            }
+        }
     }
 
     /// A user by id.
