@@ -933,7 +933,7 @@ impl IntegrationService {
                 .await;
                 Err(GatewayError::RateLimited {
                     message: format!(
-                        "too many failed attempts to link or register a {provider} account {whose}; check the username and password and try again in {minutes} minutes"
+                        "too many failed attempts to link or register the {provider} account {whose}; check the username and password and try again in {minutes} minutes"
                     ),
                     retry_after,
                 })
