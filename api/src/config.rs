@@ -39,7 +39,7 @@ pub enum Mode {
 }
 
 /// JWT verification settings.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct JwtSettings {
     /// Required `iss`.
@@ -57,6 +57,23 @@ pub struct JwtSettings {
     /// The longest token lifetime (`exp − iat`) accepted, in seconds; 0 means no maximum.
     /// While it is set, tokens must carry `iat`: without it their lifetime cannot be known.
     pub max_lifetime_seconds: u64,
+}
+
+impl Default for JwtSettings {
+    /// No keys, issuer or audience (production must name them); 30 s leeway; one day at most.
+    /// Also what a `[jwt]` table in the config file starts from, so naming one key there does
+    /// not reset the others.
+    fn default() -> Self {
+        Self {
+            issuer: None,
+            audience: None,
+            hs256_secret: None,
+            public_key_files: Vec::new(),
+            jwks_file: None,
+            leeway_seconds: 30,
+            max_lifetime_seconds: DEFAULT_MAX_TOKEN_LIFETIME_SECONDS,
+        }
+    }
 }
 
 /// The longest token lifetime accepted unless configured otherwise: one day, the lifetime of
@@ -239,11 +256,7 @@ impl Default for Settings {
             sandbox_listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
             data_dir: PathBuf::from("./data"),
             database_url: None,
-            jwt: JwtSettings {
-                leeway_seconds: 30,
-                max_lifetime_seconds: DEFAULT_MAX_TOKEN_LIFETIME_SECONDS,
-                ..JwtSettings::default()
-            },
+            jwt: JwtSettings::default(),
             encryption_key: None,
             providers: ProviderSettings::default(),
             payments: PaymentSettings::default(),
