@@ -7,6 +7,7 @@ mod credits;
 mod helpers;
 mod integrations;
 mod messaging;
+mod permissions;
 mod platform;
 mod registration;
 mod schema;

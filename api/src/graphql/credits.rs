@@ -269,9 +269,9 @@ impl Credits {
 /// Sets the practice's card.
 #[derive(InputObject)]
 pub struct SetPaymentMethodInput {
-    /// A payment-method token from the payment gateway: `pm_` and 1–64 letters, digits or `_`
-    /// (sandbox: `pm_sandbox_approve`, `pm_sandbox_decline`, `pm_sandbox_flaky`). Stored
-    /// encrypted; only a masked form is shown.
+    /// A payment-method token from the payment gateway, `pm_` and 1–64 letters, digits or `_`
+    /// (the sandbox's cards are `pm_sandbox_approve`, `pm_sandbox_decline` and
+    /// `pm_sandbox_flaky`). Stored encrypted; only a masked form is shown.
     pub token: String,
 }
 
