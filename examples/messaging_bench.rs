@@ -1031,6 +1031,8 @@ impl Bench {
             "127.0.0.1:0".parse()?,
             SandboxConfig {
                 clock_speed: SANDBOX_CLOCK_SPEED,
+                // The gateway's ReferralNet webhook is on loopback.
+                allow_private_webhooks: true,
                 ..SandboxConfig::default()
             },
         )

@@ -73,7 +73,12 @@ impl App {
                 || settings.providers.referralnet_base_url.is_none()
                 || settings.payments.base_url.is_none()
             {
-                let handle = smd_sandbox::spawn(settings.sandbox_listen, smd_sandbox::SandboxConfig::default())
+                // The gateway's ReferralNet webhook is on this machine: let the sandbox push there.
+                let sandbox_config = smd_sandbox::SandboxConfig {
+                    allow_private_webhooks: true,
+                    ..smd_sandbox::SandboxConfig::default()
+                };
+                let handle = smd_sandbox::spawn(settings.sandbox_listen, sandbox_config)
                     .await
                     .map_err(|error| {
                         anyhow::anyhow!(

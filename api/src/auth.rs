@@ -1,6 +1,15 @@
 //! Bearer-token verification. Algorithms are pinned by the configured keys (HS256 secret,
 //! RS256/ES256 PEM public keys, or a JWKS file); `exp`, `iss`, `aud` and `sub` are required;
 //! leeway is small. A token that fails any check is refused, never downgraded to anonymous.
+//!
+//! Two rules beyond the signature:
+//! - **One deadline.** A verified identity is honoured until `exp` plus the configured leeway,
+//!   and that deadline travels with it ([`VerifiedIdentity::expires_at`]), so an HTTP request
+//!   and every operation on a long-lived WebSocket apply the same leeway.
+//! - **Bounded lifetime.** With a maximum lifetime configured (the default), `exp − iat` may
+//!   not exceed it, `iat` may not lie in the future (beyond the leeway), and a token without
+//!   `iat` is refused, because its lifetime cannot be known. A stolen long-lived token is the
+//!   risk this bounds.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -47,7 +56,8 @@ pub struct VerifiedIdentity {
     pub role: Role,
     /// `name`, or `sub` when absent.
     pub name: String,
-    /// `exp`: long-lived connections (WebSockets) stop honouring the identity after it.
+    /// `exp` plus the verifier's leeway: the moment the identity stops being honoured, by an
+    /// HTTP request and by every operation of a long-lived connection (WebSocket) alike.
     pub expires_at: chrono::DateTime<chrono::Utc>,
 }
 
@@ -68,6 +78,7 @@ pub struct TokenVerifier {
     issuer: String,
     audience: String,
     leeway_seconds: u64,
+    max_lifetime_seconds: Option<u64>,
 }
 
 impl std::fmt::Debug for TokenVerifier {
@@ -150,6 +161,8 @@ impl TokenVerifier {
                 .clone()
                 .ok_or_else(|| anyhow::anyhow!("the JWT audience is not configured"))?,
             leeway_seconds: settings.leeway_seconds,
+            max_lifetime_seconds: (settings.max_lifetime_seconds > 0)
+                .then_some(settings.max_lifetime_seconds),
         })
     }
 
@@ -177,14 +190,46 @@ impl TokenVerifier {
             validation.validate_nbf = true;
             validation.leeway = self.leeway_seconds;
             if let Ok(data) = decode::<Claims>(token, &candidate.key, &validation) {
-                return identity_from_claims(data.claims);
+                let now = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |since_epoch| since_epoch.as_secs());
+                self.check_lifetime(&data.claims, now)?;
+                return identity_from_claims(data.claims, self.leeway_seconds);
             }
         }
         Err(refused())
     }
+
+    /// Refuses a token that lives longer than the configured maximum, claims to be issued in
+    /// the future, or does not say when it was issued (while a maximum is set).
+    fn check_lifetime(&self, claims: &Claims, now: u64) -> Result<(), AuthError> {
+        let Some(max_lifetime) = self.max_lifetime_seconds else {
+            return Ok(());
+        };
+        let Some(issued_at) = claims.iat else {
+            return Err(AuthError(format!(
+                "the token has no iat (issued-at) claim, so its lifetime cannot be checked; this gateway accepts only tokens with iat that live at most {max_lifetime} seconds"
+            )));
+        };
+        if issued_at > now.saturating_add(self.leeway_seconds) {
+            return Err(AuthError(
+                "the token's iat (issued-at) claim is in the future; check the identity provider's clock".into(),
+            ));
+        }
+        let lifetime = claims.exp.saturating_sub(issued_at);
+        if lifetime > max_lifetime {
+            return Err(AuthError(format!(
+                "the token's lifetime (exp - iat) is {lifetime} seconds, longer than the {max_lifetime} seconds this gateway accepts; ask the identity provider for a shorter-lived token"
+            )));
+        }
+        Ok(())
+    }
 }
 
-fn identity_from_claims(claims: Claims) -> Result<VerifiedIdentity, AuthError> {
+fn identity_from_claims(
+    claims: Claims,
+    leeway_seconds: u64,
+) -> Result<VerifiedIdentity, AuthError> {
     let well_formed = |value: &str, max: usize| {
         !value.trim().is_empty() && value.len() <= max && !value.chars().any(char::is_control)
     };
@@ -205,9 +250,11 @@ fn identity_from_claims(claims: Claims) -> Result<VerifiedIdentity, AuthError> {
         .name
         .filter(|name| well_formed(name, 256))
         .unwrap_or_else(|| claims.sub.clone());
-    let expires_at = i64::try_from(claims.exp)
-        .ok()
-        .and_then(|exp| chrono::DateTime::from_timestamp(exp, 0))
+    let expires_at = claims
+        .exp
+        .checked_add(leeway_seconds)
+        .and_then(|deadline| i64::try_from(deadline).ok())
+        .and_then(|deadline| chrono::DateTime::from_timestamp(deadline, 0))
         .ok_or_else(|| AuthError("the token's exp claim is out of range".into()))?;
     Ok(VerifiedIdentity {
         subject: claims.sub,
@@ -288,15 +335,106 @@ mod tests {
     const SECRET: &str = "0123456789abcdef0123456789abcdef";
 
     fn verifier() -> TokenVerifier {
+        verifier_with_max_lifetime(0)
+    }
+
+    fn verifier_with_max_lifetime(max_lifetime_seconds: u64) -> TokenVerifier {
         crate::install_crypto_provider();
         TokenVerifier::from_settings(&JwtSettings {
             issuer: Some("iss".into()),
             audience: Some("aud".into()),
             hs256_secret: Some(SECRET.into()),
             leeway_seconds: 5,
+            max_lifetime_seconds,
             ..JwtSettings::default()
         })
         .unwrap()
+    }
+
+    fn now() -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    }
+
+    fn signed(claims: serde_json::Value) -> String {
+        encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap()
+    }
+
+    fn claims(iat: Option<u64>, exp: u64) -> serde_json::Value {
+        let mut claims = serde_json::json!({
+            "sub": "u1", "group": "g1", "role": "practitioner", "iss": "iss", "aud": "aud", "exp": exp
+        });
+        if let Some(iat) = iat {
+            claims["iat"] = iat.into();
+        }
+        claims
+    }
+
+    #[test]
+    fn the_identity_is_honoured_until_exp_plus_the_leeway() {
+        let exp = now() + 60;
+        let identity = verifier().verify(&signed(claims(None, exp))).unwrap();
+        assert_eq!(identity.expires_at.timestamp(), (exp + 5) as i64);
+    }
+
+    #[test]
+    fn a_token_living_longer_than_the_maximum_is_refused_with_a_reason() {
+        let verifier = verifier_with_max_lifetime(3600);
+        let now = now();
+        verifier
+            .verify(&signed(claims(Some(now), now + 3600)))
+            .expect("exactly the maximum is accepted");
+        let error = verifier
+            .verify(&signed(claims(Some(now), now + 3601)))
+            .unwrap_err();
+        assert!(error.0.contains("lifetime"), "{}", error.0);
+        assert!(error.0.contains("3600"), "{}", error.0);
+    }
+
+    #[test]
+    fn without_iat_a_token_is_refused_only_while_a_maximum_is_set() {
+        let token = signed(claims(None, now() + 60));
+        let error = verifier_with_max_lifetime(3600).verify(&token).unwrap_err();
+        assert!(error.0.contains("iat"), "{}", error.0);
+        verifier()
+            .verify(&token)
+            .expect("no maximum: iat is optional");
+    }
+
+    #[test]
+    fn an_iat_in_the_future_cannot_stretch_the_lifetime() {
+        let verifier = verifier_with_max_lifetime(3600);
+        let far = now() + 10 * 365 * 86_400;
+        let error = verifier
+            .verify(&signed(claims(Some(far), far + 60)))
+            .unwrap_err();
+        assert!(error.0.contains("future"), "{}", error.0);
+        let within_leeway = now() + 3;
+        verifier
+            .verify(&signed(claims(Some(within_leeway), within_leeway + 60)))
+            .expect("a clock a little ahead is tolerated like on exp");
+    }
+
+    #[test]
+    fn minted_dev_tokens_carry_iat_and_pass_a_one_day_maximum() {
+        let token = mint_hs256(
+            SECRET,
+            "iss",
+            "aud",
+            &TokenRequest {
+                ttl_seconds: 86_400,
+                ..request(Role::Administrator)
+            },
+        )
+        .unwrap();
+        verifier_with_max_lifetime(86_400).verify(&token).unwrap();
     }
 
     fn request(role: Role) -> TokenRequest {

@@ -14,6 +14,7 @@
 //! | `SMD_JWT_PUBLIC_KEY_FILES` | comma-separated PEM files (RS256 / ES256) | none |
 //! | `SMD_JWT_JWKS_FILE` | a JWKS file | none |
 //! | `SMD_JWT_LEEWAY_SECONDS` | clock skew allowed on `exp`/`nbf` | 30 |
+//! | `SMD_JWT_MAX_LIFETIME_SECONDS` | longest accepted `exp − iat`; 0 = no maximum | 86400 |
 //! | `SMD_ENCRYPTION_KEY` | base64 32-byte data-encryption key | dev: generated |
 //! | `SMD_ARGUS_BASE_URL`, `SMD_REFERRALNET_BASE_URL` | provider endpoints | dev: embedded sandbox |
 //! | `SMD_PROVIDER_TIMEOUT_MS` | per provider call | 10000 |
@@ -38,7 +39,7 @@ pub enum Mode {
 }
 
 /// JWT verification settings.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct JwtSettings {
     /// Required `iss`.
@@ -51,9 +52,33 @@ pub struct JwtSettings {
     pub public_key_files: Vec<PathBuf>,
     /// A JWKS document on disk.
     pub jwks_file: Option<PathBuf>,
-    /// Allowed clock skew in seconds.
+    /// Allowed clock skew in seconds, on `exp` and `nbf` alike (and on `iat` in the future).
     pub leeway_seconds: u64,
+    /// The longest token lifetime (`exp − iat`) accepted, in seconds; 0 means no maximum.
+    /// While it is set, tokens must carry `iat`: without it their lifetime cannot be known.
+    pub max_lifetime_seconds: u64,
 }
+
+impl Default for JwtSettings {
+    /// No keys, issuer or audience (production must name them); 30 s leeway; one day at most.
+    /// Also what a `[jwt]` table in the config file starts from, so naming one key there does
+    /// not reset the others.
+    fn default() -> Self {
+        Self {
+            issuer: None,
+            audience: None,
+            hs256_secret: None,
+            public_key_files: Vec::new(),
+            jwks_file: None,
+            leeway_seconds: 30,
+            max_lifetime_seconds: DEFAULT_MAX_TOKEN_LIFETIME_SECONDS,
+        }
+    }
+}
+
+/// The longest token lifetime accepted unless configured otherwise: one day, the lifetime of
+/// the dev tokens the gateway prints.
+pub const DEFAULT_MAX_TOKEN_LIFETIME_SECONDS: u64 = 86_400;
 
 /// Provider endpoints.
 #[derive(Debug, Clone, Deserialize)]
@@ -285,10 +310,7 @@ impl Default for Settings {
             sandbox_listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
             data_dir: PathBuf::from("./data"),
             database_url: None,
-            jwt: JwtSettings {
-                leeway_seconds: 30,
-                ..JwtSettings::default()
-            },
+            jwt: JwtSettings::default(),
             encryption_key: None,
             providers: ProviderSettings::default(),
             payments: PaymentSettings::default(),
@@ -389,6 +411,10 @@ impl Settings {
         }
         if let Some(leeway) = get("SMD_JWT_LEEWAY_SECONDS") {
             self.jwt.leeway_seconds = parse_number("SMD_JWT_LEEWAY_SECONDS", &leeway)?;
+        }
+        if let Some(lifetime) = get("SMD_JWT_MAX_LIFETIME_SECONDS") {
+            self.jwt.max_lifetime_seconds =
+                parse_number("SMD_JWT_MAX_LIFETIME_SECONDS", &lifetime)?;
         }
         set_opt(&mut self.encryption_key, get("SMD_ENCRYPTION_KEY"));
         set_opt(
@@ -512,6 +538,23 @@ impl Settings {
                 "production mode needs explicit settings; missing: {}",
                 problems.join("; ")
             )));
+        }
+        // The fault points exist for tests that simulate a crash; in production they would
+        // take customers' money without crediting it, or lose track of sent messages.
+        if self.mode == Mode::Production {
+            let faults: Vec<&str> = [
+                (self.credits.fail_after_charge, "credits.fail_after_charge"),
+                (self.messaging.fail_after_send, "messaging.fail_after_send"),
+            ]
+            .into_iter()
+            .filter_map(|(on, name)| on.then_some(name))
+            .collect();
+            if !faults.is_empty() {
+                return Err(ConfigError(format!(
+                    "test-only fault settings cannot be used in production mode: {} (remove them from the config file)",
+                    faults.join(", ")
+                )));
+            }
         }
         if let Some(secret) = &self.jwt.hs256_secret
             && secret.len() < 32
@@ -776,6 +819,63 @@ mod tests {
             .validate()
             .unwrap_err();
         assert!(error.0.contains("32 bytes"));
+    }
+
+    fn complete_production_settings() -> Settings {
+        load(&[
+            ("SMD_MODE", "production"),
+            ("SMD_JWT_ISSUER", "https://pms.example"),
+            ("SMD_JWT_AUDIENCE", "smd-gateway"),
+            ("SMD_JWT_HS256_SECRET", "0123456789abcdef0123456789abcdef"),
+            (
+                "SMD_ENCRYPTION_KEY",
+                "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+            ),
+            ("SMD_ARGUS_BASE_URL", "https://argus.example"),
+            ("SMD_REFERRALNET_BASE_URL", "https://referralnet.example"),
+            ("SMD_PAYMENTS_BASE_URL", "https://payments.example"),
+            ("SMD_PAYMENTS_API_KEY", "sk_live"),
+        ])
+        .unwrap()
+    }
+
+    #[test]
+    fn test_only_fault_settings_are_refused_in_production_by_name() {
+        complete_production_settings().validate().unwrap();
+
+        let mut charge = complete_production_settings();
+        charge.credits.fail_after_charge = true;
+        let error = charge.validate().unwrap_err().0;
+        assert!(error.contains("credits.fail_after_charge"), "{error}");
+        assert!(!error.contains("messaging.fail_after_send"), "{error}");
+
+        let mut both = complete_production_settings();
+        both.credits.fail_after_charge = true;
+        both.messaging.fail_after_send = true;
+        let error = both.validate().unwrap_err().0;
+        assert!(
+            error.contains("credits.fail_after_charge")
+                && error.contains("messaging.fail_after_send"),
+            "{error}"
+        );
+
+        let mut dev = load(&[]).unwrap();
+        dev.credits.fail_after_charge = true;
+        dev.messaging.fail_after_send = true;
+        dev.validate().expect("tests may use them in dev mode");
+    }
+
+    #[test]
+    fn the_maximum_token_lifetime_defaults_to_a_day_and_can_be_set() {
+        assert_eq!(load(&[]).unwrap().jwt.max_lifetime_seconds, 86_400);
+        let settings = load(&[("SMD_JWT_MAX_LIFETIME_SECONDS", "3600")]).unwrap();
+        assert_eq!(settings.jwt.max_lifetime_seconds, 3600);
+        assert!(
+            load(&[("SMD_JWT_MAX_LIFETIME_SECONDS", "a day")])
+                .unwrap_err()
+                .0
+                .contains("SMD_JWT_MAX_LIFETIME_SECONDS")
+        );
     }
 
     #[test]

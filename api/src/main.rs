@@ -103,6 +103,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 "`smd-gateway token` signs with the dev key and only works in dev mode; production tokens come from your identity provider"
             );
             let ttl_seconds = parse_ttl(&ttl).map_err(anyhow::Error::msg)?;
+            let max_lifetime = settings.jwt.max_lifetime_seconds;
+            anyhow::ensure!(
+                max_lifetime == 0 || ttl_seconds <= max_lifetime,
+                "--ttl {ttl} is longer than the {max_lifetime} seconds the gateway accepts (SMD_JWT_MAX_LIFETIME_SECONDS); the gateway would refuse this token"
+            );
             let keys = dev::ensure_dev_keys(&settings.data_dir)?;
             let secret = settings
                 .jwt

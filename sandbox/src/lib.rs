@@ -19,6 +19,7 @@
 //! - `messaging`: each namespace's sent messages, inboxes and webhook settings;
 //! - `argus_messaging`, `referralnet_messaging`: the two providers' messaging APIs;
 //! - `webhooks`: the background pushes of ReferralNet receipts;
+//! - `webhook_targets`: which addresses webhooks may go to (public ones, unless allowed);
 //! - `payments`: the payment gateway's HTTP API, test cards, charges and idempotency keys;
 //! - `requests`: the recent provider requests of each namespace (`GET /_sandbox/requests`);
 //! - `control`: the `/_sandbox` control API.
@@ -45,6 +46,7 @@ mod provider;
 mod referralnet;
 mod referralnet_messaging;
 mod requests;
+mod webhook_targets;
 mod webhooks;
 
 pub use clock::{InvalidClockSpeed, MAXIMUM_CLOCK_SPEED, validate_clock_speed};
@@ -62,6 +64,10 @@ pub struct SandboxConfig {
     /// How many practitioners the directory holds, the five magic recipients included (so at
     /// least five); generated from `seed`.
     pub directory_size: usize,
+    /// Push ReferralNet webhooks to loopback, private, link-local and other non-public
+    /// addresses too. Off by default: a shared sandbox must not be a way into its own network.
+    /// Turn it on when the gateway runs beside the sandbox (dev mode, tests).
+    pub allow_private_webhooks: bool,
 }
 
 impl Default for SandboxConfig {
@@ -70,6 +76,7 @@ impl Default for SandboxConfig {
             seed: 42,
             clock_speed: 1.0,
             directory_size: directory::DEFAULT_DIRECTORY_SIZE,
+            allow_private_webhooks: false,
         }
     }
 }

@@ -27,6 +27,10 @@ struct Arguments {
     /// How many practitioners the generated directory holds (the five magic recipients included).
     #[arg(long, default_value_t = smd_sandbox::directory::DEFAULT_DIRECTORY_SIZE)]
     directory_size: usize,
+    /// Push ReferralNet webhooks to loopback, private and link-local addresses too (a gateway
+    /// on the same machine or network). Off by default: the sandbox then refuses such URLs.
+    #[arg(long)]
+    allow_private_webhooks: bool,
 }
 
 fn parse_clock_speed(text: &str) -> Result<f64, String> {
@@ -50,6 +54,7 @@ async fn main() -> anyhow::Result<()> {
         seed: arguments.seed,
         clock_speed: arguments.clock_speed,
         directory_size: arguments.directory_size,
+        allow_private_webhooks: arguments.allow_private_webhooks,
     };
     let sandbox = smd_sandbox::spawn(arguments.listen, config)
         .await

@@ -188,6 +188,11 @@ impl SandboxState {
         }
     }
 
+    /// How the sandbox was set up.
+    pub(crate) fn config(&self) -> SandboxConfig {
+        self.registry.config
+    }
+
     pub(crate) fn downgrade(&self) -> WeakSandboxState {
         WeakSandboxState(Arc::downgrade(&self.registry))
     }
@@ -250,6 +255,7 @@ pub(crate) struct CurrentNamespace {
     name: NamespaceName,
     state: Arc<Mutex<NamespaceState>>,
     directory: Arc<Directory>,
+    allow_private_webhooks: bool,
 }
 
 impl CurrentNamespace {
@@ -260,6 +266,11 @@ impl CurrentNamespace {
     /// The practitioner directory (the same in every namespace).
     pub(crate) fn directory(&self) -> &Directory {
         &self.directory
+    }
+
+    /// Whether webhooks may go to non-public addresses (`--allow-private-webhooks`).
+    pub(crate) fn allows_private_webhooks(&self) -> bool {
+        self.allow_private_webhooks
     }
 
     /// Runs `change` with the namespace locked. The closure is synchronous on purpose.
@@ -297,6 +308,7 @@ impl FromRequestParts<SandboxState> for CurrentNamespace {
             name,
             state: namespace_state,
             directory: Arc::clone(&state.registry.directory),
+            allow_private_webhooks: state.registry.config.allow_private_webhooks,
         })
     }
 }

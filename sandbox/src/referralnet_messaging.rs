@@ -26,6 +26,7 @@ use crate::messaging::{
 use crate::namespace::{CurrentNamespace, NamespaceState, SandboxState};
 use crate::provider::{Provider, ProviderError, ProviderErrorCode};
 use crate::referralnet::{bearer_token, session_account};
+use crate::webhook_targets;
 
 /// The largest page of providers or inbox items.
 const LARGEST_PAGE: usize = 50;
@@ -316,19 +317,14 @@ struct WebhookBody {
 }
 
 /// The URL if it is an absolute http or https URL with a host.
-fn parse_webhook_url(body: &Bytes) -> Result<String, ProviderError> {
+fn parse_webhook_url(body: &Bytes) -> Result<reqwest::Url, ProviderError> {
     let body: WebhookBody = serde_json::from_slice(body)
         .map_err(|error| bad_param(format!("body is not the expected JSON: {error}")))?;
     let url = body.url.unwrap_or_default();
-    let url = url.trim();
-    let is_valid = reqwest::Url::parse(url).is_ok_and(|parsed| {
-        matches!(parsed.scheme(), "http" | "https") && parsed.host_str().is_some()
-    });
-    if is_valid {
-        Ok(url.to_owned())
-    } else {
-        Err(bad_param("url must be an absolute http:// or https:// URL"))
-    }
+    reqwest::Url::parse(url.trim())
+        .ok()
+        .filter(|parsed| matches!(parsed.scheme(), "http" | "https") && parsed.host_str().is_some())
+        .ok_or_else(|| bad_param("url must be an absolute http:// or https:// URL"))
 }
 
 /// `PUT /referralnet/api/webhook`: where this account's receipts are pushed.
@@ -341,10 +337,18 @@ async fn set_webhook(
         return Ok(fault.respond().await);
     }
     let token = bearer_token(&headers);
-    let url = parse_webhook_url(&body);
+    // Who asks first (no lookups for strangers), then the URL, resolved and checked outside
+    // the namespace lock.
+    namespace.with_state(|state| approved_account(state, token))?;
+    let url = parse_webhook_url(&body)?;
+    if !namespace.allows_private_webhooks() {
+        webhook_targets::check_registration(&url)
+            .await
+            .map_err(|refused| bad_param(refused.to_string()))?;
+    }
     namespace.with_state(|state| {
         let user_id = approved_account(state, token)?;
-        let webhook = state.messages.set_webhook(&user_id, url?);
+        let webhook = state.messages.set_webhook(&user_id, url.to_string());
         tracing::info!(
             namespace = namespace.name(),
             account = user_id,

@@ -3,12 +3,17 @@
 //! and one worker per namespace and account that POSTs the signed events in order, retrying
 //! those that fail.
 //!
+//! Pushes go only to public addresses unless the sandbox allows private ones (see
+//! `webhook_targets`): the client resolves names through a resolver that refuses the others,
+//! follows no redirects and uses no proxy.
+//!
 //! The ticker holds the sandbox only weakly, so it ends once the sandbox is dropped; workers end
 //! when the ticker does. Namespace locks are held only while due pushes are collected, never
 //! across an await.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hmac::{Hmac, Mac};
@@ -20,6 +25,7 @@ use tokio::time::MissedTickBehavior;
 
 use crate::messaging::PushJob;
 use crate::namespace::WeakSandboxState;
+use crate::webhook_targets::{self, PublicAddressResolver};
 
 /// How often the ticker looks for dispatches that reached a new state.
 const TICK_INTERVAL: Duration = Duration::from_millis(200);
@@ -60,7 +66,17 @@ pub(crate) fn spawn_ticker(runtime: &Handle, sandbox: WeakSandboxState) -> JoinH
 async fn run_ticker(sandbox: WeakSandboxState) {
     // reqwest is built without a TLS crypto provider of its own; https webhooks need one.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let client = match reqwest::Client::builder().timeout(ATTEMPT_TIMEOUT).build() {
+    let allow_private = sandbox
+        .upgrade()
+        .is_some_and(|state| state.config().allow_private_webhooks);
+    let mut builder = reqwest::Client::builder()
+        .timeout(ATTEMPT_TIMEOUT)
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy();
+    if !allow_private {
+        builder = builder.dns_resolver(Arc::new(PublicAddressResolver));
+    }
+    let client = match builder.build() {
         Ok(client) => client,
         Err(error) => {
             tracing::error!(%error, "cannot build the webhook client; webhooks will not be pushed");
@@ -85,12 +101,22 @@ async fn run_ticker(sandbox: WeakSandboxState) {
         drop(state);
         for (namespace_name, job) in due {
             let key = (namespace_name, job.account.clone());
-            let worker = workers
-                .entry(key.clone())
-                .or_insert_with(|| spawn_worker(client.clone(), sandbox.clone(), key.0.clone()));
+            let worker = workers.entry(key.clone()).or_insert_with(|| {
+                spawn_worker(
+                    client.clone(),
+                    sandbox.clone(),
+                    key.0.clone(),
+                    allow_private,
+                )
+            });
             if let Err(mpsc::error::SendError(job)) = worker.send(job) {
                 // The worker ended (it panicked); start another for this account.
-                let worker = spawn_worker(client.clone(), sandbox.clone(), key.0.clone());
+                let worker = spawn_worker(
+                    client.clone(),
+                    sandbox.clone(),
+                    key.0.clone(),
+                    allow_private,
+                );
                 let _ = worker.send(job);
                 workers.insert(key, worker);
             }
@@ -104,6 +130,7 @@ fn spawn_worker(
     client: reqwest::Client,
     sandbox: WeakSandboxState,
     namespace_name: String,
+    allow_private: bool,
 ) -> mpsc::UnboundedSender<PushJob> {
     let (sender, mut receiver) = mpsc::unbounded_channel::<PushJob>();
     tokio::spawn(async move {
@@ -111,18 +138,20 @@ fn spawn_worker(
             if !sandbox.is_alive() {
                 break;
             }
-            push(&client, &sandbox, &namespace_name, job).await;
+            push(&client, &sandbox, &namespace_name, job, allow_private).await;
         }
     });
     sender
 }
 
-/// POSTs one event, trying again up to [`RETRIES`] times while the answer is not 2xx.
+/// POSTs one event, trying again up to [`RETRIES`] times while the answer is not 2xx. A
+/// target the address rules refuse is given up at once: retrying cannot make it public.
 async fn push(
     client: &reqwest::Client,
     sandbox: &WeakSandboxState,
     namespace_name: &str,
     job: PushJob,
+    allow_private: bool,
 ) {
     let body = match serde_json::to_vec(&job.event) {
         Ok(body) => body,
@@ -131,6 +160,17 @@ async fn push(
             return;
         }
     };
+    let url = match reqwest::Url::parse(&job.webhook.url) {
+        Ok(url) => url,
+        Err(error) => {
+            tracing::error!(%error, "a stored webhook URL does not parse");
+            return;
+        }
+    };
+    if !allow_private && let Err(refused) = webhook_targets::check_literal_before_push(&url) {
+        tracing::warn!(namespace = namespace_name, account = job.account, %refused, "webhook push refused");
+        return;
+    }
     for attempt in 0..=RETRIES {
         if attempt > 0 {
             tokio::time::sleep(RETRY_DELAY).await;
@@ -143,7 +183,7 @@ async fn push(
             .map(|since_epoch| since_epoch.as_secs())
             .unwrap_or_default();
         let outcome = client
-            .post(&job.webhook.url)
+            .post(url.clone())
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .header(TIMESTAMP_HEADER, timestamp.to_string())
             .header(
@@ -171,6 +211,15 @@ async fn push(
                 attempt,
                 "webhook answered with an error"
             ),
+            Err(error) if webhook_targets::is_refusal(&error) => {
+                tracing::warn!(
+                    namespace = namespace_name,
+                    account = job.account,
+                    error = %error.without_url(),
+                    "webhook push refused: the host resolves to a non-public address"
+                );
+                return;
+            }
             Err(error) => tracing::warn!(
                 namespace = namespace_name,
                 account = job.account,

@@ -367,7 +367,13 @@ async fn declined_top_ups_are_shown_store_no_credits_and_switch_auto_top_up_off_
         json!({}),
     )
     .await;
-    app.set_card(&chen, "pm_sandbox_decline").await;
+    // Replacing the practice's card is for administrators.
+    let admin = administrator("manager", "clinic-1");
+    let replaced = app.set_card(&admin, "pm_sandbox_decline").await;
+    assert_eq!(
+        replaced["data"]["setPaymentMethod"]["last4"], "0002",
+        "{replaced}"
+    );
     let sender = app
         .principal("dr-chen", "clinic-1", Role::Practitioner)
         .await;
@@ -560,8 +566,20 @@ async fn negative_zero_unknown_and_overflowing_inputs_are_bad_user_input() {
         )
         .await;
     assert_eq!(error_code(&threshold), Some("BAD_USER_INPUT"));
-    let unknown_card = app.set_card(&chen, "pm_unknown_card").await;
-    assert_eq!(error_code(&unknown_card), Some("BAD_USER_INPUT"));
+    // Well-formed but unknown to the payment gateway (an administrator may replace the card).
+    let admin = administrator("manager", "clinic-1");
+    let unknown_card = app.set_card(&admin, "pm_unknown_card").await;
+    assert_eq!(
+        error_code(&unknown_card),
+        Some("BAD_USER_INPUT"),
+        "{unknown_card}"
+    );
+    let malformed_card = app.set_card(&admin, "pm_unknown card").await;
+    assert_eq!(
+        error_code(&malformed_card),
+        Some("BAD_USER_INPUT"),
+        "{malformed_card}"
+    );
     assert_eq!(app.balance(&chen, None).await, 100, "nothing moved");
     assert_eq!(app.balance(&patel, None).await, 0);
 }

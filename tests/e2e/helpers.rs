@@ -81,9 +81,16 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
 /// Like [`spawn_app_with`], with a last say over the gateway's settings.
 pub async fn spawn_app_configured(options: Options, change: impl FnOnce(&mut Settings)) -> TestApp {
     smd_gateway::install_crypto_provider();
-    let sandbox = smd_sandbox::spawn("127.0.0.1:0".parse().unwrap(), SandboxConfig::default())
-        .await
-        .expect("sandbox starts");
+    // The gateway's webhook is on loopback, which the sandbox refuses unless allowed.
+    let sandbox = smd_sandbox::spawn(
+        "127.0.0.1:0".parse().unwrap(),
+        SandboxConfig {
+            allow_private_webhooks: true,
+            ..SandboxConfig::default()
+        },
+    )
+    .await
+    .expect("sandbox starts");
     let data_dir = tempfile::tempdir().expect("temp dir");
     let (database_url, sqlite_path) = match std::env::var("TEST_DATABASE_URL") {
         Ok(admin_url) if !admin_url.trim().is_empty() => {
@@ -94,8 +101,16 @@ pub async fn spawn_app_configured(options: Options, change: impl FnOnce(&mut Set
             (format!("sqlite://{}?mode=rwc", path.display()), Some(path))
         }
     };
+    // Production mode, so tests see what deployments see; the crash-simulating fault points
+    // are refused there, so tests that use them run in dev mode (every setting dev mode would
+    // default is given explicitly here, and the demo seed and banner are off).
+    let mode = if options.fail_after_charge || options.fail_after_send {
+        Mode::Dev
+    } else {
+        Mode::Production
+    };
     let settings = Settings {
-        mode: Mode::Production,
+        mode,
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: data_dir.path().to_path_buf(),
         database_url: Some(database_url),

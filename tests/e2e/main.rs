@@ -9,6 +9,7 @@ mod inbox;
 mod integrations;
 mod limits;
 mod messaging;
+mod permissions;
 mod platform;
 mod registration;
 mod schema;

@@ -70,8 +70,17 @@ pub struct Principal {
     pub name: String,
     /// The id of the HTTP request (or WebSocket connection) this principal arrived with.
     pub request_id: String,
-    /// When the token that proved this identity expires.
+    /// When this identity stops being honoured: the token's `exp` plus the configured leeway
+    /// (see `auth`). HTTP requests and WebSocket operations both check it through
+    /// [`Principal::is_honoured_at`].
     pub expires_at: chrono::DateTime<chrono::Utc>,
+}
+
+impl Principal {
+    /// Whether the token behind this principal still counts at `now`.
+    pub fn is_honoured_at(&self, now: chrono::DateTime<chrono::Utc>) -> bool {
+        now < self.expires_at
+    }
 }
 
 /// One audit event before it is stored.

@@ -22,13 +22,13 @@ use chrono::{DateTime, Utc};
 use crate::crypto::SecretBox;
 use crate::domain::audit::{AuditEntry, AuditOutcome, Principal};
 use crate::domain::pricing::{Catalogue, CreditPack};
-use crate::domain::types::Role;
+use crate::domain::types::{PaymentToken, Role};
 use crate::domain::{GatewayError, later};
 use crate::providers::ProviderError;
 use crate::providers::payments::{CardSummary, ChargeOutcome, ChargeRequest, PaymentGateway};
 use crate::store::credits::{
-    DebitOutcome, KeyClaim, KeyRequest, LedgerRow, PaymentMethodRow, PractitionerRow, PurchaseRow,
-    WalletRow,
+    CardWrite, CardWritten, DebitOutcome, KeyClaim, KeyRequest, LedgerRow, PaymentMethodRow,
+    PractitionerRow, PurchaseRow, WalletRow,
 };
 use crate::store::{Store, Transaction, new_id};
 
@@ -37,8 +37,10 @@ pub const CREDITS_PER_MESSAGE: i64 = 3;
 
 /// Audit action names for credits.
 pub mod actions {
-    /// The practice's card was set.
+    /// The practice's card was set or replaced (or a practitioner's replacement refused).
     pub const SET_PAYMENT_METHOD: &str = "SET_PAYMENT_METHOD";
+    /// The practice's card was removed (or a practitioner's attempt refused).
+    pub const REMOVE_PAYMENT_METHOD: &str = "REMOVE_PAYMENT_METHOD";
     /// Credits were bought (manually, at send time, or by auto top-up).
     pub const PURCHASE_CREDITS: &str = "PURCHASE_CREDITS";
     /// Credits moved between practitioners.
@@ -86,27 +88,6 @@ impl CreditAmount {
     /// The amount.
     pub fn get(self) -> i64 {
         self.0
-    }
-}
-
-/// A payment-method token from the payment gateway: 3–255 visible ASCII characters.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PaymentToken(String);
-
-impl PaymentToken {
-    /// Parses a token.
-    pub fn parse(raw: &str) -> Result<Self, String> {
-        let trimmed = raw.trim();
-        if !(3..=255).contains(&trimmed.len())
-            || !trimmed.chars().all(|c| c.is_ascii_graphic())
-            || trimmed.contains('/')
-        {
-            return Err(
-                "payment method token must be 3 to 255 visible characters, e.g. pm_sandbox_approve"
-                    .into(),
-            );
-        }
-        Ok(Self(trimmed.to_owned()))
     }
 }
 
@@ -207,12 +188,33 @@ impl CreditService {
     }
 
     /// Validates a token with the payment gateway and stores it for the practice.
+    ///
+    /// Administrators set or replace the card. A practitioner may set the first card only:
+    /// once the practice has one, replacing it would change what every later purchase charges
+    /// (and a bad card declines them all), so that is `FORBIDDEN`. A practitioner is refused
+    /// before the payment gateway is asked when a card is already there, and the store decides
+    /// again atomically (a conditional insert), so of two practitioners racing to set a first
+    /// card exactly one succeeds and the other gets the same `FORBIDDEN` as if they had come
+    /// a moment later.
     pub async fn set_payment_method(
         &self,
         principal: &Principal,
         token: PaymentToken,
     ) -> Result<CardSummary, GatewayError> {
-        let card = match self.payments.describe(&token.0).await {
+        let rule = match principal.role {
+            Role::Administrator => CardWrite::Replace,
+            Role::Practitioner => CardWrite::FirstOnly,
+        };
+        if rule == CardWrite::FirstOnly
+            && self
+                .store
+                .payment_method(&principal.group_id)
+                .await?
+                .is_some()
+        {
+            return Err(self.refuse_card_replacement(principal).await);
+        }
+        let card = match self.payments.describe(token.as_str()).await {
             Ok(card) => card,
             Err(ProviderError::Refused { .. }) => {
                 return Err(GatewayError::BadUserInput(
@@ -226,7 +228,7 @@ impl CreditService {
         };
         let sealed = self
             .secrets
-            .seal(&token.0, &payment_context(&principal.group_id))
+            .seal(token.as_str(), &payment_context(&principal.group_id))
             .map_err(GatewayError::internal)?;
         let row = PaymentMethodRow {
             token_ciphertext: sealed,
@@ -243,10 +245,74 @@ impl CreditService {
             AuditOutcome::Success,
         )
         .with_detail(format!("{} ending {}", card.brand, card.last4));
-        self.store
-            .set_payment_method(&principal.group_id, &principal.user_id, &row, &audit)
-            .await?;
-        Ok(card)
+        match self
+            .store
+            .set_payment_method(&principal.group_id, &principal.user_id, &row, rule, &audit)
+            .await?
+        {
+            CardWritten::Stored => Ok(card),
+            CardWritten::AlreadySet => Err(self.refuse_card_replacement(principal).await),
+        }
+    }
+
+    /// Removes the practice's card (administrators only). Purchases already under way keep
+    /// the card they were created with; auto top-ups then decline until a card is set again.
+    pub async fn remove_payment_method(
+        &self,
+        principal: &Principal,
+    ) -> Result<CardSummary, GatewayError> {
+        let target = format!("group:{}", principal.group_id);
+        if principal.role != Role::Administrator {
+            self.audit_denied(principal, actions::REMOVE_PAYMENT_METHOD)
+                .await;
+            return Err(GatewayError::Forbidden(
+                "only an administrator can remove the practice's card".into(),
+            ));
+        }
+        let audit = AuditEntry::by(
+            principal,
+            actions::REMOVE_PAYMENT_METHOD,
+            target,
+            AuditOutcome::Success,
+        );
+        let Some(removed) = self
+            .store
+            .remove_payment_method(&principal.group_id, &audit)
+            .await?
+        else {
+            return Err(GatewayError::NotFound(
+                "your practice has no card to remove".into(),
+            ));
+        };
+        Ok(CardSummary {
+            brand: removed.brand,
+            last4: removed.last4,
+            exp_month: removed.exp_month,
+            exp_year: removed.exp_year,
+        })
+    }
+
+    /// Records a practitioner's refused card replacement and says who may do it.
+    async fn refuse_card_replacement(&self, principal: &Principal) -> GatewayError {
+        self.audit_denied(principal, actions::SET_PAYMENT_METHOD)
+            .await;
+        GatewayError::Forbidden(
+            "your practice already has a card; only an administrator can replace it".into(),
+        )
+    }
+
+    /// Records a refusal by rule. Failing to record it is logged; the caller is refused anyway.
+    async fn audit_denied(&self, principal: &Principal, action: &str) {
+        let entry = AuditEntry::by(
+            principal,
+            action,
+            format!("group:{}", principal.group_id),
+            AuditOutcome::Denied,
+        )
+        .with_detail("FORBIDDEN");
+        if let Err(error) = self.store.insert_audit(&entry).await {
+            tracing::error!(action, error = ?error, "could not record an audit event");
+        }
     }
 
     /// The practice's card, masked.
@@ -1141,12 +1207,5 @@ mod tests {
         assert!(CreditAmount::parse(0).is_err());
         assert!(CreditAmount::parse(-3).is_err());
         assert!(CreditAmount::parse(1_000_001).is_err());
-    }
-
-    #[test]
-    fn payment_tokens_cannot_smuggle_paths() {
-        assert!(PaymentToken::parse("pm_sandbox_approve").is_ok());
-        assert!(PaymentToken::parse("../charges").is_err());
-        assert!(PaymentToken::parse("a b").is_err());
     }
 }

@@ -16,7 +16,10 @@ use crate::domain::types::{
 use crate::domain::{GatewayError, later, safe_word};
 use crate::events::EventBus;
 use crate::providers::{AccountState, ProviderError, Providers};
-use crate::store::accounts::{AccountOrigin, AccountRow, CheckOutcome, InsertOutcome, LinkRow};
+use crate::store::accounts::{
+    AccountDeletion, AccountDeletionRule, AccountOrigin, AccountRow, CheckOutcome, InsertOutcome,
+    LinkRow,
+};
 use crate::store::limits::{AttemptLimit, Reservation};
 use crate::store::{Store, new_id};
 
@@ -646,20 +649,45 @@ impl IntegrationService {
                 }
             }
             DisconnectScope::Group => {
+                // Administrators disconnect the practice; a practitioner only their own solo
+                // practice's account (they are its one linked practitioner). The store decides
+                // in the transaction that deletes, so a colleague linking meanwhile is counted.
+                let rule = match principal.role {
+                    Role::Administrator => AccountDeletionRule::Anyone,
+                    Role::Practitioner => AccountDeletionRule::SoleLinkedUser(&principal.user_id),
+                };
                 let audit = AuditEntry::by(
                     principal,
                     actions::DISCONNECT_GROUP_ACCOUNT,
                     target(provider),
                     AuditOutcome::Success,
                 );
-                if !self
+                match self
                     .store
-                    .delete_account(&principal.group_id, provider, &audit)
+                    .delete_account(&principal.group_id, provider, rule, &audit)
                     .await?
                 {
-                    return Err(GatewayError::NotFound(format!(
-                        "your practice has no {provider} account to disconnect"
-                    )));
+                    AccountDeletion::Deleted => {}
+                    AccountDeletion::NoAccount => {
+                        return Err(GatewayError::NotFound(format!(
+                            "your practice has no {provider} account to disconnect"
+                        )));
+                    }
+                    AccountDeletion::NotSoleLinkedUser => {
+                        self.audit(
+                            AuditEntry::by(
+                                principal,
+                                actions::DISCONNECT_GROUP_ACCOUNT,
+                                target(provider),
+                                AuditOutcome::Denied,
+                            )
+                            .with_detail("FORBIDDEN: not the sole linked practitioner"),
+                        )
+                        .await;
+                        return Err(GatewayError::Forbidden(format!(
+                            "an administrator must disconnect your practice's {provider} account: a practitioner may do it only as its sole linked practitioner (you can remove your own link with scope INDIVIDUAL)"
+                        )));
+                    }
                 }
             }
         }

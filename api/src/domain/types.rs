@@ -204,6 +204,46 @@ impl PromoCode {
     }
 }
 
+/// A payment-method token from the payment gateway: `pm_` and 1–64 ASCII letters, digits or
+/// `_` (the sandbox's `pm_sandbox_approve`, or a real gateway's `pm_1Nq…`). The token becomes
+/// a path segment of the gateway's API, so nothing that could change a URL's meaning (`/`, `?`,
+/// `#`, `%`, `.`, spaces) can be part of one; it is refused here, before any network call.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PaymentToken(String);
+
+impl PaymentToken {
+    /// The longest part after `pm_`.
+    const MAX_BODY: usize = 64;
+
+    /// Parses a token exactly as given (no trimming: a token with spaces is not a token).
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        let valid = raw.strip_prefix("pm_").is_some_and(|body| {
+            (1..=Self::MAX_BODY).contains(&body.len())
+                && body.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        });
+        if !valid {
+            return Err(
+                "payment method token must be pm_ followed by 1 to 64 letters, digits or _, e.g. pm_sandbox_approve"
+                    .into(),
+            );
+        }
+        Ok(Self(raw.to_owned()))
+    }
+
+    /// The token.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for PaymentToken {
+    /// Only the start: a token is a credential for charging the practice's card.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let shown: String = self.0.chars().take(6).collect();
+        write!(f, "PaymentToken({shown}…)")
+    }
+}
+
 /// The practice's name as registered with a provider: 2–200 characters, no control characters.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PracticeName(String);
@@ -302,6 +342,53 @@ pub struct Registration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn payment_tokens_follow_a_strict_grammar() {
+        let longest = format!("pm_{}", "a".repeat(64));
+        for valid in [
+            "pm_sandbox_approve",
+            "pm_sandbox_decline",
+            "pm_sandbox_flaky",
+            "pm_1NqX9zLkdIwHu7ix",
+            "pm_x",
+            longest.as_str(),
+        ] {
+            assert_eq!(
+                PaymentToken::parse(valid).map(|token| token.as_str().to_owned()),
+                Ok(valid.to_owned())
+            );
+        }
+        let too_long = format!("pm_{}", "a".repeat(65));
+        for invalid in [
+            "",
+            "pm_",
+            "sandbox_approve",
+            "PM_sandbox_approve",
+            "pm_sandbox_approve#frag",
+            "pm_sandbox_approve?x=1",
+            "pm_%2e%2e",
+            "pm_../charges",
+            "pm_sandbox/approve",
+            "pm_sandbox approve",
+            " pm_sandbox_approve",
+            "pm_sandbox_approve ",
+            "pm_sandbox-approve",
+            "pm_sandbox.approve",
+            "pm_sandbox_appröve",
+            "pm_sandbox\n",
+            "pm_sandbox\u{0}",
+            too_long.as_str(),
+        ] {
+            assert!(PaymentToken::parse(invalid).is_err(), "{invalid:?}");
+        }
+    }
+
+    #[test]
+    fn a_payment_tokens_debug_form_shows_only_its_start() {
+        let token = PaymentToken::parse("pm_sandbox_approve").unwrap();
+        assert_eq!(format!("{token:?}"), "PaymentToken(pm_san…)");
+    }
 
     #[test]
     fn usernames_are_trimmed_and_restricted_to_safe_characters() {

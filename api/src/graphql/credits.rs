@@ -6,8 +6,9 @@ use chrono::{DateTime, Utc};
 use super::audit::PageInfo;
 use super::error::ApiError;
 use super::{principal, services};
-use crate::domain::credits::{CreditAmount, CreditsView, IdempotencyKey, PaymentToken};
+use crate::domain::credits::{CreditAmount, CreditsView, IdempotencyKey};
 use crate::domain::pricing::CreditPack as DomainPack;
+use crate::domain::types::PaymentToken;
 use crate::providers::payments::CardSummary;
 use crate::store::credits::PurchaseRow;
 
@@ -269,8 +270,9 @@ impl Credits {
 /// Sets the practice's card.
 #[derive(InputObject)]
 pub struct SetPaymentMethodInput {
-    /// A payment-method token from the payment gateway (sandbox: `pm_sandbox_approve`,
-    /// `pm_sandbox_decline`, `pm_sandbox_flaky`). Stored encrypted; only a masked form is shown.
+    /// A payment-method token from the payment gateway, `pm_` and 1–64 letters, digits or `_`
+    /// (the sandbox's cards are `pm_sandbox_approve`, `pm_sandbox_decline` and
+    /// `pm_sandbox_flaky`). Stored encrypted; only a masked form is shown.
     pub token: String,
 }
 
@@ -378,7 +380,10 @@ pub struct CreditsMutation;
 
 #[Object]
 impl CreditsMutation {
-    /// Sets (or replaces) the practice's card, after checking the token with the payment gateway.
+    /// Sets the practice's card after checking the token with the payment gateway.
+    /// Administrators set or replace it; a practitioner may set the first card only (when the
+    /// practice has none) — replacing it is `FORBIDDEN` for them. A malformed token is
+    /// `BAD_USER_INPUT` before the payment gateway is asked.
     async fn set_payment_method(
         &self,
         ctx: &Context<'_>,
@@ -390,6 +395,18 @@ impl CreditsMutation {
         Ok(services(ctx)
             .credits
             .set_payment_method(principal, token)
+            .await?
+            .into())
+    }
+
+    /// Removes the practice's card and returns it, masked (administrators only; others get
+    /// `FORBIDDEN`, and `NOT_FOUND` when there is no card). Purchases then need a new card;
+    /// auto top-ups decline until one is set.
+    async fn remove_payment_method(&self, ctx: &Context<'_>) -> Result<PaymentMethod, ApiError> {
+        let principal = principal(ctx)?;
+        Ok(services(ctx)
+            .credits
+            .remove_payment_method(principal)
             .await?
             .into())
     }

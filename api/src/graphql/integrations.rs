@@ -225,7 +225,9 @@ impl IntegrationMutation {
     }
 
     /// Disconnects a provider: the caller's own link, or the practice's account with every
-    /// practitioner's link to it. Returns the connection as it is afterwards.
+    /// practitioner's link to it. The practice's account is for administrators; a practitioner
+    /// may remove it only as its sole linked practitioner (a solo practice), else `FORBIDDEN`.
+    /// Returns the connection as it is afterwards.
     async fn disconnect_provider(
         &self,
         ctx: &Context<'_>,
@@ -290,7 +292,7 @@ impl Watch {
     /// each connection that differs from what the subscriber last saw.
     async fn next(&mut self) -> Option<Integration> {
         loop {
-            if self.principal.expires_at <= Utc::now() {
+            if !self.principal.is_honoured_at(Utc::now()) {
                 return None; // the token expired: the client reconnects with a fresh one
             }
             if let Some(view) = self.pending.pop_front() {

@@ -776,7 +776,7 @@ impl MessageWatch {
 
     async fn next(&mut self) -> Option<SecureMessage> {
         loop {
-            if self.principal.expires_at <= Utc::now() {
+            if !self.principal.is_honoured_at(Utc::now()) {
                 return None;
             }
             if let Some(row) = self.pending.pop_front() {

@@ -122,8 +122,15 @@ pub struct Caller(pub Option<Principal>);
 /// The authenticated caller, or `UNAUTHENTICATED`.
 pub(crate) fn principal<'a>(ctx: &'a Context<'_>) -> Result<&'a Principal, ApiError> {
     match ctx.data_opt::<Caller>() {
-        // A WebSocket outlives its token: operations after `exp` are refused.
-        Some(Caller(Some(principal))) if principal.expires_at > chrono::Utc::now() => Ok(principal),
+        // A WebSocket outlives its token: operations after `exp` (plus the leeway the token
+        // was verified with, as for HTTP) are refused.
+        Some(Caller(Some(principal))) if principal.is_honoured_at(chrono::Utc::now()) => {
+            Ok(principal)
+        }
+        Some(Caller(Some(_))) => Err(ApiError::new(
+            "UNAUTHENTICATED",
+            "the bearer token has expired (including the allowed clock skew); get a fresh one, and on a WebSocket reconnect with it",
+        )),
         _ => Err(ApiError::unauthenticated()),
     }
 }

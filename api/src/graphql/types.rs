@@ -102,7 +102,8 @@ impl From<DomainOrigin> for AccountOrigin {
 pub enum DisconnectScope {
     /// Only the caller's own link (practitioners' default).
     Individual,
-    /// The practice's account and every practitioner's link to it (administrators' default).
+    /// The practice's account and every practitioner's link to it (administrators' default;
+    /// a practitioner only as the account's sole linked practitioner).
     Group,
 }
 

@@ -5,7 +5,7 @@ use async_trait::async_trait;
 use reqwest::StatusCode;
 use serde::{Deserialize, Serialize};
 
-use super::http::{dispatch, endpoint, read_json};
+use super::http::{dispatch, endpoint, path_segment, read_json};
 use super::{
     AccountState, DeliveryState, DirectoryEntry, DirectoryPage, InboxItem, OutboundMessage,
     ProviderClient, ProviderError,
@@ -263,7 +263,7 @@ impl ProviderClient for ArgusClient {
             self.client
                 .get(endpoint(
                     &self.base_url,
-                    &format!("/argus/v1/messages/{reference}"),
+                    &format!("/argus/v1/messages/{}", path_segment(reference)?),
                 ))
                 .basic_auth(
                     credentials.username.as_str(),
@@ -345,7 +345,7 @@ impl ProviderClient for ArgusClient {
             self.client
                 .post(endpoint(
                     &self.base_url,
-                    &format!("/argus/v1/inbox/{id}/ack"),
+                    &format!("/argus/v1/inbox/{}/ack", path_segment(id)?),
                 ))
                 .basic_auth(
                     credentials.username.as_str(),

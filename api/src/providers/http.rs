@@ -22,6 +22,30 @@ pub(super) fn endpoint(base_url: &str, path: &str) -> String {
     format!("{}{}", base_url.trim_end_matches('/'), path)
 }
 
+/// One path segment with every byte but ASCII letters, digits, `-` and `_` percent-encoded,
+/// so a value from outside (a card token, an id a provider sent) can never add a segment
+/// (`/`), start a query or fragment (`?`, `#`) or smuggle an escape (`%`). Empty, `.` and `..`
+/// are refused without a request: URL parsers treat `%2e%2e` like `..` and climb a level.
+/// (`Url::path_segments_mut` would drop a `..` segment silently and pass `%` through, so it
+/// is not used.)
+pub(super) fn path_segment(value: &str) -> Result<String, ProviderError> {
+    if matches!(value, "" | "." | "..") {
+        return Err(ProviderError::Refused {
+            code: "invalid_path_segment".into(),
+            message: "an identifier cannot be empty, . or ..".into(),
+        });
+    }
+    let mut encoded = String::with_capacity(value.len());
+    for byte in value.bytes() {
+        if byte.is_ascii_alphanumeric() || byte == b'-' || byte == b'_' {
+            encoded.push(char::from(byte));
+        } else {
+            encoded.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    Ok(encoded)
+}
+
 /// Sends a request and turns the ways it can fail to answer usefully — no answer, 429, 5xx —
 /// into `Unavailable`; any other answer is for the adapter to read.
 pub(super) async fn dispatch(request: reqwest::RequestBuilder) -> Result<Response, ProviderError> {
@@ -39,7 +63,8 @@ pub(super) fn transport_failure(error: reqwest::Error) -> ProviderError {
     } else if error.is_connect() {
         "could not connect".to_owned()
     } else {
-        format!("transport error: {error}")
+        // Without the URL: it can carry a card token or a message id, and this text is logged.
+        format!("transport error: {}", error.without_url())
     };
     ProviderError::Unavailable {
         reason,
@@ -73,4 +98,23 @@ pub(super) async fn read_json<T: DeserializeOwned>(response: Response) -> Result
         reason: format!("malformed body with HTTP {status}: {error}"),
         retry_after: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_path_segment_keeps_only_letters_digits_dash_and_underscore() {
+        let segment = |value: &str| path_segment(value).unwrap();
+        assert_eq!(segment("pm_sandbox_approve"), "pm_sandbox_approve");
+        assert_eq!(segment("AR-00012"), "AR-00012");
+        assert_eq!(segment("../charges"), "%2E%2E%2Fcharges");
+        assert_eq!(segment("%2e%2e"), "%252e%252e");
+        assert_eq!(segment("a?b#c d"), "a%3Fb%23c%20d");
+        assert_eq!(segment("..."), "%2E%2E%2E");
+        for climbing in ["", ".", ".."] {
+            assert!(path_segment(climbing).is_err(), "{climbing:?}");
+        }
+    }
 }

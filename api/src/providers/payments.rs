@@ -8,7 +8,7 @@ use reqwest::StatusCode;
 use serde::{Deserialize, Serialize};
 
 use super::ProviderError;
-use super::http::{build_client, dispatch, endpoint, read_json};
+use super::http::{build_client, dispatch, endpoint, path_segment, read_json};
 
 /// A card as the gateway may show it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,11 +134,12 @@ async fn refusal(response: reqwest::Response) -> ProviderError {
 #[async_trait]
 impl PaymentGateway for HttpPaymentGateway {
     async fn describe(&self, token: &str) -> Result<CardSummary, ProviderError> {
+        // The domain only passes tokens of a strict grammar; the path is escaped regardless.
         let response = dispatch(
             self.client
                 .get(endpoint(
                     &self.base_url,
-                    &format!("/payments/v1/payment-methods/{token}"),
+                    &format!("/payments/v1/payment-methods/{}", path_segment(token)?),
                 ))
                 .bearer_auth(&self.api_key),
         )
@@ -322,6 +323,85 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(error, ProviderError::Unavailable { .. }));
+    }
+
+    #[tokio::test]
+    async fn a_hostile_token_stays_inside_one_escaped_path_segment() {
+        let server = MockServer::start().await;
+        // Only the exact escaped segment is answered; any other path (a charge, a listing, a
+        // climb out of /payment-methods) would hit the catch-all and fail the test.
+        for (token, escaped) in [
+            ("../charges", "%2E%2E%2Fcharges"),
+            ("%2e%2e", "%252e%252e"),
+            ("pm_x?refund=1#frag", "pm_x%3Frefund%3D1%23frag"),
+            (
+                "pm_x/../../v1/charges",
+                "pm_x%2F%2E%2E%2F%2E%2E%2Fv1%2Fcharges",
+            ),
+        ] {
+            Mock::given(method("GET"))
+                .and(path(format!("/payments/v1/payment-methods/{escaped}")))
+                .respond_with(ResponseTemplate::new(404).set_body_json(serde_json::json!({
+                    "error": {"code": "invalid_payment_method", "message": "no such token"}
+                })))
+                .expect(1)
+                .named(token)
+                .mount(&server)
+                .await;
+        }
+        Mock::given(wiremock::matchers::any())
+            .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({
+                "brand": "visa", "last4": "4242", "expMonth": 12, "expYear": 2030
+            })))
+            .expect(0)
+            .named("any other request")
+            .mount(&server)
+            .await;
+        let gateway = gateway(&server, Duration::from_secs(2));
+        for token in [
+            "../charges",
+            "%2e%2e",
+            "..",
+            ".",
+            "",
+            "pm_x?refund=1#frag",
+            "pm_x/../../v1/charges",
+        ] {
+            let error = gateway.describe(token).await.unwrap_err();
+            assert!(
+                matches!(error, ProviderError::Refused { .. }),
+                "{token}: {error:?}"
+            );
+        }
+        let requests = server.received_requests().await.unwrap();
+        assert_eq!(requests.len(), 4, "., .. and the empty token never leave");
+        for request in &requests {
+            assert!(request.url.query().is_none(), "{}", request.url);
+            assert!(request.url.fragment().is_none(), "{}", request.url);
+            assert_eq!(
+                request.url.path_segments().unwrap().count(),
+                4,
+                "{}",
+                request.url
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_transport_failure_does_not_carry_the_url_with_the_token() {
+        // Nothing listens on port 9 of loopback (discard); the connection is refused.
+        crate::install_crypto_provider();
+        let gateway = HttpPaymentGateway::new(
+            "http://127.0.0.1:9",
+            "sk_sandbox_test",
+            Duration::from_secs(2),
+        )
+        .unwrap();
+        let error = gateway.describe("pm_secret_token").await.unwrap_err();
+        assert!(
+            !format!("{error} {error:?}").contains("pm_secret_token"),
+            "{error:?}"
+        );
     }
 
     #[tokio::test]

@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use reqwest::StatusCode;
 use serde::{Deserialize, Serialize};
 
-use super::http::{dispatch, endpoint, read_json};
+use super::http::{dispatch, endpoint, path_segment, read_json};
 use super::{
     AccountState, DeliveryState, DirectoryEntry, DirectoryPage, InboxItem, OutboundMessage,
     ProviderClient, ProviderError,
@@ -311,7 +311,7 @@ impl ProviderClient for ReferralNetClient {
             self.client
                 .get(endpoint(
                     &self.base_url,
-                    &format!("/referralnet/api/dispatch/{reference}"),
+                    &format!("/referralnet/api/dispatch/{}", path_segment(reference)?),
                 ))
                 .bearer_auth(token),
         )
@@ -378,7 +378,7 @@ impl ProviderClient for ReferralNetClient {
             self.client
                 .delete(endpoint(
                     &self.base_url,
-                    &format!("/referralnet/api/inbox/{id}"),
+                    &format!("/referralnet/api/inbox/{}", path_segment(id)?),
                 ))
                 .bearer_auth(token),
         )

@@ -111,6 +111,26 @@ pub enum InsertOutcome<T> {
     AlreadyExists,
 }
 
+/// Who may remove a group account.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccountDeletionRule<'a> {
+    /// Whoever asks (an administrator).
+    Anyone,
+    /// Only if this user (internal id) holds the one and only individual link to it.
+    SoleLinkedUser(&'a str),
+}
+
+/// What [`Store::delete_account`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccountDeletion {
+    /// The account and its links are gone; the audit entry is written.
+    Deleted,
+    /// The group has no account with that provider.
+    NoAccount,
+    /// Others are linked (or the user is not): nothing changed.
+    NotSoleLinkedUser,
+}
+
 impl Store {
     /// The group's account with a provider, if any.
     pub async fn find_account(
@@ -252,30 +272,53 @@ impl Store {
         Ok(deleted > 0)
     }
 
-    /// Removes a group account and every individual link to it. Returns whether there was one.
+    /// Removes a group account and every individual link to it, if `rule` allows, deciding
+    /// inside the write transaction that deletes. On PostgreSQL the account row is locked
+    /// first (`FOR UPDATE`): a colleague's concurrent link must lock it too (its foreign-key
+    /// check takes `FOR KEY SHARE`), so either their link commits first and is counted here,
+    /// or it waits for this delete and then finds no account. SQLite's `BEGIN IMMEDIATE`
+    /// serialises the two anyway.
     pub async fn delete_account(
         &self,
         group_id: &str,
         provider: Provider,
+        rule: AccountDeletionRule<'_>,
         audit: &AuditEntry,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<AccountDeletion, StoreError> {
         let txn = self.begin_write().await?;
-        provider_links::Entity::delete_many()
-            .filter(provider_links::Column::GroupId.eq(group_id))
-            .filter(provider_links::Column::Provider.eq(provider.code()))
-            .exec(&txn)
-            .await?;
-        let deleted = provider_accounts::Entity::delete_many()
+        let Some(account) = provider_accounts::Entity::find()
             .filter(provider_accounts::Column::GroupId.eq(group_id))
             .filter(provider_accounts::Column::Provider.eq(provider.code()))
-            .exec(&txn)
+            .lock_exclusive()
+            .one(&txn)
             .await?
-            .rows_affected;
-        if deleted > 0 {
-            self.insert_audit_in(&txn, audit).await?;
+        else {
+            txn.rollback().await?;
+            return Ok(AccountDeletion::NoAccount);
+        };
+        if let AccountDeletionRule::SoleLinkedUser(user_id) = rule {
+            let linked_users: Vec<String> = provider_links::Entity::find()
+                .select_only()
+                .column(provider_links::Column::UserId)
+                .filter(provider_links::Column::AccountId.eq(account.id.as_str()))
+                .into_tuple()
+                .all(&txn)
+                .await?;
+            if linked_users.len() != 1 || linked_users[0] != user_id {
+                txn.rollback().await?;
+                return Ok(AccountDeletion::NotSoleLinkedUser);
+            }
         }
+        provider_links::Entity::delete_many()
+            .filter(provider_links::Column::AccountId.eq(account.id.as_str()))
+            .exec(&txn)
+            .await?;
+        provider_accounts::Entity::delete_by_id(account.id)
+            .exec(&txn)
+            .await?;
+        self.insert_audit_in(&txn, audit).await?;
         txn.commit().await?;
-        Ok(deleted > 0)
+        Ok(AccountDeletion::Deleted)
     }
 
     /// Stores the sealed webhook secret of an account.

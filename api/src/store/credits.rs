@@ -36,6 +36,35 @@ pub struct PaymentMethodRow {
     pub updated_at: DateTime<Utc>,
 }
 
+/// How a new card may be written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CardWrite {
+    /// Only if the practice has no card yet (a practitioner's first card).
+    FirstOnly,
+    /// Insert, or replace the card there is (administrators).
+    Replace,
+}
+
+/// What [`Store::set_payment_method`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CardWritten {
+    /// The card is stored.
+    Stored,
+    /// `FirstOnly`, and the practice already had a card: nothing changed.
+    AlreadySet,
+}
+
+fn payment_method_from_model(model: payment_methods::Model) -> PaymentMethodRow {
+    PaymentMethodRow {
+        token_ciphertext: model.token_ciphertext,
+        brand: model.brand,
+        last4: model.last4,
+        exp_month: model.exp_month,
+        exp_year: model.exp_year,
+        updated_at: from_millis(model.updated_at),
+    }
+}
+
 /// A practitioner's wallet.
 #[derive(Debug, Clone)]
 pub struct WalletRow {
@@ -184,37 +213,26 @@ impl Store {
         Ok(payment_methods::Entity::find_by_id(group_id.to_owned())
             .one(self.connection())
             .await?
-            .map(|model| PaymentMethodRow {
-                token_ciphertext: model.token_ciphertext,
-                brand: model.brand,
-                last4: model.last4,
-                exp_month: model.exp_month,
-                exp_year: model.exp_year,
-                updated_at: from_millis(model.updated_at),
-            }))
+            .map(payment_method_from_model))
     }
 
-    /// Stores (or replaces) the group's payment method.
+    /// Stores the group's payment method with its audit entry, in one write transaction.
+    /// With [`CardWrite::FirstOnly`] it is a conditional insert (`ON CONFLICT DO NOTHING`):
+    /// of any number of concurrent first cards exactly one is stored, and the others report
+    /// [`CardWritten::AlreadySet`] with nothing changed and no audit entry written.
     pub async fn set_payment_method(
         &self,
         group_id: &str,
         user_id: &str,
         method: &PaymentMethodRow,
+        rule: CardWrite,
         audit: &AuditEntry,
-    ) -> Result<(), StoreError> {
+    ) -> Result<CardWritten, StoreError> {
         let txn = self.begin_write().await?;
-        payment_methods::Entity::insert(payment_methods::ActiveModel {
-            group_id: Set(group_id.to_owned()),
-            token_ciphertext: Set(method.token_ciphertext.clone()),
-            brand: Set(method.brand.clone()),
-            last4: Set(method.last4.clone()),
-            exp_month: Set(method.exp_month),
-            exp_year: Set(method.exp_year),
-            updated_by_user_id: Set(user_id.to_owned()),
-            updated_at: Set(to_millis(method.updated_at)),
-        })
-        .on_conflict(
-            OnConflict::column(payment_methods::Column::GroupId)
+        let mut conflict = OnConflict::column(payment_methods::Column::GroupId);
+        let conflict = match rule {
+            CardWrite::FirstOnly => conflict.do_nothing().to_owned(),
+            CardWrite::Replace => conflict
                 .update_columns([
                     payment_methods::Column::TokenCiphertext,
                     payment_methods::Column::Brand,
@@ -225,12 +243,50 @@ impl Store {
                     payment_methods::Column::UpdatedAt,
                 ])
                 .to_owned(),
-        )
+        };
+        let written = payment_methods::Entity::insert(payment_methods::ActiveModel {
+            group_id: Set(group_id.to_owned()),
+            token_ciphertext: Set(method.token_ciphertext.clone()),
+            brand: Set(method.brand.clone()),
+            last4: Set(method.last4.clone()),
+            exp_month: Set(method.exp_month),
+            exp_year: Set(method.exp_year),
+            updated_by_user_id: Set(user_id.to_owned()),
+            updated_at: Set(to_millis(method.updated_at)),
+        })
+        .on_conflict(conflict)
         .exec_without_returning(&txn)
         .await?;
+        if written == 0 {
+            txn.rollback().await?;
+            return Ok(CardWritten::AlreadySet);
+        }
         self.insert_audit_in(&txn, audit).await?;
         txn.commit().await?;
-        Ok(())
+        Ok(CardWritten::Stored)
+    }
+
+    /// Removes the group's payment method with its audit entry. Returns the removed card, or
+    /// `None` (and writes nothing) when there was none.
+    pub async fn remove_payment_method(
+        &self,
+        group_id: &str,
+        audit: &AuditEntry,
+    ) -> Result<Option<PaymentMethodRow>, StoreError> {
+        let txn = self.begin_write().await?;
+        let Some(model) = payment_methods::Entity::find_by_id(group_id.to_owned())
+            .one(&txn)
+            .await?
+        else {
+            txn.rollback().await?;
+            return Ok(None);
+        };
+        payment_methods::Entity::delete_by_id(group_id.to_owned())
+            .exec(&txn)
+            .await?;
+        self.insert_audit_in(&txn, audit).await?;
+        txn.commit().await?;
+        Ok(Some(payment_method_from_model(model)))
     }
 
     /// A practitioner of the group by their `sub`.

@@ -846,7 +846,7 @@ fn expected_signature(secret: &str, push: &ReceivedPush) -> String {
 
 #[tokio::test]
 async fn referralnet_pushes_signed_receipts_to_the_webhook_for_delivered_then_acknowledged() {
-    let sandbox = spawn_sandbox().await;
+    let sandbox = spawn_sandbox_allowing_private_webhooks().await;
     let directory = default_directory();
     let recipient = practitioner_on(&directory, false, true);
     let token = sandbox.demo_token().await;
@@ -908,7 +908,7 @@ async fn referralnet_pushes_signed_receipts_to_the_webhook_for_delivered_then_ac
 
 #[tokio::test]
 async fn a_webhook_that_fails_is_retried_until_it_answers_2xx() {
-    let sandbox = spawn_sandbox().await;
+    let sandbox = spawn_sandbox_allowing_private_webhooks().await;
     let token = sandbox.demo_token().await;
     let (url, receiver) = spawn_webhook_receiver(2).await;
     sandbox
@@ -937,7 +937,8 @@ async fn a_webhook_that_fails_is_retried_until_it_answers_2xx() {
 
 #[tokio::test]
 async fn a_webhook_keeps_its_secret_across_puts_and_can_be_removed() {
-    let sandbox = spawn_sandbox().await;
+    // gateway.example does not resolve; this test is about secrets, not addresses.
+    let sandbox = spawn_sandbox_allowing_private_webhooks().await;
     let token = sandbox.demo_token().await;
     let put = |url: &str| {
         sandbox.send(
@@ -977,6 +978,132 @@ async fn a_webhook_keeps_its_secret_across_puts_and_can_be_removed() {
         .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     assert_eq!(read().await.0, StatusCode::NOT_FOUND);
+}
+
+/// A sandbox started with `--allow-private-webhooks`, for webhook receivers on loopback.
+async fn spawn_sandbox_allowing_private_webhooks() -> TestSandbox {
+    spawn_sandbox_with(SandboxConfig {
+        allow_private_webhooks: true,
+        ..SandboxConfig::default()
+    })
+    .await
+}
+
+impl TestSandbox {
+    async fn put_webhook(&self, token: &str, url: &str) -> (StatusCode, Value) {
+        self.send(
+            self.client
+                .put(self.url("/referralnet/api/webhook"))
+                .bearer_auth(token)
+                .json(&json!({ "url": url })),
+        )
+        .await
+    }
+}
+
+#[tokio::test]
+async fn a_loopback_webhook_is_refused_with_a_reason_and_nothing_is_posted_to_it() {
+    let sandbox = spawn_sandbox().await;
+    let token = sandbox.demo_token().await;
+    let (url, receiver) = spawn_webhook_receiver(0).await;
+
+    let (status, body) = sandbox.put_webhook(&token, &url).await;
+
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(body["fault"]["faultCode"], "badParam");
+    let reason = body["fault"]["faultString"].as_str().unwrap();
+    assert!(reason.contains("loopback"), "{reason}");
+    assert!(reason.contains("--allow-private-webhooks"), "{reason}");
+    let (status, _) = sandbox
+        .send(sandbox.get("/referralnet/api/webhook").bearer_auth(&token))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "nothing was stored");
+    // A dispatch runs its whole course; with no webhook stored no push is ever queued. Give
+    // the 200 ms push ticker several passes after the last milestone before looking.
+    let (_, queued) = sandbox
+        .dispatch(
+            &token,
+            "rn-refused-hook",
+            MAGIC_NEVER_ACKNOWLEDGES,
+            &referral("CTRL-NOHOOK"),
+        )
+        .await;
+    sandbox.advance_clock("", 60).await;
+    let receipt = sandbox
+        .receipt(&token, queued["receiptId"].as_str().unwrap())
+        .await;
+    assert_eq!(receipt["state"], "DELIVERED", "{receipt}");
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert!(
+        receiver.pushes.lock().unwrap().is_empty(),
+        "nothing was posted"
+    );
+}
+
+#[tokio::test]
+async fn non_public_webhook_addresses_are_refused_after_resolving_the_host() {
+    let sandbox = spawn_sandbox().await;
+    let token = sandbox.demo_token().await;
+    for (url, reason) in [
+        ("http://localhost:9/hook", "loopback"),
+        ("http://127.0.0.1:9/hook", "loopback"),
+        ("http://[::1]:9/hook", "loopback"),
+        ("http://10.0.0.8/hook", "private"),
+        ("http://192.168.1.20/hook", "private"),
+        ("http://169.254.169.254/latest/meta-data", "link-local"),
+        ("http://100.64.0.1/hook", "CGNAT"),
+        ("http://[fd00::1]/hook", "unique local"),
+        ("http://[::ffff:127.0.0.1]/hook", "loopback"),
+        ("http://0.0.0.0:9/hook", "unspecified"),
+        ("http://255.255.255.255/hook", "broadcast"),
+        ("http://no-such-host.invalid/hook", "does not resolve"),
+    ] {
+        let (status, body) = sandbox.put_webhook(&token, url).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{url}: {body}");
+        let message = body["fault"]["faultString"].as_str().unwrap();
+        assert!(message.contains(reason), "{url}: {message}");
+    }
+    let (status, _) = sandbox
+        .send(sandbox.get("/referralnet/api/webhook").bearer_auth(&token))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "none of them was stored");
+
+    // A public address is accepted (registering it makes no connection).
+    let (status, body) = sandbox
+        .put_webhook(&token, "https://93.184.215.14/hooks/referralnet")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+#[tokio::test]
+async fn with_allow_private_webhooks_a_loopback_webhook_receives_its_pushes() {
+    let sandbox = spawn_sandbox_allowing_private_webhooks().await;
+    let token = sandbox.demo_token().await;
+    let (url, receiver) = spawn_webhook_receiver(0).await;
+
+    let (status, body) = sandbox.put_webhook(&token, &url).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let localhost_url = url.replace("127.0.0.1", "localhost");
+    let (status, body) = sandbox.put_webhook(&token, &localhost_url).await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "a name for loopback is allowed too: {body}"
+    );
+    sandbox
+        .dispatch(
+            &token,
+            "rn-allowed-hook",
+            MAGIC_NEVER_ACKNOWLEDGES,
+            &referral("CTRL-ALLOW"),
+        )
+        .await;
+    sandbox.advance_clock("", 5).await;
+
+    let pushes = receiver.wait_for(1).await;
+    let event: Value = serde_json::from_slice(&pushes[0].body).unwrap();
+    assert_eq!(event["messageId"], "rn-allowed-hook");
+    assert_eq!(event["state"], "DELIVERED");
 }
 
 // --- Inboxes and control ---
