@@ -326,6 +326,7 @@ impl App {
                 },
                 open_operations: OpenOperations::default(),
                 max_ws_message_bytes: settings.graphql.max_body_bytes,
+                max_body_bytes: settings.graphql.max_body_bytes,
             },
             cors,
             settings.graphql.max_body_bytes,

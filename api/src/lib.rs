@@ -9,6 +9,7 @@ pub mod dev;
 pub mod domain;
 pub mod events;
 pub mod graphql;
+mod graphql_over_http;
 mod http;
 pub mod providers;
 pub mod ratelimit;
