@@ -5,6 +5,7 @@
 mod auth;
 mod credits;
 mod helpers;
+mod http_spec;
 mod inbox;
 mod integrations;
 mod limits;
