@@ -26,10 +26,13 @@ async fn post(
 
 const JSON: (&str, &str) = ("content-type", "application/json");
 
+/// Request headers, body, and the status the gateway must answer with.
+type Case = (Vec<(&'static str, &'static str)>, Vec<u8>, u16);
+
 #[tokio::test]
 async fn refused_requests_get_a_status_and_a_json_error_with_a_code() {
     let app = spawn_app().await;
-    let cases: Vec<(Vec<(&str, &str)>, Vec<u8>, u16)> = vec![
+    let cases: Vec<Case> = vec![
         (vec![JSON], br#"[{"query":"{ __typename }"}]"#.to_vec(), 400),
         (vec![JSON], b"{\"query\":".to_vec(), 400),
         (vec![JSON], br#"{"query": 5}"#.to_vec(), 400),
