@@ -39,6 +39,8 @@ pub(crate) struct HttpState {
     pub max_ws_message_bytes: usize,
     /// Largest request body accepted.
     pub max_body_bytes: usize,
+    /// Tokens already verified (and their users provisioned).
+    pub principals: Arc<crate::principal_cache::PrincipalCache>,
 }
 
 /// Which browser origins may call the API.
@@ -152,9 +154,15 @@ impl HttpState {
             .strip_prefix("Bearer ")
             .or_else(|| authorization.strip_prefix("bearer "))
             .ok_or_else(ApiError::unauthenticated)?;
+        let token = token.trim();
+        let now = chrono::Utc::now();
+        if let Some(mut principal) = self.principals.get(token, now) {
+            principal.request_id = request_id;
+            return Ok(Some(principal));
+        }
         let identity = self
             .verifier
-            .verify(token.trim())
+            .verify(token)
             .map_err(|error| ApiError::new("UNAUTHENTICATED", error.0))?;
         let user = self
             .store
@@ -168,7 +176,7 @@ impl HttpState {
             .map_err(|error| ApiError::from(crate::domain::GatewayError::from(error)))?;
         // Role and name come from this request's verified token, not from the stored row: two
         // requests with different roles for one user must each act with their own.
-        Ok(Some(Principal {
+        let principal = Principal {
             user_id: user.id,
             subject: identity.subject,
             group_id: identity.group_id,
@@ -176,7 +184,9 @@ impl HttpState {
             name: identity.name,
             request_id,
             expires_at: identity.expires_at,
-        }))
+        };
+        self.principals.insert(token, &principal, now);
+        Ok(Some(principal))
     }
 
     async fn execute(

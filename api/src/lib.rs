@@ -11,6 +11,7 @@ pub mod events;
 pub mod graphql;
 mod graphql_over_http;
 mod http;
+mod principal_cache;
 pub mod providers;
 pub mod ratelimit;
 pub mod store;
