@@ -11,6 +11,7 @@ mod limits;
 mod messaging;
 mod permissions;
 mod platform;
+mod readme;
 mod registration;
 mod schema;
 mod ws;
