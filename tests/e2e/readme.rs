@@ -336,6 +336,46 @@ fn annotations_parse_into_checks_captures_and_users() {
     );
 }
 
+#[test]
+fn every_hpii_in_the_readme_has_a_valid_check_digit_and_magic_ones_exist_in_the_sandbox() {
+    use smd_sandbox::directory::{
+        MAGIC_NEVER_ACKNOWLEDGES, MAGIC_REJECTS_PAYLOAD, MAGIC_SLOW_DELIVERY, MAGIC_UNDELIVERABLE,
+        MAGIC_UNKNOWN_ENDPOINT,
+    };
+    let magic = [
+        MAGIC_UNKNOWN_ENDPOINT,
+        MAGIC_REJECTS_PAYLOAD,
+        MAGIC_UNDELIVERABLE,
+        MAGIC_NEVER_ACKNOWLEDGES,
+        MAGIC_SLOW_DELIVERY,
+    ];
+    let mut found = 0;
+    for (index, line) in README.lines().enumerate() {
+        let numbers = line
+            .split(|c: char| !c.is_ascii_digit())
+            // The bare prefix `800361` is how the README explains the format.
+            .filter(|digits| digits.starts_with("800361") && *digits != "800361");
+        for number in numbers {
+            found += 1;
+            assert!(
+                smd_gateway::domain::types::is_valid_hpii(number),
+                "README.md line {}: {number} is not a valid HPI-I (16 digits, Luhn check digit)",
+                index + 1
+            );
+            assert!(
+                !number.starts_with("80036199999") || magic.contains(&number),
+                "README.md line {}: {number} is not one of the sandbox's magic recipients {magic:?}",
+                index + 1
+            );
+        }
+    }
+    assert!(
+        magic.iter().all(|number| README.contains(number)),
+        "the README lists every magic recipient"
+    );
+    assert!(found >= 8, "found only {found} HPI-Is in the README");
+}
+
 /// A subscription opened by a block, waiting for its expected event.
 struct OpenSubscription {
     line: usize,
@@ -477,6 +517,11 @@ impl Walk {
     }
 
     async fn subscribe(&mut self, block: &Block, run: &GraphqlRun) {
+        assert!(
+            run.until.is_empty() && run.error.is_none() && run.captures.is_empty(),
+            "README.md line {}: a subscription takes `as=` and `expect=` only",
+            block.line
+        );
         let query = self.filled(block);
         let mut client = WsClient::ready(&self.app, &self.tokens[&run.user]).await;
         let id = format!("readme-{}", block.line);
@@ -503,23 +548,19 @@ impl Walk {
                 .await;
                 match next {
                     Ok(message) => {
-                        let payload = message["payload"].clone();
-                        if message["type"] == "next"
-                            && error_code(&payload).is_none()
-                            && subscription
-                                .expects
-                                .iter()
-                                .all(|check| check.holds(&payload))
+                        assert!(
+                            message["type"] == "next" && error_code(&message["payload"]).is_none(),
+                            "README.md line {}: the subscription failed:\n{message:#}",
+                            subscription.line,
+                        );
+                        if subscription
+                            .expects
+                            .iter()
+                            .all(|check| check.holds(&message["payload"]))
                         {
                             break;
                         }
                         seen.push(message);
-                        assert!(
-                            message_is_next(seen.last()),
-                            "README.md line {}: the subscription failed:\n{:#}",
-                            subscription.line,
-                            seen.last().unwrap()
-                        );
                     }
                     Err(_) if tokio::time::Instant::now() < deadline => {}
                     Err(_) => panic!(
@@ -587,10 +628,6 @@ impl Walk {
             );
         }
     }
-}
-
-fn message_is_next(message: Option<&Value>) -> bool {
-    message.is_some_and(|message| message["type"] == "next")
 }
 
 fn describe(checks: &[Check]) -> String {
