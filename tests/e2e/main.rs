@@ -12,6 +12,7 @@ mod limits;
 mod messaging;
 mod permissions;
 mod platform;
+mod readme;
 mod registration;
 mod schema;
 mod ws;
