@@ -39,6 +39,7 @@ pub(crate) struct HttpState {
     pub open_operations: crate::ws::OpenOperations,
     /// Largest WebSocket message accepted.
     pub max_ws_message_bytes: usize,
+    pub metrics: crate::metrics::Metrics,
 }
 
 /// Which browser origins may call the API.
@@ -89,13 +90,13 @@ pub(crate) fn router(state: HttpState, cors: CorsPolicy, max_body_bytes: usize) 
         .with_state(state)
 }
 
+/// The request's id, as `crate::request_id`'s layers left it in the header (so the response,
+/// the log line and audit rows share it); a fresh one if those layers are absent.
 fn request_id(headers: &HeaderMap) -> String {
     headers
-        .get("x-request-id")
+        .get(crate::request_id::HEADER)
         .and_then(|value| value.to_str().ok())
-        .filter(|value| {
-            value.len() <= 64 && value.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-        })
+        .filter(|value| crate::request_id::is_safe(value))
         .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned)
 }
 
@@ -192,13 +193,24 @@ impl HttpState {
         request: async_graphql::Request,
     ) -> Response {
         let request_id = request_id(headers);
+        let mut record = self.metrics.operation_started(
+            crate::metrics::Transport::Http,
+            &request_id,
+            crate::graphql::operation_name(&request),
+        );
         let authorization = headers
             .get(header::AUTHORIZATION)
             .map(|value| value.to_str().unwrap_or(""));
         let principal = match self.authenticate(authorization, request_id.clone()).await {
             Ok(principal) => principal,
-            Err(error) => return error_response(error),
+            Err(error) => {
+                record.outcome(error.code());
+                return error_response(error);
+            }
         };
+        if let Some(principal) = &principal {
+            record.user(&principal.user_id);
+        }
         let span = tracing::info_span!("graphql", request_id = %request_id);
         let mut response = self
             .schema
@@ -210,6 +222,7 @@ impl HttpState {
             .instrument(span)
             .await;
         fill_error_codes(&mut response);
+        record.outcome(crate::graphql::error::outcome_code(&response));
         let retry_after = rate_limited_for(&response);
         // Refused before it ran: the rate limiter's 429, with the wait in Retry-After.
         let status = if retry_after.is_some()
@@ -321,6 +334,7 @@ async fn graphql_ws(
             limits: state.ws_limits,
             open: state.open_operations.clone(),
             address: address.ip(),
+            metrics: state.metrics.clone(),
         };
         crate::ws::serve(socket, connection, subprotocol_ok, |payload| async move {
             let authorization = ["Authorization", "authorization"]

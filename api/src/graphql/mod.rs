@@ -119,6 +119,31 @@ pub fn build_schema(services: Services, limits: Limits) -> AppSchema {
 #[derive(Clone, Debug)]
 pub struct Caller(pub Option<Principal>);
 
+/// The operation's name, for logs and metrics: `operationName` when the client sent one, else
+/// the name of a document that starts with a named operation (`query Name …`), read without
+/// parsing the whole document. `None` for anonymous operations.
+pub(crate) fn operation_name(request: &async_graphql::Request) -> Option<&str> {
+    if let Some(name) = request.operation_name.as_deref() {
+        return Some(name);
+    }
+    let mut rest = request.query.as_str();
+    loop {
+        rest = rest.trim_start_matches(|c: char| c.is_whitespace() || c == ',' || c == '\u{feff}');
+        match rest.strip_prefix('#') {
+            Some(comment) => rest = comment.split_once('\n').map_or("", |(_, after)| after),
+            None => break,
+        }
+    }
+    let is_name_char = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    let rest = ["query", "mutation", "subscription"]
+        .iter()
+        .find_map(|keyword| rest.strip_prefix(keyword))
+        .filter(|rest| !rest.starts_with(is_name_char))?;
+    let rest = rest.trim_start_matches(|c: char| c.is_whitespace() || c == ',');
+    let name = &rest[..rest.find(|c: char| !is_name_char(c)).unwrap_or(rest.len())];
+    (!name.is_empty()).then_some(name)
+}
+
 /// The authenticated caller, or `UNAUTHENTICATED`.
 pub(crate) fn principal<'a>(ctx: &'a Context<'_>) -> Result<&'a Principal, ApiError> {
     match ctx.data_opt::<Caller>() {

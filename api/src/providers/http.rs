@@ -1,12 +1,39 @@
-//! What both adapters share: the client with its timeouts, and the classification of
+//! What both adapters share: the client with its timeouts, the one dispatcher every call goes
+//! through (which also reports each call to the [`CallObserver`]), and the classification of
 //! transport failures, throttling and unreadable bodies.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use reqwest::{Response, StatusCode};
 use serde::de::DeserializeOwned;
 
-use super::ProviderError;
+use super::{CallObserver, CallOutcome, ProviderError, Route, Upstream};
+
+/// Whom an adapter calls and who hears about each call (metrics); cheap to clone.
+#[derive(Clone)]
+pub(super) struct Calls {
+    upstream: Upstream,
+    observer: Option<Arc<dyn CallObserver>>,
+}
+
+impl Calls {
+    /// Calls to `upstream` that nobody observes (until [`Calls::observed_by`]).
+    pub(super) fn new(upstream: Upstream) -> Self {
+        Self {
+            upstream,
+            observer: None,
+        }
+    }
+
+    /// Reports every call to `observer`.
+    pub(super) fn observed_by(self, observer: Arc<dyn CallObserver>) -> Self {
+        Self {
+            observer: Some(observer),
+            ..self
+        }
+    }
+}
 
 /// One pooled client for all provider calls; no call can hang longer than `timeout`.
 pub(super) fn build_client(timeout: Duration) -> anyhow::Result<reqwest::Client> {
@@ -47,12 +74,41 @@ pub(super) fn path_segment(value: &str) -> Result<String, ProviderError> {
 }
 
 /// Sends a request and turns the ways it can fail to answer usefully — no answer, 429, 5xx —
-/// into `Unavailable`; any other answer is for the adapter to read.
-pub(super) async fn dispatch(request: reqwest::RequestBuilder) -> Result<Response, ProviderError> {
-    let response = request.send().await.map_err(transport_failure)?;
+/// into `Unavailable`; any other answer is for the adapter to read. Every call is reported to
+/// the observer with its route, how it ended and how long it took (never its URL or body).
+pub(super) async fn dispatch(
+    calls: &Calls,
+    route: Route,
+    request: reqwest::RequestBuilder,
+) -> Result<Response, ProviderError> {
+    let started = Instant::now();
+    let result = request.send().await;
+    if let Some(observer) = &calls.observer {
+        let outcome = match &result {
+            Ok(response) => outcome_of_status(response.status()),
+            Err(error) if error.is_timeout() => CallOutcome::Timeout,
+            Err(error) if error.is_connect() => CallOutcome::ConnectFailed,
+            Err(_) => CallOutcome::TransportError,
+        };
+        observer.call_finished(calls.upstream, route, outcome, started.elapsed());
+    }
+    let response = result.map_err(transport_failure)?;
     match unavailable_status(&response) {
         Some(error) => Err(error),
         None => Ok(response),
+    }
+}
+
+/// How an answered call ended, by its status alone.
+fn outcome_of_status(status: StatusCode) -> CallOutcome {
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        CallOutcome::RateLimited
+    } else if status.is_server_error() {
+        CallOutcome::ServerError
+    } else if status.is_client_error() {
+        CallOutcome::Refused
+    } else {
+        CallOutcome::Ok
     }
 }
 
