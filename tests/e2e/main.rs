@@ -9,6 +9,7 @@ mod inbox;
 mod integrations;
 mod limits;
 mod messaging;
+mod observability;
 mod permissions;
 mod platform;
 mod registration;
