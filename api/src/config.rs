@@ -887,6 +887,34 @@ mod tests {
     }
 
     #[test]
+    fn log_format_filter_and_metrics_token_come_from_the_environment() {
+        let settings = load(&[]).unwrap();
+        assert_eq!(settings.log.format, LogFormat::Text);
+        assert!(settings.metrics_open(), "dev mode without a token: open");
+        let settings = load(&[
+            ("SMD_LOG_FORMAT", "JSON"),
+            ("RUST_LOG", "warn"),
+            ("SMD_LOG", "info,smd_gateway=debug"),
+            ("SMD_METRICS_TOKEN", "a-long-metrics-token"),
+        ])
+        .unwrap();
+        settings.validate().unwrap();
+        assert_eq!(settings.log.format, LogFormat::Json);
+        assert_eq!(
+            settings.log.filter.as_deref(),
+            Some("info,smd_gateway=debug")
+        );
+        assert!(!settings.metrics_open(), "a token is required once set");
+        let production = load(&[("SMD_MODE", "production")]).unwrap();
+        assert!(!production.metrics_open(), "production: never open");
+        assert!(load(&[("SMD_LOG_FORMAT", "xml")]).is_err());
+        let short = load(&[("SMD_METRICS_TOKEN", "short")]).unwrap().validate();
+        assert!(short.unwrap_err().0.contains("SMD_METRICS_TOKEN"));
+        let filter = load(&[("SMD_LOG", "info,=[")]).unwrap().validate();
+        assert!(filter.unwrap_err().0.contains("SMD_LOG"));
+    }
+
+    #[test]
     fn a_short_hs256_secret_is_refused() {
         let error = load(&[("SMD_JWT_HS256_SECRET", "short")])
             .unwrap()

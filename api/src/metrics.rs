@@ -440,7 +440,7 @@ impl Drop for RequestRecord {
             transport,
             operation = %self.operation,
             user_id = self.user_id.as_deref().unwrap_or("-"),
-            duration_ms = elapsed.as_secs_f64() * 1000.0,
+            duration_ms = elapsed.as_micros() as f64 / 1000.0,
             outcome,
             "graphql operation finished"
         );

@@ -163,3 +163,35 @@ pub(crate) fn principal<'a>(ctx: &'a Context<'_>) -> Result<&'a Principal, ApiEr
 pub(crate) fn services<'a>(ctx: &'a Context<'_>) -> &'a Services {
     ctx.data_unchecked::<Services>()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::operation_name;
+
+    #[test]
+    fn the_operation_name_comes_from_operation_name_or_the_documents_first_operation() {
+        let name = |query: &str, given: Option<&str>| {
+            let mut request = async_graphql::Request::new(query);
+            if let Some(given) = given {
+                request = request.operation_name(given);
+            }
+            operation_name(&request).map(str::to_owned)
+        };
+        assert_eq!(
+            name("{ me { id } }", Some("Given")).as_deref(),
+            Some("Given")
+        );
+        assert_eq!(name("query Me { me { id } }", None).as_deref(), Some("Me"));
+        assert_eq!(
+            name("# a comment\n  mutation\tLink_1($x: Int) { a }", None).as_deref(),
+            Some("Link_1")
+        );
+        assert_eq!(name("subscription{ a }", None), None);
+        assert_eq!(name("{ me { id } }", None), None);
+        assert_eq!(name("queryX { a }", None), None);
+        assert_eq!(
+            name("fragment F on Me { id } query Later { a }", None),
+            None
+        );
+    }
+}

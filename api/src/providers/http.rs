@@ -158,7 +158,83 @@ pub(super) async fn read_json<T: DeserializeOwned>(response: Response) -> Result
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+
+    use wiremock::matchers::path;
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
     use super::*;
+
+    #[derive(Default)]
+    struct Recorded(Mutex<Vec<(Upstream, Route, CallOutcome)>>);
+
+    impl CallObserver for Recorded {
+        fn call_finished(
+            &self,
+            upstream: Upstream,
+            route: Route,
+            outcome: CallOutcome,
+            _: Duration,
+        ) {
+            self.0.lock().unwrap().push((upstream, route, outcome));
+        }
+    }
+
+    #[tokio::test]
+    async fn the_dispatcher_reports_each_call_with_its_route_and_how_it_ended() {
+        crate::install_crypto_provider();
+        let server = MockServer::start().await;
+        for (at, status) in [
+            ("/ok", 200),
+            ("/refused", 401),
+            ("/busy", 429),
+            ("/down", 503),
+        ] {
+            Mock::given(path(at))
+                .respond_with(ResponseTemplate::new(status))
+                .mount(&server)
+                .await;
+        }
+        Mock::given(path("/slow"))
+            .respond_with(ResponseTemplate::new(200).set_delay(Duration::from_secs(2)))
+            .mount(&server)
+            .await;
+        let recorded = Arc::new(Recorded::default());
+        let calls = Calls::new(Upstream::Argus).observed_by(recorded.clone());
+        let client = build_client(Duration::from_millis(300)).unwrap();
+        for (at, route) in [
+            ("/ok", Route::Account),
+            ("/refused", Route::Send),
+            ("/busy", Route::Directory),
+            ("/down", Route::Status),
+            ("/slow", Route::Inbox),
+        ] {
+            let _ = dispatch(&calls, route, client.get(endpoint(&server.uri(), at))).await;
+        }
+        // Nothing listens on port 9 of loopback.
+        let _ = dispatch(&calls, Route::Ack, client.get("http://127.0.0.1:9/")).await;
+        // Nobody observing: the call still works.
+        let unobserved = Calls::new(Upstream::Payments);
+        let response = dispatch(
+            &unobserved,
+            Route::Charge,
+            client.get(endpoint(&server.uri(), "/ok")),
+        )
+        .await
+        .unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(
+            *recorded.0.lock().unwrap(),
+            vec![
+                (Upstream::Argus, Route::Account, CallOutcome::Ok),
+                (Upstream::Argus, Route::Send, CallOutcome::Refused),
+                (Upstream::Argus, Route::Directory, CallOutcome::RateLimited),
+                (Upstream::Argus, Route::Status, CallOutcome::ServerError),
+                (Upstream::Argus, Route::Inbox, CallOutcome::Timeout),
+                (Upstream::Argus, Route::Ack, CallOutcome::ConnectFailed),
+            ]
+        );
+    }
 
     #[test]
     fn a_path_segment_keeps_only_letters_digits_dash_and_underscore() {
