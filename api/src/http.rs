@@ -39,6 +39,7 @@ pub(crate) struct HttpState {
     pub open_operations: crate::ws::OpenOperations,
     /// Largest WebSocket message accepted.
     pub max_ws_message_bytes: usize,
+    /// Counts and logs every operation, on both transports.
     pub metrics: crate::metrics::Metrics,
 }
 
@@ -74,7 +75,13 @@ pub(crate) fn router(state: HttpState, cors: CorsPolicy, max_body_bytes: usize) 
     let cors = CorsLayer::new()
         .allow_origin(allow_origin)
         .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
-        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            header::HeaderName::from_static(crate::request_id::HEADER),
+        ])
+        // Browser code may read the id to quote it when reporting a problem.
+        .expose_headers([header::HeaderName::from_static(crate::request_id::HEADER)])
         .allow_credentials(false);
     Router::new()
         .route("/graphql", get(graphql_get).post(graphql_post))

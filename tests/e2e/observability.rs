@@ -350,3 +350,63 @@ async fn a_hostile_request_id_is_replaced_and_every_response_carries_one() {
     let body: serde_json::Value = unauthenticated.json().await.unwrap();
     assert_eq!(error_code(&body), Some("UNAUTHENTICATED"));
 }
+
+#[tokio::test]
+async fn browsers_may_send_a_request_id_and_read_the_one_returned() {
+    let app = spawn_app_configured(Options::default(), |settings| {
+        settings.cors_allowed_origins = vec!["https://pms.example".into()];
+    })
+    .await;
+    let preflight = app
+        .client
+        .request(
+            reqwest::Method::OPTIONS,
+            format!("{}/graphql", app.base_url),
+        )
+        .header("Origin", "https://pms.example")
+        .header("Access-Control-Request-Method", "POST")
+        .header(
+            "Access-Control-Request-Headers",
+            "authorization,content-type,x-request-id",
+        )
+        .send()
+        .await
+        .unwrap();
+    let allowed = preflight.headers()["access-control-allow-headers"]
+        .to_str()
+        .unwrap()
+        .to_ascii_lowercase();
+    assert!(allowed.contains("x-request-id"), "{allowed}");
+    let response = app
+        .client
+        .post(format!("{}/graphql", app.base_url))
+        .header("Origin", "https://pms.example")
+        .header("x-request-id", "browser-1")
+        .bearer_auth(practitioner("dr-chen", "clinic-1"))
+        .json(&json!({"query": "{ me { id } }"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["x-request-id"], "browser-1");
+    let exposed = response.headers()["access-control-expose-headers"]
+        .to_str()
+        .unwrap()
+        .to_ascii_lowercase();
+    assert!(exposed.contains("x-request-id"), "{exposed}");
+    // Another origin still gets no grant (without one, a browser shows its code nothing).
+    let other = app
+        .client
+        .post(format!("{}/graphql", app.base_url))
+        .header("Origin", "https://evil.example")
+        .json(&json!({"query": "{ me { id } }"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(other.headers().get("access-control-allow-origin").is_none());
+    assert!(
+        other
+            .headers()
+            .get("access-control-expose-headers")
+            .is_none()
+    );
+}
