@@ -20,6 +20,7 @@ use crate::events::EventBus;
 use crate::graphql::limits::OperationLimits;
 use crate::graphql::{Limits, Services, build_schema};
 use crate::http::{CorsPolicy, HttpState, router};
+use crate::metrics::{Metrics, MetricsAccess};
 use crate::providers::payments::HttpPaymentGateway;
 use crate::providers::{ProviderEndpoints, Providers};
 use crate::ratelimit::TokenBuckets;
@@ -119,26 +120,31 @@ impl App {
             SecretBox::from_base64_key(settings.encryption_key.as_deref().unwrap_or_default())
                 .map_err(|error| anyhow::anyhow!("SMD_ENCRYPTION_KEY: {error}"))?;
         let verifier = Arc::new(TokenVerifier::from_settings(&settings.jwt)?);
-        let providers = Providers::http(&ProviderEndpoints {
-            argus_base_url: settings
-                .providers
-                .argus_base_url
-                .clone()
-                .unwrap_or_default(),
-            referralnet_base_url: settings
-                .providers
-                .referralnet_base_url
-                .clone()
-                .unwrap_or_default(),
-            request_timeout: Duration::from_millis(settings.providers.timeout_ms),
-        })?;
+        let metrics = Metrics::new();
+        let providers = Providers::http(
+            &ProviderEndpoints {
+                argus_base_url: settings
+                    .providers
+                    .argus_base_url
+                    .clone()
+                    .unwrap_or_default(),
+                referralnet_base_url: settings
+                    .providers
+                    .referralnet_base_url
+                    .clone()
+                    .unwrap_or_default(),
+                request_timeout: Duration::from_millis(settings.providers.timeout_ms),
+            },
+            Arc::new(metrics.clone()),
+        )?;
         let events = EventBus::new();
         let poll_interval = settings.approval_poll_interval();
         let payments = HttpPaymentGateway::new(
             settings.payments.base_url.as_deref().unwrap_or_default(),
             settings.payments.api_key.as_deref().unwrap_or_default(),
             Duration::from_millis(settings.providers.timeout_ms),
-        )?;
+        )?
+        .observed_by(Arc::new(metrics.clone()));
         let catalogue = Catalogue::new(&DEFAULT_TIERS, &settings.credits.packs)
             .map_err(|problem| anyhow::anyhow!("SMD_CREDIT_PACKS: {problem}"))?;
         let purchase_lease = Duration::from_millis(settings.credits.purchase_lease_ms);
@@ -154,7 +160,8 @@ impl App {
                 duplicate_wait: Duration::from_secs(15),
                 fail_after_charge: settings.credits.fail_after_charge,
             },
-        );
+        )
+        .observed_by(Arc::new(metrics.clone()));
         let providers_for_messaging = providers.clone();
         let secrets_for_messaging = secrets.clone();
         let integrations = IntegrationService::new(
@@ -308,6 +315,18 @@ impl App {
         } else {
             CorsPolicy::List(settings.cors_allowed_origins.clone())
         };
+        let open_operations = OpenOperations::default();
+        let metrics_access = match &settings.metrics.token {
+            Some(token) => MetricsAccess::Token(token.as_str().into()),
+            None if settings.metrics_open() => MetricsAccess::Open,
+            None => MetricsAccess::Hidden,
+        };
+        let metrics_routes = crate::metrics::routes(
+            metrics.clone(),
+            store.clone(),
+            open_operations.clone(),
+            metrics_access,
+        );
         let router = router(
             HttpState {
                 schema,
@@ -324,14 +343,17 @@ impl App {
                     subscriptions_per_user: settings.limits.ws_subscriptions_per_user,
                     max_response_bytes: settings.graphql.max_response_bytes,
                 },
-                open_operations: OpenOperations::default(),
+                open_operations,
                 max_ws_message_bytes: settings.graphql.max_body_bytes,
                 max_body_bytes: settings.graphql.max_body_bytes,
                 principals: Arc::default(),
+                metrics,
             },
             cors,
             settings.graphql.max_body_bytes,
-        );
+        )
+        .merge(metrics_routes);
+        let router = crate::request_id::with_request_ids(router);
         Ok(Self {
             listener,
             router,

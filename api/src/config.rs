@@ -22,6 +22,9 @@
 //! | `SMD_PLAYGROUND`, `SMD_INTROSPECTION` | `true`/`false` | dev on, production off |
 //! | `SMD_CORS_ALLOWED_ORIGINS` | comma-separated origins | dev: any localhost origin |
 //! | `SMD_VALIDATE_LOGIN_PER_MINUTE` | per user | 5 |
+//! | `SMD_LOG` (else `RUST_LOG`) | log filter, tracing-subscriber's `EnvFilter` syntax | `info,sqlx=warn,sea_orm=warn` |
+//! | `SMD_LOG_FORMAT` | `text` or `json` (one JSON object per line) | `text` |
+//! | `SMD_METRICS_TOKEN` | bearer token that may read `/metrics` (≥ 16 characters) | dev: open; production: not served |
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -257,6 +260,37 @@ impl Default for LimitSettings {
     }
 }
 
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One human-readable line per event; coloured only when written to a terminal.
+    #[default]
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// Logging.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSettings {
+    /// Text or JSON lines.
+    pub format: LogFormat,
+    /// An `EnvFilter` directive such as `info,smd_gateway=debug`; default
+    /// `info,sqlx=warn,sea_orm=warn`.
+    pub filter: Option<String>,
+}
+
+/// Metrics.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// The bearer token that may read `/metrics`. Without one, `/metrics` is open in dev mode
+    /// and not served in production.
+    pub token: Option<String>,
+}
+
 /// Everything the gateway can be told.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -300,6 +334,10 @@ pub struct Settings {
     pub seed_demo_data: bool,
     /// Print the dev banner with tokens (dev mode).
     pub print_banner: bool,
+    /// Log format and filter.
+    pub log: LogSettings,
+    /// Who may read `/metrics`.
+    pub metrics: MetricsSettings,
 }
 
 impl Default for Settings {
@@ -324,6 +362,8 @@ impl Default for Settings {
             limits: LimitSettings::default(),
             seed_demo_data: true,
             print_banner: true,
+            log: LogSettings::default(),
+            metrics: MetricsSettings::default(),
         }
     }
 }
@@ -456,6 +496,21 @@ impl Settings {
         if let Some(origins) = get("SMD_CORS_ALLOWED_ORIGINS") {
             self.cors_allowed_origins = split_list(&origins).map(str::to_owned).collect();
         }
+        if let Some(filter) = get("SMD_LOG").or_else(|| get("RUST_LOG")) {
+            self.log.filter = Some(filter);
+        }
+        if let Some(format) = get("SMD_LOG_FORMAT") {
+            self.log.format = match format.to_ascii_lowercase().as_str() {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                other => {
+                    return Err(ConfigError(format!(
+                        "SMD_LOG_FORMAT must be text or json, not {other:?}"
+                    )));
+                }
+            };
+        }
+        set_opt(&mut self.metrics.token, get("SMD_METRICS_TOKEN"));
         if let Some(limit) = get("SMD_VALIDATE_LOGIN_PER_MINUTE") {
             self.validate_login_per_minute = parse_number("SMD_VALIDATE_LOGIN_PER_MINUTE", &limit)?;
         }
@@ -555,6 +610,20 @@ impl Settings {
                     faults.join(", ")
                 )));
             }
+        }
+        if let Some(token) = &self.metrics.token
+            && token.len() < 16
+        {
+            return Err(ConfigError(
+                "SMD_METRICS_TOKEN must be at least 16 characters".into(),
+            ));
+        }
+        if let Some(filter) = &self.log.filter
+            && tracing_subscriber::EnvFilter::try_new(filter).is_err()
+        {
+            return Err(ConfigError(format!(
+                "SMD_LOG / RUST_LOG {filter:?} is not a log filter such as info,smd_gateway=debug"
+            )));
         }
         if let Some(secret) = &self.jwt.hs256_secret
             && secret.len() < 32
@@ -678,6 +747,11 @@ impl Settings {
             ));
         }
         Ok(())
+    }
+
+    /// Whether `/metrics` is served to anyone on the port: dev mode without a token.
+    pub fn metrics_open(&self) -> bool {
+        self.mode == Mode::Dev && self.metrics.token.is_none()
     }
 
     /// Whether GraphiQL is served.
@@ -810,6 +884,34 @@ mod tests {
         assert!(!settings.introspection_enabled());
         let settings = load(&[("SMD_MODE", "production"), ("SMD_PLAYGROUND", "true")]).unwrap();
         assert!(settings.playground_enabled());
+    }
+
+    #[test]
+    fn log_format_filter_and_metrics_token_come_from_the_environment() {
+        let settings = load(&[]).unwrap();
+        assert_eq!(settings.log.format, LogFormat::Text);
+        assert!(settings.metrics_open(), "dev mode without a token: open");
+        let settings = load(&[
+            ("SMD_LOG_FORMAT", "JSON"),
+            ("RUST_LOG", "warn"),
+            ("SMD_LOG", "info,smd_gateway=debug"),
+            ("SMD_METRICS_TOKEN", "a-long-metrics-token"),
+        ])
+        .unwrap();
+        settings.validate().unwrap();
+        assert_eq!(settings.log.format, LogFormat::Json);
+        assert_eq!(
+            settings.log.filter.as_deref(),
+            Some("info,smd_gateway=debug")
+        );
+        assert!(!settings.metrics_open(), "a token is required once set");
+        let production = load(&[("SMD_MODE", "production")]).unwrap();
+        assert!(!production.metrics_open(), "production: never open");
+        assert!(load(&[("SMD_LOG_FORMAT", "xml")]).is_err());
+        let short = load(&[("SMD_METRICS_TOKEN", "short")]).unwrap().validate();
+        assert!(short.unwrap_err().0.contains("SMD_METRICS_TOKEN"));
+        let filter = load(&[("SMD_LOG", "info,=[")]).unwrap().validate();
+        assert!(filter.unwrap_err().0.contains("SMD_LOG"));
     }
 
     #[test]

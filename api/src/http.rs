@@ -41,6 +41,8 @@ pub(crate) struct HttpState {
     pub max_body_bytes: usize,
     /// Tokens already verified (and their users provisioned).
     pub principals: Arc<crate::principal_cache::PrincipalCache>,
+    /// Counts and logs every operation, on both transports.
+    pub metrics: crate::metrics::Metrics,
 }
 
 /// Which browser origins may call the API.
@@ -75,7 +77,13 @@ pub(crate) fn router(state: HttpState, cors: CorsPolicy, max_body_bytes: usize) 
     let cors = CorsLayer::new()
         .allow_origin(allow_origin)
         .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
-        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            header::HeaderName::from_static(crate::request_id::HEADER),
+        ])
+        // Browser code may read the id to quote it when reporting a problem.
+        .expose_headers([header::HeaderName::from_static(crate::request_id::HEADER)])
         .allow_credentials(false);
     Router::new()
         .route("/graphql", get(graphql_get).post(graphql_post))
@@ -93,13 +101,13 @@ pub(crate) fn router(state: HttpState, cors: CorsPolicy, max_body_bytes: usize) 
         .with_state(state)
 }
 
+/// The request's id, as `crate::request_id`'s layers left it in the header (so the response,
+/// the log line and audit rows share it); a fresh one if those layers are absent.
 fn request_id(headers: &HeaderMap) -> String {
     headers
-        .get("x-request-id")
+        .get(crate::request_id::HEADER)
         .and_then(|value| value.to_str().ok())
-        .filter(|value| {
-            value.len() <= 64 && value.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-        })
+        .filter(|value| crate::request_id::is_safe(value))
         .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned)
 }
 
@@ -198,12 +206,18 @@ impl HttpState {
         read_only: Option<ReadOnly>,
     ) -> Response {
         let request_id = request_id(headers);
+        let mut record = self.metrics.operation_started(
+            crate::metrics::Transport::Http,
+            &request_id,
+            crate::graphql::operation_name(&request),
+        );
         let authorization = headers
             .get(header::AUTHORIZATION)
             .map(|value| value.to_str().unwrap_or(""));
         let principal = match self.authenticate(authorization, request_id.clone()).await {
             Ok(principal) => principal,
             Err(error) => {
+                record.outcome(error.code());
                 let mut response = error_response(error, media);
                 *response.status_mut() = StatusCode::UNAUTHORIZED;
                 response
@@ -212,6 +226,9 @@ impl HttpState {
                 return response;
             }
         };
+        if let Some(principal) = &principal {
+            record.user(&principal.user_id);
+        }
         let span = tracing::info_span!("graphql", request_id = %request_id);
         let mut request = request
             .data(Caller(principal))
@@ -221,6 +238,7 @@ impl HttpState {
         }
         let mut response = self.schema.execute(request).instrument(span).await;
         fill_error_codes(&mut response);
+        record.outcome(crate::graphql::error::outcome_code(&response));
         if read_only.is_some_and(|read_only| read_only.was_refused()) {
             let mut refused = graphql_over_http::error_body_response(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -238,6 +256,7 @@ impl HttpState {
             return StatusCode::INTERNAL_SERVER_ERROR.into_response();
         };
         if body.len() > self.max_response_bytes {
+            record.outcome("BAD_USER_INPUT");
             return error_response(
                 ApiError::bad_input(format!(
                     "the result is {} bytes; at most {} are sent at once — ask for fewer items (first) or fewer fields",
@@ -353,6 +372,7 @@ async fn graphql_ws(
             limits: state.ws_limits,
             open: state.open_operations.clone(),
             address: address.ip(),
+            metrics: state.metrics.clone(),
         };
         crate::ws::serve(socket, connection, subprotocol_ok, |payload| async move {
             let authorization = ["Authorization", "authorization"]

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use smd_gateway::auth::{TokenRequest, mint_hs256, parse_ttl};
-use smd_gateway::config::Mode;
+use smd_gateway::config::{LogFormat, LogSettings, Mode};
 use smd_gateway::domain::types::Role;
 use smd_gateway::{App, Settings, dev};
 
@@ -66,7 +66,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let settings = Settings::load(cli.config.as_deref())?;
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => {
-            init_tracing();
+            init_tracing(&settings.log)?;
             let app = App::build(settings).await?;
             if let Some(banner) = app.banner() {
                 println!("{banner}");
@@ -79,7 +79,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             app.run_until_stopped().await
         }
         Command::Migrate => {
-            init_tracing();
+            init_tracing(&settings.log)?;
             settings.validate()?;
             if settings.mode == Mode::Dev {
                 std::fs::create_dir_all(&settings.data_dir)?;
@@ -151,12 +151,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn init_tracing() {
+/// Logs go to stderr: text (coloured only on a terminal) or JSON lines, filtered by
+/// `SMD_LOG`/`RUST_LOG` as loaded into the settings.
+fn init_tracing(log: &LogSettings) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,sea_orm=warn"));
-    tracing_subscriber::fmt()
+    let filter = EnvFilter::try_new(
+        log.filter
+            .as_deref()
+            .unwrap_or("info,sqlx=warn,sea_orm=warn"),
+    )
+    .map_err(|error| anyhow::anyhow!("SMD_LOG / RUST_LOG: {error}"))?;
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match log.format {
+        LogFormat::Json => builder
+            .json()
+            .with_ansi(false)
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
+    Ok(())
 }

@@ -41,6 +41,15 @@ pub(crate) struct WsLimits {
 pub(crate) struct OpenOperations(Arc<Mutex<HashMap<String, usize>>>);
 
 impl OpenOperations {
+    /// Operations open on this node, over every user (the metrics' gauge).
+    pub(crate) fn total(&self) -> usize {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .sum()
+    }
+
     fn try_open(&self, user_id: &str, max: usize) -> Option<OpenGuard> {
         let mut counts = self
             .0
@@ -116,6 +125,7 @@ pub(crate) struct Connection {
     pub limits: WsLimits,
     pub open: OpenOperations,
     pub address: IpAddr,
+    pub metrics: crate::metrics::Metrics,
 }
 
 /// Closes the socket with a protocol close code.
@@ -314,6 +324,14 @@ fn start(
             ),
         ));
     };
+    // Logged and counted when the task ends, however it ends (completed, or aborted by the
+    // client's `complete` or a closed connection).
+    let mut record = connection.metrics.operation_started(
+        crate::metrics::Transport::WebSocket,
+        &principal.request_id,
+        crate::graphql::operation_name(&request),
+    );
+    record.user(&principal.user_id);
     let request = request
         .data(Caller(Some(principal.clone())))
         .data(ClientAddress(connection.address));
@@ -322,9 +340,11 @@ fn start(
     let max_bytes = connection.limits.max_response_bytes;
     Ok(tokio::spawn(async move {
         let _guard = guard;
+        let mut record = record;
         let mut first = true;
         while let Some(mut response) = stream.next().await {
             crate::http::fill_error_codes(&mut response);
+            record.outcome(crate::graphql::error::outcome_code(&response));
             // Refused before it ran (parse, validation, a limit): the protocol's `error`.
             let refused_before_running = first
                 && response.data == async_graphql::Value::Null

@@ -149,6 +149,48 @@ pub struct DebitResult {
     pub balance_after: i64,
 }
 
+/// How a purchase's charge ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PurchaseOutcome {
+    /// Charged and credited.
+    Succeeded,
+    /// The card was declined (or there was none); nothing credited.
+    Declined,
+    /// The payment gateway did not say; the purchase stays pending for the recovery worker.
+    Unresolved,
+}
+
+/// Why credits moved: a committed ledger entry's kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CreditMovement {
+    /// A secure message's cost (debit).
+    SendDebit,
+    /// Credits given to a colleague (debit).
+    TransferOut,
+    /// Credits received from a colleague (credit).
+    TransferIn,
+    /// A completed purchase (credit).
+    Purchase,
+    /// A refused message's cost given back (credit).
+    Refund,
+}
+
+impl CreditMovement {
+    /// Whether the balance went down.
+    pub fn is_debit(self) -> bool {
+        matches!(self, Self::SendDebit | Self::TransferOut)
+    }
+}
+
+/// Hears about purchases and ledger entries once they are committed (the metrics implement
+/// it), so the credit rules need not know who counts.
+pub trait CreditObserver: Send + Sync + 'static {
+    /// A purchase's charge ended.
+    fn purchase_finished(&self, outcome: PurchaseOutcome);
+    /// A ledger entry of `credits` (positive) committed.
+    fn credits_moved(&self, movement: CreditMovement, credits: i64);
+}
+
 /// The credit rules over storage and the payment gateway.
 #[derive(Clone)]
 pub struct CreditService {
@@ -156,6 +198,7 @@ pub struct CreditService {
     payments: Arc<dyn PaymentGateway>,
     secrets: SecretBox,
     settings: Arc<CreditSettings>,
+    observer: Option<Arc<dyn CreditObserver>>,
 }
 
 fn payment_unavailable(error: &ProviderError) -> GatewayError {
@@ -179,7 +222,33 @@ impl CreditService {
             payments,
             secrets,
             settings: Arc::new(settings),
+            observer: None,
         }
+    }
+
+    /// Reports committed purchases and ledger entries to `observer` (metrics).
+    pub fn observed_by(self, observer: Arc<dyn CreditObserver>) -> Self {
+        Self {
+            observer: Some(observer),
+            ..self
+        }
+    }
+
+    fn purchase_finished(&self, outcome: PurchaseOutcome) {
+        if let Some(observer) = &self.observer {
+            observer.purchase_finished(outcome);
+        }
+    }
+
+    fn credits_moved(&self, movement: CreditMovement, credits: i64) {
+        if let Some(observer) = &self.observer {
+            observer.credits_moved(movement, credits);
+        }
+    }
+
+    /// Records a refund that the caller's transaction (see [`Self::refund_in`]) committed.
+    pub fn refund_committed(&self, credits: i64) {
+        self.credits_moved(CreditMovement::Refund, credits);
     }
 
     /// The packs on offer.
@@ -553,6 +622,7 @@ impl CreditService {
                 None => {
                     self.record_decline(&purchase, "no_payment_method", None)
                         .await?;
+                    self.purchase_finished(PurchaseOutcome::Declined);
                     return Err(declined("no_payment_method"));
                 }
             },
@@ -586,7 +656,12 @@ impl CreditService {
                         .complete_purchase(&purchase, &charge_id, &audit)
                         .await?
                     {
-                        Some(balance) => balance,
+                        Some(balance) => {
+                            self.purchase_finished(PurchaseOutcome::Succeeded);
+                            self.credits_moved(CreditMovement::Purchase, purchase.credits);
+                            balance
+                        }
+                        // Completed meanwhile by another node or request: counted there.
                         None => self.store.wallet(&purchase.user_id).await?.balance,
                     };
                     let purchase = self.store.purchase(&purchase.id).await?.unwrap_or(purchase);
@@ -595,10 +670,12 @@ impl CreditService {
                 Ok(ChargeOutcome::Declined { charge_id, code }) => {
                     self.record_decline(&purchase, &code, charge_id.as_deref())
                         .await?;
+                    self.purchase_finished(PurchaseOutcome::Declined);
                     return Err(declined(&code));
                 }
                 Err(ProviderError::Refused { code, .. }) => {
                     self.record_decline(&purchase, &code, None).await?;
+                    self.purchase_finished(PurchaseOutcome::Declined);
                     return Err(declined(&code));
                 }
                 Err(error) => {
@@ -611,6 +688,7 @@ impl CreditService {
             reason: "no attempt".into(),
             retry_after: None,
         });
+        self.purchase_finished(PurchaseOutcome::Unresolved);
         Err(payment_unavailable(&error))
     }
 
@@ -747,6 +825,7 @@ impl CreditService {
                 top_up,
             } => {
                 txn.commit().await?;
+                self.credits_moved(CreditMovement::SendDebit, CREDITS_PER_MESSAGE);
                 if let Some(purchase) = top_up {
                     self.start_top_up(purchase);
                 }
@@ -797,8 +876,10 @@ impl CreditService {
             .map(|method| method.token_ciphertext))
     }
 
-    /// Starts the top-up a committed debit triggered, if any.
+    /// Call once the transaction of a [`Self::debit_send_in`] has committed: records the
+    /// debit and starts the top-up it triggered, if any.
     pub fn after_commit(&self, top_up: Option<PurchaseRow>) {
+        self.credits_moved(CreditMovement::SendDebit, CREDITS_PER_MESSAGE);
         if let Some(purchase) = top_up {
             self.start_top_up(purchase);
         }
@@ -1081,6 +1162,8 @@ impl CreditService {
         ));
         self.store.audit_in(&txn, &audit).await?;
         txn.commit().await?;
+        self.credits_moved(CreditMovement::TransferOut, amount);
+        self.credits_moved(CreditMovement::TransferIn, amount);
         Ok(result)
     }
 

@@ -1251,6 +1251,7 @@ impl MessagingService {
         audit.actor_user_id = None;
         self.store.audit_in(&txn, &audit).await?;
         txn.commit().await?;
+        self.credits.refund_committed(message.credits_charged);
         Ok(())
     }
 

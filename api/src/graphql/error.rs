@@ -38,6 +38,22 @@ impl ApiError {
     }
 }
 
+/// How a response ended, for logs and metrics: `OK`, or the first error's `extensions.code`
+/// (`INTERNAL_SERVER_ERROR` when it has none, which [`crate::http::fill_error_codes`] prevents).
+pub(crate) fn outcome_code(response: &async_graphql::Response) -> &str {
+    let Some(error) = response.errors.first() else {
+        return "OK";
+    };
+    match error
+        .extensions
+        .as_ref()
+        .and_then(|extensions| extensions.get("code"))
+    {
+        Some(async_graphql::Value::String(code)) => code,
+        _ => "INTERNAL_SERVER_ERROR",
+    }
+}
+
 impl From<GatewayError> for ApiError {
     fn from(error: GatewayError) -> Self {
         match error {

@@ -119,6 +119,31 @@ pub fn build_schema(services: Services, limits: Limits) -> AppSchema {
 #[derive(Clone, Debug)]
 pub struct Caller(pub Option<Principal>);
 
+/// The operation's name, for logs and metrics: `operationName` when the client sent one, else
+/// the name of a document that starts with a named operation (`query Name …`), read without
+/// parsing the whole document. `None` for anonymous operations.
+pub(crate) fn operation_name(request: &async_graphql::Request) -> Option<&str> {
+    if let Some(name) = request.operation_name.as_deref() {
+        return Some(name);
+    }
+    let mut rest = request.query.as_str();
+    loop {
+        rest = rest.trim_start_matches(|c: char| c.is_whitespace() || c == ',' || c == '\u{feff}');
+        match rest.strip_prefix('#') {
+            Some(comment) => rest = comment.split_once('\n').map_or("", |(_, after)| after),
+            None => break,
+        }
+    }
+    let is_name_char = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    let rest = ["query", "mutation", "subscription"]
+        .iter()
+        .find_map(|keyword| rest.strip_prefix(keyword))
+        .filter(|rest| !rest.starts_with(is_name_char))?;
+    let rest = rest.trim_start_matches(|c: char| c.is_whitespace() || c == ',');
+    let name = &rest[..rest.find(|c: char| !is_name_char(c)).unwrap_or(rest.len())];
+    (!name.is_empty()).then_some(name)
+}
+
 /// The authenticated caller, or `UNAUTHENTICATED`.
 pub(crate) fn principal<'a>(ctx: &'a Context<'_>) -> Result<&'a Principal, ApiError> {
     match ctx.data_opt::<Caller>() {
@@ -137,4 +162,36 @@ pub(crate) fn principal<'a>(ctx: &'a Context<'_>) -> Result<&'a Principal, ApiEr
 
 pub(crate) fn services<'a>(ctx: &'a Context<'_>) -> &'a Services {
     ctx.data_unchecked::<Services>()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::operation_name;
+
+    #[test]
+    fn the_operation_name_comes_from_operation_name_or_the_documents_first_operation() {
+        let name = |query: &str, given: Option<&str>| {
+            let mut request = async_graphql::Request::new(query);
+            if let Some(given) = given {
+                request = request.operation_name(given);
+            }
+            operation_name(&request).map(str::to_owned)
+        };
+        assert_eq!(
+            name("{ me { id } }", Some("Given")).as_deref(),
+            Some("Given")
+        );
+        assert_eq!(name("query Me { me { id } }", None).as_deref(), Some("Me"));
+        assert_eq!(
+            name("# a comment\n  mutation\tLink_1($x: Int) { a }", None).as_deref(),
+            Some("Link_1")
+        );
+        assert_eq!(name("subscription{ a }", None), None);
+        assert_eq!(name("{ me { id } }", None), None);
+        assert_eq!(name("queryX { a }", None), None);
+        assert_eq!(
+            name("fragment F on Me { id } query Later { a }", None),
+            None
+        );
+    }
 }

@@ -1,14 +1,16 @@
 //! Argus: JSON over HTTPS with HTTP Basic auth on every request.
 //! Errors come as `{"error":{"code","message"}}` in the SMD standard's vocabulary.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use reqwest::StatusCode;
 use serde::{Deserialize, Serialize};
 
-use super::http::{dispatch, endpoint, path_segment, read_json};
+use super::http::{Calls, dispatch, endpoint, path_segment, read_json};
 use super::{
-    AccountState, DeliveryState, DirectoryEntry, DirectoryPage, InboxItem, OutboundMessage,
-    ProviderClient, ProviderError,
+    AccountState, CallObserver, DeliveryState, DirectoryEntry, DirectoryPage, InboxItem,
+    OutboundMessage, ProviderClient, ProviderError, Route, Upstream,
 };
 use crate::domain::types::{Provider, ProviderCredentials, Registration};
 
@@ -16,6 +18,7 @@ use crate::domain::types::{Provider, ProviderCredentials, Registration};
 pub struct ArgusClient {
     client: reqwest::Client,
     base_url: String,
+    calls: Calls,
 }
 
 #[derive(Deserialize)]
@@ -98,6 +101,15 @@ impl ArgusClient {
         Self {
             client,
             base_url: base_url.to_owned(),
+            calls: Calls::new(Upstream::Argus),
+        }
+    }
+
+    /// Reports every call to `observer` (metrics).
+    pub fn observed_by(self, observer: Arc<dyn CallObserver>) -> Self {
+        Self {
+            calls: self.calls.observed_by(observer),
+            ..self
         }
     }
 }
@@ -135,6 +147,8 @@ impl ProviderClient for ArgusClient {
         credentials: &ProviderCredentials,
     ) -> Result<AccountState, ProviderError> {
         let response = dispatch(
+            &self.calls,
+            Route::Account,
             self.client
                 .get(endpoint(&self.base_url, "/argus/v1/account"))
                 .basic_auth(
@@ -161,6 +175,8 @@ impl ProviderClient for ArgusClient {
             contact_email: registration.contact_email.as_str(),
         };
         let response = dispatch(
+            &self.calls,
+            Route::Registrations,
             self.client
                 .post(endpoint(&self.base_url, "/argus/v1/registrations"))
                 .json(&body),
@@ -185,6 +201,8 @@ impl ProviderClient for ArgusClient {
         let limit = limit.clamp(1, 50);
         let page = offset / limit + 1;
         let response = dispatch(
+            &self.calls,
+            Route::Directory,
             self.client
                 .get(endpoint(&self.base_url, "/argus/v1/directory"))
                 .basic_auth(
@@ -236,6 +254,8 @@ impl ProviderClient for ArgusClient {
             "payload": base64::engine::general_purpose::STANDARD.encode(message.payload),
         });
         let response = dispatch(
+            &self.calls,
+            Route::Send,
             self.client
                 .post(endpoint(&self.base_url, "/argus/v1/messages"))
                 .basic_auth(
@@ -260,6 +280,8 @@ impl ProviderClient for ArgusClient {
         reference: &str,
     ) -> Result<DeliveryState, ProviderError> {
         let response = dispatch(
+            &self.calls,
+            Route::Status,
             self.client
                 .get(endpoint(
                     &self.base_url,
@@ -301,6 +323,8 @@ impl ProviderClient for ArgusClient {
     ) -> Result<Vec<InboxItem>, ProviderError> {
         use base64::Engine;
         let response = dispatch(
+            &self.calls,
+            Route::Inbox,
             self.client
                 .get(endpoint(&self.base_url, "/argus/v1/inbox"))
                 .basic_auth(
@@ -342,6 +366,8 @@ impl ProviderClient for ArgusClient {
         id: &str,
     ) -> Result<(), ProviderError> {
         let response = dispatch(
+            &self.calls,
+            Route::Ack,
             self.client
                 .post(endpoint(
                     &self.base_url,

@@ -1,12 +1,39 @@
-//! What both adapters share: the client with its timeouts, and the classification of
+//! What both adapters share: the client with its timeouts, the one dispatcher every call goes
+//! through (which also reports each call to the [`CallObserver`]), and the classification of
 //! transport failures, throttling and unreadable bodies.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use reqwest::{Response, StatusCode};
 use serde::de::DeserializeOwned;
 
-use super::ProviderError;
+use super::{CallObserver, CallOutcome, ProviderError, Route, Upstream};
+
+/// Whom an adapter calls and who hears about each call (metrics); cheap to clone.
+#[derive(Clone)]
+pub(super) struct Calls {
+    upstream: Upstream,
+    observer: Option<Arc<dyn CallObserver>>,
+}
+
+impl Calls {
+    /// Calls to `upstream` that nobody observes (until [`Calls::observed_by`]).
+    pub(super) fn new(upstream: Upstream) -> Self {
+        Self {
+            upstream,
+            observer: None,
+        }
+    }
+
+    /// Reports every call to `observer`.
+    pub(super) fn observed_by(self, observer: Arc<dyn CallObserver>) -> Self {
+        Self {
+            observer: Some(observer),
+            ..self
+        }
+    }
+}
 
 /// One pooled client for all provider calls; no call can hang longer than `timeout`.
 pub(super) fn build_client(timeout: Duration) -> anyhow::Result<reqwest::Client> {
@@ -47,12 +74,41 @@ pub(super) fn path_segment(value: &str) -> Result<String, ProviderError> {
 }
 
 /// Sends a request and turns the ways it can fail to answer usefully — no answer, 429, 5xx —
-/// into `Unavailable`; any other answer is for the adapter to read.
-pub(super) async fn dispatch(request: reqwest::RequestBuilder) -> Result<Response, ProviderError> {
-    let response = request.send().await.map_err(transport_failure)?;
+/// into `Unavailable`; any other answer is for the adapter to read. Every call is reported to
+/// the observer with its route, how it ended and how long it took (never its URL or body).
+pub(super) async fn dispatch(
+    calls: &Calls,
+    route: Route,
+    request: reqwest::RequestBuilder,
+) -> Result<Response, ProviderError> {
+    let started = Instant::now();
+    let result = request.send().await;
+    if let Some(observer) = &calls.observer {
+        let outcome = match &result {
+            Ok(response) => outcome_of_status(response.status()),
+            Err(error) if error.is_timeout() => CallOutcome::Timeout,
+            Err(error) if error.is_connect() => CallOutcome::ConnectFailed,
+            Err(_) => CallOutcome::TransportError,
+        };
+        observer.call_finished(calls.upstream, route, outcome, started.elapsed());
+    }
+    let response = result.map_err(transport_failure)?;
     match unavailable_status(&response) {
         Some(error) => Err(error),
         None => Ok(response),
+    }
+}
+
+/// How an answered call ended, by its status alone.
+fn outcome_of_status(status: StatusCode) -> CallOutcome {
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        CallOutcome::RateLimited
+    } else if status.is_server_error() {
+        CallOutcome::ServerError
+    } else if status.is_client_error() {
+        CallOutcome::Refused
+    } else {
+        CallOutcome::Ok
     }
 }
 
@@ -102,7 +158,83 @@ pub(super) async fn read_json<T: DeserializeOwned>(response: Response) -> Result
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+
+    use wiremock::matchers::path;
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
     use super::*;
+
+    #[derive(Default)]
+    struct Recorded(Mutex<Vec<(Upstream, Route, CallOutcome)>>);
+
+    impl CallObserver for Recorded {
+        fn call_finished(
+            &self,
+            upstream: Upstream,
+            route: Route,
+            outcome: CallOutcome,
+            _: Duration,
+        ) {
+            self.0.lock().unwrap().push((upstream, route, outcome));
+        }
+    }
+
+    #[tokio::test]
+    async fn the_dispatcher_reports_each_call_with_its_route_and_how_it_ended() {
+        crate::install_crypto_provider();
+        let server = MockServer::start().await;
+        for (at, status) in [
+            ("/ok", 200),
+            ("/refused", 401),
+            ("/busy", 429),
+            ("/down", 503),
+        ] {
+            Mock::given(path(at))
+                .respond_with(ResponseTemplate::new(status))
+                .mount(&server)
+                .await;
+        }
+        Mock::given(path("/slow"))
+            .respond_with(ResponseTemplate::new(200).set_delay(Duration::from_secs(2)))
+            .mount(&server)
+            .await;
+        let recorded = Arc::new(Recorded::default());
+        let calls = Calls::new(Upstream::Argus).observed_by(recorded.clone());
+        let client = build_client(Duration::from_millis(300)).unwrap();
+        for (at, route) in [
+            ("/ok", Route::Account),
+            ("/refused", Route::Send),
+            ("/busy", Route::Directory),
+            ("/down", Route::Status),
+            ("/slow", Route::Inbox),
+        ] {
+            let _ = dispatch(&calls, route, client.get(endpoint(&server.uri(), at))).await;
+        }
+        // Nothing listens on port 9 of loopback.
+        let _ = dispatch(&calls, Route::Ack, client.get("http://127.0.0.1:9/")).await;
+        // Nobody observing: the call still works.
+        let unobserved = Calls::new(Upstream::Payments);
+        let response = dispatch(
+            &unobserved,
+            Route::Charge,
+            client.get(endpoint(&server.uri(), "/ok")),
+        )
+        .await
+        .unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(
+            *recorded.0.lock().unwrap(),
+            vec![
+                (Upstream::Argus, Route::Account, CallOutcome::Ok),
+                (Upstream::Argus, Route::Send, CallOutcome::Refused),
+                (Upstream::Argus, Route::Directory, CallOutcome::RateLimited),
+                (Upstream::Argus, Route::Status, CallOutcome::ServerError),
+                (Upstream::Argus, Route::Inbox, CallOutcome::Timeout),
+                (Upstream::Argus, Route::Ack, CallOutcome::ConnectFailed),
+            ]
+        );
+    }
 
     #[test]
     fn a_path_segment_keeps_only_letters_digits_dash_and_underscore() {

@@ -185,6 +185,76 @@ pub trait ProviderClient: Send + Sync + 'static {
     }
 }
 
+/// Who a call goes to: the `provider` label of provider-call metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Upstream {
+    /// Argus.
+    Argus,
+    /// ReferralNet.
+    ReferralNet,
+    /// The payment gateway.
+    Payments,
+}
+
+/// Which endpoint of an upstream a call is for: a small fixed set, so metrics stay bounded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Route {
+    /// Account state (the credential check).
+    Account,
+    /// Registration or enrolment with a promo code.
+    Registrations,
+    /// Directory search.
+    Directory,
+    /// Handing a message over.
+    Send,
+    /// A sent message's delivery state.
+    Status,
+    /// Listing the inbox.
+    Inbox,
+    /// Acknowledging an inbox message.
+    Ack,
+    /// ReferralNet's session login.
+    Session,
+    /// Registering the receipt webhook.
+    Webhook,
+    /// Charging a card.
+    Charge,
+    /// Looking up a card.
+    PaymentMethod,
+}
+
+/// How a call ended, as far as the transport and the status code tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CallOutcome {
+    /// A 1xx–3xx answer.
+    Ok,
+    /// A 4xx other than 429: the upstream understood and refused (wrong password, a decline…).
+    Refused,
+    /// 429.
+    RateLimited,
+    /// 5xx.
+    ServerError,
+    /// No answer within the timeout.
+    Timeout,
+    /// No connection.
+    ConnectFailed,
+    /// Any other transport failure.
+    TransportError,
+}
+
+/// Hears about every upstream call the dispatcher makes (the metrics implement it), so the
+/// adapters need not know who counts.
+pub trait CallObserver: Send + Sync + 'static {
+    /// One call finished.
+    fn call_finished(
+        &self,
+        upstream: Upstream,
+        route: Route,
+        outcome: CallOutcome,
+        elapsed: Duration,
+    );
+}
+
 /// Where and how to reach the providers.
 #[derive(Debug, Clone)]
 pub struct ProviderEndpoints {
@@ -204,15 +274,21 @@ pub struct Providers {
 }
 
 impl Providers {
-    /// Real HTTP adapters for the given endpoints.
-    pub fn http(endpoints: &ProviderEndpoints) -> anyhow::Result<Self> {
+    /// Real HTTP adapters for the given endpoints, each call reported to `observer`.
+    pub fn http(
+        endpoints: &ProviderEndpoints,
+        observer: Arc<dyn CallObserver>,
+    ) -> anyhow::Result<Self> {
         let client = http::build_client(endpoints.request_timeout)?;
         Ok(Self {
-            argus: Arc::new(ArgusClient::new(client.clone(), &endpoints.argus_base_url)),
-            referralnet: Arc::new(ReferralNetClient::new(
-                client,
-                &endpoints.referralnet_base_url,
-            )),
+            argus: Arc::new(
+                ArgusClient::new(client.clone(), &endpoints.argus_base_url)
+                    .observed_by(observer.clone()),
+            ),
+            referralnet: Arc::new(
+                ReferralNetClient::new(client, &endpoints.referralnet_base_url)
+                    .observed_by(observer),
+            ),
         })
     }
 

@@ -1,14 +1,15 @@
 //! The payment gateway: charge the practice's stored card token, with an idempotency key so a
 //! retried charge is never taken twice. One HTTP adapter (the sandbox's Stripe-like API).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use reqwest::StatusCode;
 use serde::{Deserialize, Serialize};
 
-use super::ProviderError;
-use super::http::{build_client, dispatch, endpoint, path_segment, read_json};
+use super::http::{Calls, build_client, dispatch, endpoint, path_segment, read_json};
+use super::{CallObserver, ProviderError, Route, Upstream};
 
 /// A card as the gateway may show it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,6 +70,7 @@ pub struct HttpPaymentGateway {
     client: reqwest::Client,
     base_url: String,
     api_key: String,
+    calls: Calls,
 }
 
 impl HttpPaymentGateway {
@@ -78,7 +80,16 @@ impl HttpPaymentGateway {
             client: build_client(timeout)?,
             base_url: base_url.to_owned(),
             api_key: api_key.to_owned(),
+            calls: Calls::new(Upstream::Payments),
         })
+    }
+
+    /// Reports every call to `observer` (metrics).
+    pub fn observed_by(self, observer: Arc<dyn CallObserver>) -> Self {
+        Self {
+            calls: self.calls.observed_by(observer),
+            ..self
+        }
     }
 }
 
@@ -136,6 +147,8 @@ impl PaymentGateway for HttpPaymentGateway {
     async fn describe(&self, token: &str) -> Result<CardSummary, ProviderError> {
         // The domain only passes tokens of a strict grammar; the path is escaped regardless.
         let response = dispatch(
+            &self.calls,
+            Route::PaymentMethod,
             self.client
                 .get(endpoint(
                     &self.base_url,
@@ -164,6 +177,8 @@ impl PaymentGateway for HttpPaymentGateway {
 
     async fn charge(&self, request: &ChargeRequest<'_>) -> Result<ChargeOutcome, ProviderError> {
         let response = dispatch(
+            &self.calls,
+            Route::Charge,
             self.client
                 .post(endpoint(&self.base_url, "/payments/v1/charges"))
                 .bearer_auth(&self.api_key)

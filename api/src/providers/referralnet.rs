@@ -4,14 +4,16 @@
 //! Account checks log in afresh each time: a login *is* the credential check, and approval
 //! polling is infrequent enough that caching sessions would buy nothing yet.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use reqwest::StatusCode;
 use serde::{Deserialize, Serialize};
 
-use super::http::{dispatch, endpoint, path_segment, read_json};
+use super::http::{Calls, dispatch, endpoint, path_segment, read_json};
 use super::{
-    AccountState, DeliveryState, DirectoryEntry, DirectoryPage, InboxItem, OutboundMessage,
-    ProviderClient, ProviderError,
+    AccountState, CallObserver, DeliveryState, DirectoryEntry, DirectoryPage, InboxItem,
+    OutboundMessage, ProviderClient, ProviderError, Route, Upstream,
 };
 use crate::domain::types::{Provider, ProviderCredentials, Registration};
 
@@ -19,6 +21,7 @@ use crate::domain::types::{Provider, ProviderCredentials, Registration};
 pub struct ReferralNetClient {
     client: reqwest::Client,
     base_url: String,
+    calls: Calls,
 }
 
 #[derive(Serialize)]
@@ -124,11 +127,22 @@ impl ReferralNetClient {
         Self {
             client,
             base_url: base_url.to_owned(),
+            calls: Calls::new(Upstream::ReferralNet),
+        }
+    }
+
+    /// Reports every call to `observer` (metrics).
+    pub fn observed_by(self, observer: Arc<dyn CallObserver>) -> Self {
+        Self {
+            calls: self.calls.observed_by(observer),
+            ..self
         }
     }
 
     async fn login(&self, credentials: &ProviderCredentials) -> Result<String, ProviderError> {
         let response = dispatch(
+            &self.calls,
+            Route::Session,
             self.client
                 .post(endpoint(&self.base_url, "/referralnet/api/sessions"))
                 .json(&SessionRequest {
@@ -181,6 +195,8 @@ impl ProviderClient for ReferralNetClient {
     ) -> Result<AccountState, ProviderError> {
         let token = self.login(credentials).await?;
         let response = dispatch(
+            &self.calls,
+            Route::Account,
             self.client
                 .get(endpoint(&self.base_url, "/referralnet/api/account"))
                 .bearer_auth(token),
@@ -201,6 +217,8 @@ impl ProviderClient for ReferralNetClient {
 
     async fn register(&self, registration: &Registration) -> Result<AccountState, ProviderError> {
         let response = dispatch(
+            &self.calls,
+            Route::Registrations,
             self.client
                 .post(endpoint(&self.base_url, "/referralnet/api/enrolments"))
                 .json(&EnrolmentRequest {
@@ -230,6 +248,8 @@ impl ProviderClient for ReferralNetClient {
     ) -> Result<DirectoryPage, ProviderError> {
         let token = self.login(credentials).await?;
         let response = dispatch(
+            &self.calls,
+            Route::Directory,
             self.client
                 .get(endpoint(&self.base_url, "/referralnet/api/providers"))
                 .bearer_auth(token)
@@ -284,6 +304,8 @@ impl ProviderClient for ReferralNetClient {
     ) -> Result<String, ProviderError> {
         let token = self.login(credentials).await?;
         let response = dispatch(
+            &self.calls,
+            Route::Send,
             self.client
                 .post(endpoint(&self.base_url, "/referralnet/api/dispatch"))
                 .bearer_auth(token)
@@ -308,6 +330,8 @@ impl ProviderClient for ReferralNetClient {
     ) -> Result<DeliveryState, ProviderError> {
         let token = self.login(credentials).await?;
         let response = dispatch(
+            &self.calls,
+            Route::Status,
             self.client
                 .get(endpoint(
                     &self.base_url,
@@ -344,6 +368,8 @@ impl ProviderClient for ReferralNetClient {
     ) -> Result<Vec<InboxItem>, ProviderError> {
         let token = self.login(credentials).await?;
         let response = dispatch(
+            &self.calls,
+            Route::Inbox,
             self.client
                 .get(endpoint(&self.base_url, "/referralnet/api/inbox"))
                 .bearer_auth(token)
@@ -375,6 +401,8 @@ impl ProviderClient for ReferralNetClient {
     ) -> Result<(), ProviderError> {
         let token = self.login(credentials).await?;
         let response = dispatch(
+            &self.calls,
+            Route::Ack,
             self.client
                 .delete(endpoint(
                     &self.base_url,
@@ -396,6 +424,8 @@ impl ProviderClient for ReferralNetClient {
     ) -> Result<Option<String>, ProviderError> {
         let token = self.login(credentials).await?;
         let response = dispatch(
+            &self.calls,
+            Route::Webhook,
             self.client
                 .put(endpoint(&self.base_url, "/referralnet/api/webhook"))
                 .bearer_auth(token)

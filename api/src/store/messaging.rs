@@ -31,6 +31,15 @@ fn owner_from_column(column: String) -> Option<String> {
     (column != UNASSIGNED_OWNER).then_some(column)
 }
 
+/// The outbox's backlog: messages not yet handed to a provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutboxBacklog {
+    /// Outbound messages in `QUEUED`.
+    pub queued: u64,
+    /// When the oldest of them was created.
+    pub oldest_created_at: Option<DateTime<Utc>>,
+}
+
 /// What an attempt to assign an unassigned message did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Assignment {
@@ -439,6 +448,25 @@ impl Store {
             .into_iter()
             .map(message_from_model)
             .collect())
+    }
+
+    /// How many outbound messages wait in `QUEUED` (not yet handed to a provider), and when
+    /// the oldest of them was created (for the outbox gauges at scrape time).
+    pub async fn outbox_backlog(&self) -> Result<OutboxBacklog, StoreError> {
+        let (queued, oldest): (i64, Option<i64>) = messages::Entity::find()
+            .select_only()
+            .column_as(Expr::col(messages::Column::Id).count(), "queued")
+            .column_as(Expr::col(messages::Column::CreatedAt).min(), "oldest")
+            .filter(messages::Column::Direction.eq("OUTBOUND"))
+            .filter(messages::Column::Status.eq("QUEUED"))
+            .into_tuple()
+            .one(self.connection())
+            .await?
+            .unwrap_or((0, None));
+        Ok(OutboxBacklog {
+            queued: u64::try_from(queued).unwrap_or(0),
+            oldest_created_at: oldest.map(from_millis),
+        })
     }
 
     /// Outbound messages the outbox should look at now (to send, or to track).
