@@ -6,13 +6,12 @@ use std::sync::Arc;
 use std::net::SocketAddr;
 
 use async_graphql::ServerError;
-use async_graphql::http::GraphiQLSource;
 use async_graphql::parser::types::OperationType;
 use async_graphql_axum::GraphQLRequest;
 use axum::Router;
 use axum::extract::{ConnectInfo, State, WebSocketUpgrade};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::limit::RequestBodyLimitLayer;
@@ -31,7 +30,7 @@ pub(crate) struct HttpState {
     pub schema: AppSchema,
     pub verifier: Arc<TokenVerifier>,
     pub store: Store,
-    pub playground: bool,
+    pub playground: crate::playground::Playground,
     pub messaging: crate::domain::messaging::MessagingService,
     /// Largest response body (JSON) sent for one operation, on either transport.
     pub max_response_bytes: usize,
@@ -76,6 +75,7 @@ pub(crate) fn router(state: HttpState, cors: CorsPolicy, max_body_bytes: usize) 
         .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
         .allow_credentials(false);
     Router::new()
+        .merge(crate::playground::router(&state.playground))
         .route("/graphql", get(graphql_get).post(graphql_post))
         .route("/graphql/ws", get(graphql_ws))
         .route(
@@ -261,15 +261,8 @@ async fn graphql_get(
         .split('&')
         .any(|pair| pair.starts_with("query="))
     {
-        if state.playground {
-            return Html(
-                GraphiQLSource::build()
-                    .endpoint("/graphql")
-                    .subscription_endpoint("/graphql/ws")
-                    .title("SMD Gateway")
-                    .finish(),
-            )
-            .into_response();
+        if state.playground.enabled() {
+            return crate::playground::page(&headers);
         }
         return (
             StatusCode::NOT_FOUND,

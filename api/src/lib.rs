@@ -10,6 +10,7 @@ pub mod domain;
 pub mod events;
 pub mod graphql;
 mod http;
+mod playground;
 pub mod providers;
 pub mod ratelimit;
 pub mod store;
