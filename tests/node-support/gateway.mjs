@@ -64,7 +64,11 @@ export async function gateway({ timeoutMs = 60_000 } = {}) {
   });
   let output = '';
   const stop = async () => {
-    if (child.exitCode === null) {
+    if (child.exitCode !== null || child.signalCode !== null) {
+      console.error(
+        `the gateway had already stopped (${child.exitCode ?? child.signalCode}); its output:\n${output}`,
+      );
+    } else {
       child.kill('SIGTERM');
       await new Promise((done) => child.once('exit', done));
     }
