@@ -147,9 +147,9 @@ pub fn banner(
         );
         return Ok(text);
     };
-    text.push_str("  demo tokens for the practice \"demo-practice\" (valid 24 hours; in GraphiQL open Headers and paste\n");
+    text.push_str("  demo tokens for the practice \"demo-practice\" (valid 24 hours; the playground starts as Dr Mei Chen,\n");
     text.push_str(
-        "  {\"Authorization\": \"Bearer <token>\"}; mint more with `smd-gateway token --help`):\n",
+        "  put {\"Authorization\": \"Bearer <token>\"} in its Headers pane to be someone else; mint more with `smd-gateway token --help`):\n",
     );
     for (subject, role, name) in DEMO_USERS {
         let token = demo_token(&signer, subject, role, name)?;
