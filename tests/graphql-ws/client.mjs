@@ -32,7 +32,7 @@ function check(what, condition, detail) {
 
 // One socket for the client's life, as a frontend keeps it (a lazy client closes the socket
 // whenever no operation is open). No retries: a refusal must reach the check that caused it.
-function client(url, authorization, onConnectionError) {
+function client(url, authorization, onConnectionError, onClosed) {
   return createClient({
     url,
     webSocketImpl: WebSocket,
@@ -40,6 +40,7 @@ function client(url, authorization, onConnectionError) {
     retryAttempts: 0,
     lazy: false,
     onNonLazyError: onConnectionError ?? (() => {}),
+    on: { closed: onClosed ?? (() => {}) },
   });
 }
 
@@ -86,7 +87,9 @@ function describe(error) {
 
 const server = await gateway();
 const url = `${server.wsUrl}/graphql/ws`;
-const practitioner = client(url, `Bearer ${server.token}`);
+let practitionerClosed;
+const closedCleanly = new Promise((resolve) => (practitionerClosed = resolve));
+const practitioner = client(url, `Bearer ${server.token}`, undefined, (event) => practitionerClosed(event));
 try {
   // A query over the socket.
   const me = await run(practitioner, '{ me { id name role } }');
@@ -193,6 +196,15 @@ try {
     describe(refused),
   );
   await stranger.dispose();
+
+  // Leaving: the client closes with 1000 and the server must answer the close frame, or the
+  // client sees an abnormal closure (1006).
+  await practitioner.dispose();
+  const closing = await Promise.race([
+    closedCleanly,
+    new Promise((resolve) => setTimeout(() => resolve('no close within the timeout'), TIMEOUT_MS)),
+  ]);
+  check('closing the socket is answered with 1000, not dropped (1006)', closing?.code === 1000, describe(closing));
 } catch (error) {
   failed += 1;
   console.log(`FAIL ${error.message}`);
