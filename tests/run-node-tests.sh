@@ -11,12 +11,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 repository=$(pwd)
 
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo -n "$@"; fi
+}
 if [ ! -x /usr/bin/chromium ]; then
   echo "-- installing chromium (Debian)"
-  sudo_if_needed=()
-  if [ "$(id -u)" -ne 0 ]; then sudo_if_needed=(sudo -n); fi
-  "${sudo_if_needed[@]}" apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive "${sudo_if_needed[@]}" apt-get install -y -qq chromium >/dev/null
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 fi
 /usr/bin/chromium --version 2>/dev/null  # its wrapper script warns about memory on stderr
 
@@ -29,7 +30,7 @@ done
 # an older playground than the one being committed.
 echo "-- cargo build -p smd-gateway"
 cargo build -q -p smd-gateway
-binary="$repository/target/debug/smd-gateway"
+binary="${CARGO_TARGET_DIR:-$repository/target}/debug/smd-gateway"
 
 free_port() {
   node -e 'const s=require("net").createServer();s.listen(0,"127.0.0.1",()=>{console.log(s.address().port);s.close()})'
