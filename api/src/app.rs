@@ -356,6 +356,8 @@ impl App {
                 },
                 open_operations: OpenOperations::default(),
                 max_ws_message_bytes: settings.graphql.max_body_bytes,
+                max_body_bytes: settings.graphql.max_body_bytes,
+                principals: Arc::default(),
             },
             cors,
             settings.graphql.max_body_bytes,

@@ -6,22 +6,20 @@ use std::sync::Arc;
 use std::net::SocketAddr;
 
 use async_graphql::ServerError;
-use async_graphql::parser::types::OperationType;
-use async_graphql_axum::GraphQLRequest;
 use axum::Router;
 use axum::extract::{ConnectInfo, State, WebSocketUpgrade};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tower_http::cors::{AllowOrigin, CorsLayer};
-use tower_http::limit::RequestBodyLimitLayer;
 use tracing::Instrument;
 
 use crate::auth::TokenVerifier;
 use crate::domain::audit::Principal;
 use crate::graphql::error::ApiError;
-use crate::graphql::limits::ClientAddress;
+use crate::graphql::limits::{ClientAddress, ReadOnly};
 use crate::graphql::{AppSchema, Caller};
+use crate::graphql_over_http::{self, MediaType, RequestError};
 use crate::store::Store;
 
 /// What the handlers share.
@@ -38,6 +36,10 @@ pub(crate) struct HttpState {
     pub open_operations: crate::ws::OpenOperations,
     /// Largest WebSocket message accepted.
     pub max_ws_message_bytes: usize,
+    /// Largest request body accepted.
+    pub max_body_bytes: usize,
+    /// Tokens already verified (and their users provisioned).
+    pub principals: Arc<crate::principal_cache::PrincipalCache>,
 }
 
 /// Which browser origins may call the API.
@@ -84,7 +86,9 @@ pub(crate) fn router(state: HttpState, cors: CorsPolicy, max_body_bytes: usize) 
         )
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .layer(RequestBodyLimitLayer::new(max_body_bytes))
+        // The GraphQL handlers read their body with this limit themselves (to answer in JSON);
+        // the webhook's extractor is held to it by axum.
+        .layer(axum::extract::DefaultBodyLimit::max(max_body_bytes))
         .layer(cors)
         .with_state(state)
 }
@@ -99,21 +103,13 @@ fn request_id(headers: &HeaderMap) -> String {
         .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned)
 }
 
-fn error_response(error: ApiError) -> Response {
+fn error_response(error: ApiError, media: MediaType) -> Response {
     let mut server_error: ServerError =
         async_graphql::Error::from(error).into_server_error(Default::default());
     server_error.locations.clear();
-    json_response(
-        StatusCode::OK,
-        &async_graphql::Response::from_errors(vec![server_error]),
-    )
-}
-
-fn json_response(status: StatusCode, body: &impl serde::Serialize) -> Response {
-    match serde_json::to_vec(body) {
-        Ok(bytes) => (status, [(header::CONTENT_TYPE, "application/json")], bytes).into_response(),
-        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
-    }
+    let body =
+        serde_json::to_vec(&serde_json::json!({ "errors": [server_error] })).unwrap_or_default();
+    graphql_over_http::respond(StatusCode::OK, media, body)
 }
 
 /// Every error leaves with a code. Parse, validation and limit errors come from async-graphql
@@ -158,9 +154,15 @@ impl HttpState {
             .strip_prefix("Bearer ")
             .or_else(|| authorization.strip_prefix("bearer "))
             .ok_or_else(ApiError::unauthenticated)?;
+        let token = token.trim();
+        let now = chrono::Utc::now();
+        if let Some(mut principal) = self.principals.get(token, now) {
+            principal.request_id = request_id;
+            return Ok(Some(principal));
+        }
         let identity = self
             .verifier
-            .verify(token.trim())
+            .verify(token)
             .map_err(|error| ApiError::new("UNAUTHENTICATED", error.0))?;
         let user = self
             .store
@@ -174,7 +176,7 @@ impl HttpState {
             .map_err(|error| ApiError::from(crate::domain::GatewayError::from(error)))?;
         // Role and name come from this request's verified token, not from the stored row: two
         // requests with different roles for one user must each act with their own.
-        Ok(Some(Principal {
+        let principal = Principal {
             user_id: user.id,
             subject: identity.subject,
             group_id: identity.group_id,
@@ -182,14 +184,18 @@ impl HttpState {
             name: identity.name,
             request_id,
             expires_at: identity.expires_at,
-        }))
+        };
+        self.principals.insert(token, &principal, now);
+        Ok(Some(principal))
     }
 
     async fn execute(
         &self,
         headers: &HeaderMap,
         address: SocketAddr,
+        media: MediaType,
         request: async_graphql::Request,
+        read_only: Option<ReadOnly>,
     ) -> Response {
         let request_id = request_id(headers);
         let authorization = headers
@@ -197,41 +203,52 @@ impl HttpState {
             .map(|value| value.to_str().unwrap_or(""));
         let principal = match self.authenticate(authorization, request_id.clone()).await {
             Ok(principal) => principal,
-            Err(error) => return error_response(error),
+            Err(error) => {
+                let mut response = error_response(error, media);
+                *response.status_mut() = StatusCode::UNAUTHORIZED;
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                return response;
+            }
         };
         let span = tracing::info_span!("graphql", request_id = %request_id);
-        let mut response = self
-            .schema
-            .execute(
-                request
-                    .data(Caller(principal))
-                    .data(ClientAddress(address.ip())),
-            )
-            .instrument(span)
-            .await;
+        let mut request = request
+            .data(Caller(principal))
+            .data(ClientAddress(address.ip()));
+        if let Some(read_only) = &read_only {
+            request = request.data(read_only.clone());
+        }
+        let mut response = self.schema.execute(request).instrument(span).await;
         fill_error_codes(&mut response);
-        let retry_after = rate_limited_for(&response);
-        // Refused before it ran: the rate limiter's 429, with the wait in Retry-After.
-        let status = if retry_after.is_some()
-            && response.data == async_graphql::Value::Null
-            && response.errors.iter().all(|error| error.path.is_empty())
-        {
-            StatusCode::TOO_MANY_REQUESTS
-        } else {
-            StatusCode::OK
-        };
-        let Ok(body) = serde_json::to_vec(&response) else {
+        if read_only.is_some_and(|read_only| read_only.was_refused()) {
+            let mut refused = graphql_over_http::error_body_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                media,
+                "BAD_USER_INPUT",
+                "mutations and subscriptions must be sent with POST",
+            );
+            refused
+                .headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("POST"));
+            return refused;
+        }
+        let status = graphql_over_http::status_for(&response, media);
+        let Some(body) = graphql_over_http::body(&response, media) else {
             return StatusCode::INTERNAL_SERVER_ERROR.into_response();
         };
         if body.len() > self.max_response_bytes {
-            return error_response(ApiError::bad_input(format!(
-                "the result is {} bytes; at most {} are sent at once — ask for fewer items (first) or fewer fields",
-                body.len(),
-                self.max_response_bytes
-            )));
+            return error_response(
+                ApiError::bad_input(format!(
+                    "the result is {} bytes; at most {} are sent at once — ask for fewer items (first) or fewer fields",
+                    body.len(),
+                    self.max_response_bytes
+                )),
+                media,
+            );
         }
-        let mut http = (status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
-        if let Some(seconds) = retry_after
+        let mut http = graphql_over_http::respond(status, media, body);
+        if let Some(seconds) = rate_limited_for(&response)
             && let Ok(value) = HeaderValue::from_str(&seconds.to_string())
         {
             http.headers_mut().insert(header::RETRY_AFTER, value);
@@ -240,13 +257,44 @@ impl HttpState {
     }
 }
 
+/// The answer when the client accepts no media type the gateway speaks.
+fn not_acceptable() -> Response {
+    graphql_over_http::error_body_response(
+        StatusCode::NOT_ACCEPTABLE,
+        MediaType::Json,
+        "BAD_USER_INPUT",
+        "accept application/graphql-response+json or application/json",
+    )
+}
+
 async fn graphql_post(
     State(state): State<HttpState>,
     ConnectInfo(address): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    request: GraphQLRequest,
+    body: axum::body::Body,
 ) -> Response {
-    state.execute(&headers, address, request.into_inner()).await
+    let Some(media) = graphql_over_http::negotiate(&headers) else {
+        return not_acceptable();
+    };
+    let Ok(bytes) = axum::body::to_bytes(body, state.max_body_bytes).await else {
+        return graphql_over_http::request_error_response(
+            RequestError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "the request body is over {} bytes; send a smaller operation",
+                    state.max_body_bytes
+                ),
+            ),
+            media,
+        );
+    };
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok());
+    match graphql_over_http::parse_post(content_type, &bytes) {
+        Ok(request) => state.execute(&headers, address, media, request, None).await,
+        Err(error) => graphql_over_http::request_error_response(error, media),
+    }
 }
 
 /// `GET /graphql?query=…` runs a query (never a mutation); a bare GET serves GraphiQL.
@@ -257,10 +305,7 @@ async fn graphql_get(
     uri: Uri,
 ) -> Response {
     let query_string = uri.query().unwrap_or_default();
-    if !query_string
-        .split('&')
-        .any(|pair| pair.starts_with("query="))
-    {
+    if query_string.is_empty() {
         if state.playground.enabled() {
             return crate::playground::page(&headers);
         }
@@ -270,30 +315,17 @@ async fn graphql_get(
         )
             .into_response();
     }
-    let request = match async_graphql::http::parse_query_string(query_string) {
-        Ok(request) => request,
-        Err(_) => {
-            return error_response(ApiError::bad_input(
-                "the query string is not a GraphQL request",
-            ));
-        }
+    let Some(media) = graphql_over_http::negotiate(&headers) else {
+        return not_acceptable();
     };
-    if let Ok(document) = async_graphql::parser::parse_query(&request.query) {
-        let is_query = document
-            .operations
-            .iter()
-            .all(|(_, operation)| operation.node.ty == OperationType::Query);
-        if !is_query {
-            return (
-                StatusCode::METHOD_NOT_ALLOWED,
-                error_response(ApiError::bad_input(
-                    "mutations and subscriptions must be sent with POST",
-                )),
-            )
-                .into_response();
+    match graphql_over_http::parse_get(query_string) {
+        Ok(request) => {
+            state
+                .execute(&headers, address, media, request, Some(ReadOnly::default()))
+                .await
         }
+        Err(error) => graphql_over_http::request_error_response(error, media),
     }
-    state.execute(&headers, address, request).await
 }
 
 async fn graphql_ws(

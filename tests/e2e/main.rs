@@ -5,12 +5,14 @@
 mod auth;
 mod credits;
 mod helpers;
+mod http_spec;
 mod inbox;
 mod integrations;
 mod limits;
 mod messaging;
 mod permissions;
 mod platform;
+mod readme;
 mod registration;
 mod schema;
 mod ws;

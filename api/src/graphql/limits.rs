@@ -4,14 +4,16 @@
 //! calls one operation may cause. Complexity (lists weighted by their `first`) is async-graphql's
 //! own rule, configured in [`super::build_schema`].
 
+use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use async_graphql::extensions::{
-    Extension, ExtensionContext, ExtensionFactory, NextParseQuery, NextPrepareRequest,
+    Extension, ExtensionContext, ExtensionFactory, NextExecute, NextParseQuery, NextPrepareRequest,
 };
-use async_graphql::parser::types::{ExecutableDocument, Selection, SelectionSet};
-use async_graphql::{Positioned, Request, ServerError, ServerResult, Variables};
+use async_graphql::parser::types::{ExecutableDocument, OperationType, Selection, SelectionSet};
+use async_graphql::{Name, Positioned, Request, Response, ServerError, ServerResult, Variables};
 
 use super::Caller;
 use crate::domain::CallBudget;
@@ -20,6 +22,18 @@ use crate::ratelimit::{TokenBuckets, retry_after_seconds};
 /// The client's network address, attached by the transport.
 #[derive(Debug, Clone, Copy)]
 pub struct ClientAddress(pub IpAddr);
+
+/// Attached to requests that arrived by HTTP GET: only queries may run, and whether the
+/// document tried something else is recorded for the transport (which answers 405).
+#[derive(Debug, Clone, Default)]
+pub struct ReadOnly(Arc<AtomicBool>);
+
+impl ReadOnly {
+    /// Whether the document held a mutation or subscription and was refused.
+    pub fn was_refused(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
 
 /// How much one operation may ask for.
 #[derive(Debug, Clone, Copy)]
@@ -62,6 +76,7 @@ impl ExtensionFactory for Limiter {
             limits: self.limits,
             users: self.users.clone(),
             addresses: self.addresses.clone(),
+            field_order: Mutex::new(HashMap::new()),
         })
     }
 }
@@ -70,6 +85,9 @@ struct LimiterExtension {
     limits: OperationLimits,
     users: Arc<TokenBuckets>,
     addresses: Arc<TokenBuckets>,
+    /// Each operation's top-level response keys in document order (one extension instance
+    /// serves one request).
+    field_order: Mutex<HashMap<Option<String>, Vec<String>>>,
 }
 
 /// A refusal with its code, shaped like every other error the gateway returns.
@@ -142,6 +160,19 @@ impl Extension for LimiterExtension {
             ));
         }
         let document = next.run(ctx, query, variables).await?;
+        if let Some(read_only) = ctx.data_opt::<ReadOnly>()
+            && document
+                .operations
+                .iter()
+                .any(|(_, operation)| operation.node.ty != OperationType::Query)
+        {
+            read_only.0.store(true, Ordering::Release);
+            return Err(refusal(
+                "BAD_USER_INPUT",
+                "mutations and subscriptions must be sent with POST".into(),
+                None,
+            ));
+        }
         let shape = Shape::of(&document);
         if shape.fields > MAX_EXPANDED_FIELDS {
             return Err(refusal(
@@ -192,7 +223,93 @@ impl Extension for LimiterExtension {
                 None,
             ));
         }
+        let orders = document
+            .operations
+            .iter()
+            .map(|(name, operation)| {
+                let mut keys = Vec::new();
+                top_level_keys(&document, &operation.node.selection_set, &mut keys, 0);
+                (name.map(|name| name.to_string()), keys)
+            })
+            .collect();
+        *self
+            .field_order
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = orders;
         Ok(document)
+    }
+
+    /// The executor resolves a merged root object area by area, so top-level fields would come
+    /// back grouped by area; the specification wants them in document order.
+    async fn execute(
+        &self,
+        ctx: &ExtensionContext<'_>,
+        operation_name: Option<&str>,
+        next: NextExecute<'_>,
+    ) -> Response {
+        let mut response = next.run(ctx, operation_name).await;
+        let order = {
+            let orders = self
+                .field_order
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match operation_name {
+                Some(name) => orders.get(&Some(name.to_owned())).cloned(),
+                // Without a name, the document has exactly one operation.
+                None => orders.values().next().cloned(),
+            }
+        };
+        if let (Some(order), async_graphql::Value::Object(data)) = (order, &mut response.data) {
+            let mut sorted = async_graphql::indexmap::IndexMap::with_capacity(data.len());
+            for key in order {
+                let name = Name::new(key);
+                if let Some(value) = data.shift_remove(&name) {
+                    sorted.insert(name, value);
+                }
+            }
+            sorted.extend(std::mem::take(data));
+            *data = sorted;
+        }
+        response
+    }
+}
+
+/// The response keys of a selection set in document order, fragments expanded in place.
+fn top_level_keys(
+    document: &ExecutableDocument,
+    set: &Positioned<SelectionSet>,
+    keys: &mut Vec<String>,
+    fragment_nesting: usize,
+) {
+    for item in &set.node.items {
+        match &item.node {
+            Selection::Field(field) => {
+                let key = field.node.response_key().node.to_string();
+                if !keys.contains(&key) {
+                    keys.push(key);
+                }
+            }
+            Selection::InlineFragment(fragment) => {
+                top_level_keys(
+                    document,
+                    &fragment.node.selection_set,
+                    keys,
+                    fragment_nesting,
+                );
+            }
+            Selection::FragmentSpread(spread) => {
+                if fragment_nesting < 8
+                    && let Some(fragment) = document.fragments.get(&spread.node.fragment_name.node)
+                {
+                    top_level_keys(
+                        document,
+                        &fragment.node.selection_set,
+                        keys,
+                        fragment_nesting + 1,
+                    );
+                }
+            }
+        }
     }
 }
 
