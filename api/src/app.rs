@@ -310,6 +310,33 @@ impl App {
             }
         }
 
+        // Dev mode pre-fills the playground's Headers pane with a demo practitioner's token,
+        // minted afresh on each visit; production never hands out a token.
+        let playground_token = match (&dev_keys, settings.jwt.hs256_secret.clone()) {
+            (Some(_), Some(secret)) => {
+                let issuer = settings
+                    .jwt
+                    .issuer
+                    .clone()
+                    .unwrap_or_else(|| dev::DEV_ISSUER.to_owned());
+                let audience = settings
+                    .jwt
+                    .audience
+                    .clone()
+                    .unwrap_or_else(|| dev::DEV_AUDIENCE.to_owned());
+                let mint: crate::playground::DevToken = Arc::new(move || {
+                    dev::playground_token(&dev::DevSigner {
+                        secret: &secret,
+                        issuer: &issuer,
+                        audience: &audience,
+                    })
+                    .ok()
+                });
+                Some(mint)
+            }
+            _ => None,
+        };
+
         let cors = if settings.cors_allowed_origins.is_empty() && settings.mode == Mode::Dev {
             CorsPolicy::Localhost
         } else {
@@ -332,7 +359,10 @@ impl App {
                 schema,
                 verifier,
                 store: store.clone(),
-                playground: settings.playground_enabled(),
+                playground: crate::playground::Playground::new(
+                    settings.playground_enabled(),
+                    playground_token,
+                ),
                 messaging: messaging.clone(),
                 max_response_bytes: settings.graphql.max_response_bytes,
                 ws_limits: WsLimits {

@@ -147,24 +147,47 @@ pub fn banner(
         );
         return Ok(text);
     };
-    text.push_str("  demo tokens for the practice \"demo-practice\" (valid 24 hours; in GraphiQL open Headers and paste\n");
+    text.push_str("  demo tokens for the practice \"demo-practice\" (valid 24 hours; the playground starts as Dr Mei Chen,\n");
     text.push_str(
-        "  {\"Authorization\": \"Bearer <token>\"}; mint more with `smd-gateway token --help`):\n",
+        "  put {\"Authorization\": \"Bearer <token>\"} in its Headers pane to be someone else; mint more with `smd-gateway token --help`):\n",
     );
     for (subject, role, name) in DEMO_USERS {
-        let token = mint_hs256(
-            signer.secret,
-            signer.issuer,
-            signer.audience,
-            &TokenRequest {
-                subject: subject.to_owned(),
-                group_id: DEMO_GROUP.to_owned(),
-                role,
-                name: Some(name.to_owned()),
-                ttl_seconds: 86_400,
-            },
-        )?;
+        let token = demo_token(&signer, subject, role, name)?;
         text.push_str(&format!("    {:<13} {name}\n      {token}\n", role.code()));
     }
     Ok(text)
+}
+
+/// The demo user GraphiQL's Headers pane starts as (dev mode): Dr Mei Chen, a practitioner.
+pub const PLAYGROUND_USER: &str = "dr-chen";
+
+/// A fresh day-long token for [`PLAYGROUND_USER`], minted each time the playground loads so a
+/// gateway running for days still pre-fills one that works.
+pub fn playground_token(signer: &DevSigner<'_>) -> anyhow::Result<String> {
+    let (subject, role, name) = DEMO_USERS
+        .into_iter()
+        .find(|(subject, _, _)| *subject == PLAYGROUND_USER)
+        .ok_or_else(|| anyhow::anyhow!("{PLAYGROUND_USER} is not a demo user"))?;
+    demo_token(signer, subject, role, name)
+}
+
+/// A day-long token for one of the demo practice's users.
+fn demo_token(
+    signer: &DevSigner<'_>,
+    subject: &str,
+    role: Role,
+    name: &str,
+) -> anyhow::Result<String> {
+    mint_hs256(
+        signer.secret,
+        signer.issuer,
+        signer.audience,
+        &TokenRequest {
+            subject: subject.to_owned(),
+            group_id: DEMO_GROUP.to_owned(),
+            role,
+            name: Some(name.to_owned()),
+            ttl_seconds: 86_400,
+        },
+    )
 }

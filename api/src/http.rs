@@ -6,11 +6,10 @@ use std::sync::Arc;
 use std::net::SocketAddr;
 
 use async_graphql::ServerError;
-use async_graphql::http::GraphiQLSource;
 use axum::Router;
 use axum::extract::{ConnectInfo, State, WebSocketUpgrade};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tracing::Instrument;
@@ -29,7 +28,7 @@ pub(crate) struct HttpState {
     pub schema: AppSchema,
     pub verifier: Arc<TokenVerifier>,
     pub store: Store,
-    pub playground: bool,
+    pub playground: crate::playground::Playground,
     pub messaging: crate::domain::messaging::MessagingService,
     /// Largest response body (JSON) sent for one operation, on either transport.
     pub max_response_bytes: usize,
@@ -86,6 +85,7 @@ pub(crate) fn router(state: HttpState, cors: CorsPolicy, max_body_bytes: usize) 
         .expose_headers([header::HeaderName::from_static(crate::request_id::HEADER)])
         .allow_credentials(false);
     Router::new()
+        .merge(crate::playground::router(&state.playground))
         .route("/graphql", get(graphql_get).post(graphql_post))
         .route("/graphql/ws", get(graphql_ws))
         .route(
@@ -325,15 +325,8 @@ async fn graphql_get(
 ) -> Response {
     let query_string = uri.query().unwrap_or_default();
     if query_string.is_empty() {
-        if state.playground {
-            return Html(
-                GraphiQLSource::build()
-                    .endpoint("/graphql")
-                    .subscription_endpoint("/graphql/ws")
-                    .title("SMD Gateway")
-                    .finish(),
-            )
-            .into_response();
+        if state.playground.enabled() {
+            return crate::playground::page(&headers);
         }
         return (
             StatusCode::NOT_FOUND,

@@ -12,6 +12,7 @@ pub mod graphql;
 mod graphql_over_http;
 mod http;
 mod metrics;
+mod playground;
 mod principal_cache;
 pub mod providers;
 pub mod ratelimit;

@@ -128,6 +128,13 @@ pub(crate) struct Connection {
     pub metrics: crate::metrics::Metrics,
 }
 
+/// The client closed: send the reply to its close frame, which the WebSocket library has
+/// queued but writes only on the next flush. Dropping the socket without it makes clients see
+/// an abnormal closure (1006) instead of their own code echoed (RFC 6455, section 5.5.1).
+async fn answer_close(socket: &mut WebSocket) {
+    let _ = futures::SinkExt::flush(socket).await;
+}
+
 /// Closes the socket with a protocol close code.
 async fn close(socket: &mut WebSocket, code: u16, reason: &str) {
     let _ = socket
@@ -188,7 +195,10 @@ pub(crate) async fn serve<A, Fut>(
                 close(&mut socket, 4401, "Unauthorized").await;
                 return;
             }
-            Parsed::Closed => return,
+            Parsed::Closed => {
+                answer_close(&mut socket).await;
+                return;
+            }
             Parsed::Invalid(reason) => {
                 close(&mut socket, 4400, &reason).await;
                 return;
@@ -242,7 +252,10 @@ async fn run_acknowledged(mut socket: WebSocket, connection: Connection, princip
                     Some(Ok(message)) => message,
                 };
                 match parse(&message) {
-                    Parsed::Closed => break,
+                    Parsed::Closed => {
+                        answer_close(&mut socket).await;
+                        break;
+                    }
                     Parsed::Ignore | Parsed::Message(ClientMessage::Pong { .. }) => {}
                     Parsed::Invalid(reason) => {
                         close(&mut socket, 4400, &reason).await;

@@ -7,7 +7,7 @@ use futures::future::join_all;
 use serde_json::{Value, json};
 
 use crate::helpers::*;
-use crate::ws::{WsClient, ws_error_code};
+use crate::ws::{WsClient, WsEvent, ws_error_code};
 
 const LINK: &str = "mutation($input: LinkAccountInput!) { linkArgus(input: $input) { status } }";
 const ARGUS_ACCOUNT: &str = "/argus/v1/account";
@@ -326,6 +326,30 @@ async fn the_websocket_protocol_closes_with_its_own_codes() {
         1009,
         "a frame over the size cap"
     );
+}
+
+#[tokio::test]
+async fn a_client_closing_the_websocket_gets_its_close_answered_not_a_dropped_connection() {
+    let app = spawn_app().await;
+    let chen = practitioner("dr-chen", "clinic-1");
+
+    let mut before_init = WsClient::connect(&app).await;
+    assert!(
+        matches!(before_init.close_with(1000).await, WsEvent::Closed(1000, _)),
+        "closed before connection_init"
+    );
+
+    let mut acknowledged = WsClient::ready(&app, &chen).await;
+    acknowledged
+        .subscribe(
+            "live",
+            "subscription { messageStatusChanged { id status } }",
+        )
+        .await;
+    match acknowledged.close_with(1000).await {
+        WsEvent::Closed(1000, _) => {}
+        other => panic!("the server did not answer the close frame: {other:?}"),
+    }
 }
 
 #[tokio::test]

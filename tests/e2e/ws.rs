@@ -97,6 +97,21 @@ impl WsClient {
         }
     }
 
+    /// Closes the connection with `code`, as a client leaving normally does, and returns how
+    /// the server answered: its close frame, or 1006 when it dropped the connection instead.
+    pub(crate) async fn close_with(&mut self, code: u16) -> WsEvent {
+        let _ = self
+            .socket
+            .send(Message::Close(Some(
+                tokio_tungstenite::tungstenite::protocol::CloseFrame {
+                    code: code.into(),
+                    reason: "bye".into(),
+                },
+            )))
+            .await;
+        self.next_event().await
+    }
+
     /// The close code the server ends the connection with (skipping messages before it).
     pub(crate) async fn close_code(&mut self) -> u16 {
         loop {
