@@ -101,5 +101,5 @@ if [ "$failed" -gt 0 ]; then
   echo "gateway log (last 40 lines):" >&2
   grep -v '^ *eyJ' "$log" | tail -n 40 >&2 || true
 fi
-echo "node checks: $passed passed, $failed failed"
+echo "node-checks: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]
