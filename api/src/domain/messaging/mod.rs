@@ -18,7 +18,7 @@ use crate::crypto::SecretBox;
 use crate::domain::CallBudget;
 use crate::domain::audit::{AuditEntry, AuditOutcome, Principal, actions as audit_actions};
 use crate::domain::credits::{CREDITS_PER_MESSAGE, CreditService, IdempotencyKey};
-use crate::domain::directory_cache::{DirectoryCache, LookupError};
+use directory_cache::{DirectoryCache, LookupError};
 use crate::domain::hl7;
 use crate::domain::integrations::IntegrationService;
 use crate::domain::types::{ConnectionStatus, Provider, Role};
@@ -27,6 +27,8 @@ use crate::providers::{DeliveryState, DirectoryEntry, OutboundMessage, ProviderE
 use crate::store::messaging::{Assignment, MessageRow, MessageUpdate, NoteRow, PatientRow};
 use crate::store::users::HpiiChange;
 use crate::store::{Store, new_id};
+
+mod directory_cache;
 
 /// Audit actions for messaging.
 pub mod actions {
