@@ -21,7 +21,7 @@ const AUDIT: &str =
 fn valid_hpii(prefix15: &str) -> String {
     (0..10)
         .map(|digit| format!("{prefix15}{digit}"))
-        .find(|candidate| smd_gateway::domain::types::is_valid_hpii(candidate))
+        .find(|candidate| smd_gateway::domain::types::Hpii::parse(candidate).is_ok())
         .unwrap()
 }
 

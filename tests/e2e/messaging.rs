@@ -559,7 +559,7 @@ async fn clinical_content_is_not_readable_in_the_database_file() {
 fn valid_hpii(prefix15: &str) -> String {
     (0..10)
         .map(|digit| format!("{prefix15}{digit}"))
-        .find(|candidate| smd_gateway::domain::types::is_valid_hpii(candidate))
+        .find(|candidate| smd_gateway::domain::types::Hpii::parse(candidate).is_ok())
         .unwrap()
 }
 

@@ -216,10 +216,7 @@ impl MessagingService {
         }
         let mut best: Option<(Provider, f64)> = None;
         for provider in candidates {
-            let (failed, total) = self
-                .store
-                .recent_outcomes(group_id, provider.code(), 50)
-                .await?;
+            let (failed, total) = self.store.recent_outcomes(group_id, provider, 50).await?;
             let failure_rate = if total == 0 {
                 0.0
             } else {

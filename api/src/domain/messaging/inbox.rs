@@ -6,10 +6,9 @@ use chrono::Utc;
 
 use super::{MessagingService, StoredPayload, actions, practitioner_only};
 use crate::domain::audit::{AuditEntry, AuditOutcome, Principal};
-use crate::domain::types::Role;
+use crate::domain::types::{Direction, Hpii, MessageId, MessageStatus, Role};
 use crate::domain::{GatewayError, hl7};
 use crate::store::messaging::{Assignment, MessageRow, MessageUpdate};
-use crate::store::new_id;
 
 impl MessagingService {
     /// The practice's unassigned inbox (received messages whose HPI-I nobody holds), newest
@@ -101,18 +100,18 @@ impl MessagingService {
             .find_message(&principal.user_id, id)
             .await?
             .ok_or_else(|| GatewayError::NotFound(format!("you have no message {id:?}")))?;
-        if row.direction != "INBOUND" {
+        if row.direction != Direction::Inbound {
             return Err(GatewayError::BadUserInput(
                 "only received messages can be acknowledged".into(),
             ));
         }
         let update = MessageUpdate {
-            status: Some("ACKNOWLEDGED".into()),
+            status: Some(MessageStatus::Acknowledged),
             acknowledged_at: Some(Utc::now()),
             ..MessageUpdate::default()
         };
         self.store
-            .update_message(&row.id, "DELIVERED", &update)
+            .update_message(&row.id, MessageStatus::Delivered, &update)
             .await?;
         Ok(self
             .store
@@ -150,8 +149,7 @@ impl MessagingService {
                     .and_then(|message| message.party(hl7::ROLE_REFERRED_TO_PROVIDER))
                     .map(|party| party.hpii);
                 // Only a well-formed HPI-I can be anyone's; anything else is kept as "no HPI-I".
-                let addressed_hpii =
-                    addressed_hpii.filter(|hpii| crate::domain::types::is_valid_hpii(hpii));
+                let addressed_hpii = addressed_hpii.and_then(|hpii| Hpii::parse(&hpii).ok());
                 // The practitioner of this practice who holds the HPI-I, or nobody: then it
                 // waits in the practice's unassigned inbox for a practitioner to claim it.
                 let owner = match &addressed_hpii {
@@ -162,7 +160,7 @@ impl MessagingService {
                         .map(|user| user.id),
                     None => None,
                 };
-                let id = new_id();
+                let id = MessageId::generate();
                 let stored = StoredPayload {
                     hl7: item.payload.clone(),
                     section_keys: Vec::new(),
@@ -179,9 +177,9 @@ impl MessagingService {
                     id: id.clone(),
                     group_id: account.group_id.clone(),
                     owner_user_id: owner,
-                    direction: "INBOUND".into(),
-                    provider: account.provider.code().into(),
-                    status: "DELIVERED".into(),
+                    direction: Direction::Inbound,
+                    provider: account.provider,
+                    status: MessageStatus::Delivered,
                     counterpart_hpii: item.sender_hpii.chars().take(16).collect(),
                     counterpart_name: item.sender_name.chars().take(256).collect(),
                     note_id: None,

@@ -18,7 +18,7 @@ use crate::domain::audit::{AuditEntry, AuditOutcome, Principal, actions as audit
 use crate::domain::credits::CreditService;
 use crate::domain::hl7;
 use crate::domain::integrations::IntegrationService;
-use crate::domain::types::{Provider, Role};
+use crate::domain::types::{Direction, Hpii, MessageStatus, Provider, Role};
 use crate::providers::Providers;
 use crate::store::Store;
 use crate::store::messaging::MessageRow;
@@ -148,8 +148,8 @@ impl MessagingService {
     pub async fn messages(
         &self,
         principal: &Principal,
-        direction: Option<&str>,
-        status: Option<&str>,
+        direction: Option<Direction>,
+        status: Option<MessageStatus>,
         after: Option<&str>,
         first: u64,
     ) -> Result<Vec<MessageRow>, GatewayError> {
@@ -201,12 +201,8 @@ impl MessagingService {
     /// changes nothing and succeeds. Every set, change and refused claim is audited.
     pub async fn set_my_hpii(&self, principal: &Principal, hpii: &str) -> Result<(), GatewayError> {
         practitioner_only(principal, "have an HPI-I")?;
-        let hpii = hpii.trim();
-        if !crate::domain::types::is_valid_hpii(hpii) {
-            return Err(GatewayError::BadUserInput(
-                "hpii must be 16 digits starting 800361 with a valid check digit".into(),
-            ));
-        }
+        let hpii = Hpii::parse(hpii)
+            .map_err(|problem| GatewayError::BadUserInput(format!("hpii: {problem}")))?;
         let audit = |change: &HpiiChange| {
             let (outcome, detail) = match change {
                 HpiiChange::Set { previous: None } => {
@@ -233,7 +229,7 @@ impl MessagingService {
         };
         match self
             .store
-            .set_user_hpii(&principal.user_id, hpii, audit)
+            .set_user_hpii(&principal.user_id, &hpii, audit)
             .await?
         {
             // The other holder is not named: an administrator can find them in the audit trail.
@@ -245,7 +241,7 @@ impl MessagingService {
     }
 
     /// The caller's HPI-I, if they set one.
-    pub async fn my_hpii(&self, principal: &Principal) -> Result<Option<String>, GatewayError> {
+    pub async fn my_hpii(&self, principal: &Principal) -> Result<Option<Hpii>, GatewayError> {
         Ok(self
             .store
             .user_by_id(&principal.user_id)

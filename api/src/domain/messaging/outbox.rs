@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 
 use super::{MessagingService, OUTBOX_BATCH, actions};
 use crate::domain::audit::{AuditEntry, AuditOutcome};
-use crate::domain::types::Provider;
+use crate::domain::types::{MessageStatus, Provider};
 use crate::domain::{GatewayError, later, safe_word};
 use crate::providers::{DeliveryState, OutboundMessage, ProviderError};
 use crate::store::messaging::{MessageRow, MessageUpdate};
@@ -51,9 +51,7 @@ impl MessagingService {
     }
 
     async fn work_on(&self, message: &MessageRow, now: DateTime<Utc>) -> Result<(), GatewayError> {
-        let provider = Provider::from_code(&message.provider).ok_or_else(|| {
-            GatewayError::internal(anyhow::anyhow!("unknown provider {}", message.provider))
-        })?;
+        let provider = message.provider;
         let Some(credentials) = self
             .integrations
             .active_group_credentials(&message.group_id, provider)
@@ -61,7 +59,7 @@ impl MessagingService {
         else {
             // The account was disconnected or is no longer active: keep the message and look
             // again later; a queued one the provider never saw fails and is refunded in time.
-            if message.status == "QUEUED" && self.too_old(message, now) {
+            if message.status == MessageStatus::Queued && self.too_old(message, now) {
                 return self
                     .give_up(
                         message,
@@ -74,18 +72,18 @@ impl MessagingService {
                 ..MessageUpdate::default()
             };
             self.store
-                .update_message(&message.id, &message.status, &update)
+                .update_message(&message.id, message.status, &update)
                 .await?;
             return Ok(());
         };
         let adapter = self.providers.get(provider);
-        if message.status == "QUEUED" {
+        if message.status == MessageStatus::Queued {
             let payload = self.open_payload(message)?;
             let result = adapter
                 .send(
                     &credentials,
                     &OutboundMessage {
-                        client_message_id: &message.id,
+                        client_message_id: message.id.as_str(),
                         recipient_hpii: &message.counterpart_hpii,
                         payload: &payload.hl7,
                     },
@@ -99,14 +97,14 @@ impl MessagingService {
                 }
                 Ok(reference) => {
                     let update = MessageUpdate {
-                        status: Some("SENT".into()),
+                        status: Some(MessageStatus::Sent),
                         provider_reference: Some(reference),
                         sent_at: Some(now),
                         next_attempt_at: Some(Some(later(now, self.settings.status_poll_interval))),
                         ..MessageUpdate::default()
                     };
                     self.store
-                        .update_message(&message.id, "QUEUED", &update)
+                        .update_message(&message.id, MessageStatus::Queued, &update)
                         .await?;
                 }
                 Err(ProviderError::Refused { code, .. }) => {
@@ -166,7 +164,7 @@ impl MessagingService {
                 ..MessageUpdate::default()
             };
             self.store
-                .update_message(&message.id, &message.status, &update)
+                .update_message(&message.id, message.status, &update)
                 .await?;
             return Ok(());
         }
@@ -187,7 +185,7 @@ impl MessagingService {
             }
         };
         self.store
-            .update_message(&message.id, &message.status, &update)
+            .update_message(&message.id, message.status, &update)
             .await?;
         Ok(())
     }
@@ -217,7 +215,7 @@ impl MessagingService {
     async fn give_up(&self, message: &MessageRow, reason: &str) -> Result<(), GatewayError> {
         if message.ambiguous {
             let update = MessageUpdate {
-                status: Some("FAILED".into()),
+                status: Some(MessageStatus::Failed),
                 failure_reason: Some(format!(
                     "{reason}; an earlier attempt may have reached the provider, so the credits were not refunded automatically — contact support"
                 )),
@@ -225,7 +223,7 @@ impl MessagingService {
                 ..MessageUpdate::default()
             };
             self.store
-                .update_message(&message.id, "QUEUED", &update)
+                .update_message(&message.id, MessageStatus::Queued, &update)
                 .await?;
             return Ok(());
         }
@@ -248,7 +246,7 @@ impl MessagingService {
             ..MessageUpdate::default()
         };
         self.store
-            .update_message(&message.id, "QUEUED", &update)
+            .update_message(&message.id, MessageStatus::Queued, &update)
             .await?;
         Ok(())
     }
@@ -268,7 +266,7 @@ impl MessagingService {
         })?;
         let txn = self.store.begin_credit_transaction().await?;
         let update = MessageUpdate {
-            status: Some("FAILED".into()),
+            status: Some(MessageStatus::Failed),
             failure_reason: Some(reason.to_owned()),
             next_attempt_at: Some(None),
             refunded: true,
@@ -276,7 +274,7 @@ impl MessagingService {
         };
         if !self
             .store
-            .update_message_in_transaction(&txn, &message.id, "QUEUED", &update)
+            .update_message_in_transaction(&txn, &message.id, MessageStatus::Queued, &update)
             .await?
         {
             txn.rollback().await?;
@@ -288,7 +286,7 @@ impl MessagingService {
                 &message.group_id,
                 sender,
                 message.credits_charged,
-                &message.id,
+                message.id.as_str(),
             )
             .await?;
         let mut audit = AuditEntry::by_gateway(
@@ -320,8 +318,8 @@ pub(super) fn delivery_update(
             next_attempt_at: poll_again,
             ..MessageUpdate::default()
         },
-        DeliveryState::Delivered if message.status == "SENT" => MessageUpdate {
-            status: Some("DELIVERED".into()),
+        DeliveryState::Delivered if message.status == MessageStatus::Sent => MessageUpdate {
+            status: Some(MessageStatus::Delivered),
             delivered_at: Some(now),
             next_attempt_at: poll_again,
             ..MessageUpdate::default()
@@ -331,17 +329,17 @@ pub(super) fn delivery_update(
             ..MessageUpdate::default()
         },
         DeliveryState::Acknowledged => MessageUpdate {
-            status: Some("ACKNOWLEDGED".into()),
+            status: Some(MessageStatus::Acknowledged),
             delivered_at: message.delivered_at.or(Some(now)),
             acknowledged_at: Some(now),
             next_attempt_at: Some(None),
             ..MessageUpdate::default()
         },
         // A delivered message cannot fail afterwards; the provider's words stay in the log.
-        DeliveryState::Failed(reason) if message.status == "SENT" => {
+        DeliveryState::Failed(reason) if message.status == MessageStatus::Sent => {
             tracing::info!(message = %message.id, %provider, reason = %reason, "provider reports the message undeliverable");
             MessageUpdate {
-                status: Some("FAILED".into()),
+                status: Some(MessageStatus::Failed),
                 failure_reason: Some(format!(
                     "{provider} could not deliver the message to the recipient's endpoint"
                 )),

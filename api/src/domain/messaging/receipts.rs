@@ -5,6 +5,7 @@ use serde::Deserialize;
 
 use super::MessagingService;
 use super::outbox::delivery_update;
+use crate::domain::types::{Direction, MessageStatus};
 use crate::domain::{GatewayError, later};
 use crate::providers::DeliveryState;
 
@@ -70,10 +71,15 @@ impl MessagingService {
             return Ok(());
         };
         let ours = message.group_id == account.group_id
-            && message.provider == account.provider.code()
-            && message.direction == "OUTBOUND";
+            && message.provider == account.provider
+            && message.direction == Direction::Outbound;
         // Not ours, not sent yet (polling will see it), or already final: nothing to change.
-        if !ours || !matches!(message.status.as_str(), "SENT" | "DELIVERED") {
+        if !ours
+            || !matches!(
+                message.status,
+                MessageStatus::Sent | MessageStatus::Delivered
+            )
+        {
             return Ok(());
         }
         let state = match receipt.state.as_str() {
@@ -93,7 +99,7 @@ impl MessagingService {
             account.provider,
         );
         self.store
-            .update_message(&message.id, &message.status, &update)
+            .update_message(&message.id, message.status, &update)
             .await?;
         Ok(())
     }

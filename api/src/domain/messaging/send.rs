@@ -8,9 +8,8 @@ use crate::domain::GatewayError;
 use crate::domain::audit::{AuditEntry, AuditOutcome, Principal};
 use crate::domain::credits::{CREDITS_PER_MESSAGE, IdempotencyKey};
 use crate::domain::hl7;
-use crate::domain::types::{ConnectionStatus, Provider};
+use crate::domain::types::{ConnectionStatus, Direction, Hpii, MessageId, MessageStatus, Provider};
 use crate::store::messaging::MessageRow;
-use crate::store::new_id;
 
 /// What a practitioner asks to send.
 #[derive(Debug, Clone)]
@@ -88,7 +87,7 @@ impl MessagingService {
                 known.join(", ")
             )));
         }
-        if !crate::domain::types::is_valid_hpii(&request.recipient_hpii) {
+        if Hpii::parse(&request.recipient_hpii).is_err() {
             return Err(GatewayError::BadUserInput(
                 "recipientId must be a 16-digit HPI-I from searchPractitioners".into(),
             ));
@@ -152,7 +151,7 @@ impl MessagingService {
                 })?,
         };
         let patient = self.patient(principal, &note.patient_id).await?;
-        let message_id = new_id();
+        let message_id = MessageId::generate();
         let chosen: Vec<hl7::Section> = note
             .sections
             .iter()
@@ -164,7 +163,7 @@ impl MessagingService {
             })
             .collect();
         let payload = hl7::build_referral(&hl7::Referral {
-            control_id: message_id.clone(),
+            control_id: message_id.to_string(),
             sent_at: Utc::now(),
             sending_application: "SMD Gateway".into(),
             sender: hl7::Party {
@@ -204,9 +203,9 @@ impl MessagingService {
             id: message_id.clone(),
             group_id: principal.group_id.clone(),
             owner_user_id: Some(principal.user_id.clone()),
-            direction: "OUTBOUND".into(),
-            provider: provider.code().into(),
-            status: "QUEUED".into(),
+            direction: Direction::Outbound,
+            provider,
+            status: MessageStatus::Queued,
             counterpart_hpii: entry.hpii.clone(),
             counterpart_name: name,
             note_id: Some(note.id.clone()),
@@ -233,7 +232,7 @@ impl MessagingService {
             let txn = self.store.begin_credit_transaction().await?;
             match self
                 .credits
-                .debit_send_in(&txn, principal, &message_id, card)
+                .debit_send_in(&txn, principal, message_id.as_str(), card)
                 .await?
             {
                 Ok((balance, top_up)) => {
@@ -303,7 +302,7 @@ impl MessagingService {
             && payload.section_keys.join(",") == fingerprint_sections
             && request
                 .provider
-                .is_none_or(|provider| provider.code() == existing.provider);
+                .is_none_or(|provider| provider == existing.provider);
         if !same {
             return Err(GatewayError::Conflict(
                 "this idempotency key was already used for a different message; use a new key for a new message".into(),
