@@ -24,8 +24,8 @@ use crate::domain::audit::{AuditEntry, AuditOutcome, Principal};
 use crate::domain::pricing::{Catalogue, CreditPack};
 use crate::domain::types::{PaymentToken, Role};
 use crate::domain::{GatewayError, later};
-use crate::providers::ProviderError;
 use crate::providers::payments::{CardSummary, ChargeOutcome, ChargeRequest, PaymentGateway};
+use crate::providers::{ProviderError, Unavailability};
 use crate::store::credits::{
     CardWrite, CardWritten, DebitOutcome, KeyClaim, KeyRequest, LedgerRow, PaymentMethodRow,
     PractitionerRow, PurchaseRow, WalletRow,
@@ -608,6 +608,7 @@ impl CreditService {
             }
         }
         let error = last_error.unwrap_or(ProviderError::Unavailable {
+            kind: Unavailability::ServerError,
             reason: "no attempt".into(),
             retry_after: None,
         });

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::http::{dispatch, endpoint, path_segment, read_json};
 use super::{
     AccountState, DeliveryState, DirectoryEntry, DirectoryPage, InboxItem, OutboundMessage,
-    ProviderClient, ProviderError,
+    ProviderClient, ProviderError, Unavailability,
 };
 use crate::domain::types::{Provider, ProviderCredentials, Registration};
 
@@ -108,6 +108,7 @@ fn state_from_word(status: &str) -> Result<AccountState, ProviderError> {
         "PENDING" => Ok(AccountState::Pending),
         "REJECTED" => Ok(AccountState::Rejected),
         other => Err(ProviderError::Unavailable {
+            kind: Unavailability::MalformedReply,
             reason: format!("unknown account status {other:?}"),
             retry_after: None,
         }),
@@ -284,6 +285,7 @@ impl ProviderClient for ArgusClient {
                     ),
                     other => {
                         return Err(ProviderError::Unavailable {
+                            kind: Unavailability::MalformedReply,
                             reason: format!("unknown status {other:?}"),
                             retry_after: None,
                         });
@@ -319,6 +321,7 @@ impl ProviderClient for ArgusClient {
                         let bytes = base64::engine::general_purpose::STANDARD
                             .decode(&item.payload)
                             .map_err(|_| ProviderError::Unavailable {
+                                kind: Unavailability::MalformedReply,
                                 reason: "inbox payload is not base64".into(),
                                 retry_after: None,
                             })?;
@@ -372,6 +375,7 @@ mod tests {
     use crate::domain::types::{
         ContactEmail, PracticeName, PromoCode, ProviderPassword, ProviderUsername,
     };
+    use crate::providers::ProviderFailure;
 
     fn adapter(server: &MockServer, timeout: Duration) -> ArgusClient {
         crate::install_crypto_provider();
@@ -454,9 +458,7 @@ mod tests {
             .account_state(&credentials())
             .await
             .unwrap_err();
-        assert!(
-            matches!(error, ProviderError::Unavailable { ref reason, .. } if reason == "timed out")
-        );
+        assert!(error.failure() == ProviderFailure::Timeout);
     }
 
     #[tokio::test]
@@ -470,9 +472,7 @@ mod tests {
             .account_state(&credentials())
             .await
             .unwrap_err();
-        assert!(
-            matches!(error, ProviderError::Unavailable { ref reason, .. } if reason.starts_with("malformed"))
-        );
+        assert!(error.failure() == ProviderFailure::MalformedReply);
     }
 
     #[tokio::test]

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::http::{dispatch, endpoint, path_segment, read_json};
 use super::{
     AccountState, DeliveryState, DirectoryEntry, DirectoryPage, InboxItem, OutboundMessage,
-    ProviderClient, ProviderError,
+    ProviderClient, ProviderError, Unavailability,
 };
 use crate::domain::types::{Provider, ProviderCredentials, Registration};
 
@@ -153,6 +153,7 @@ fn state_from_word(state: &str) -> Result<AccountState, ProviderError> {
         "PENDING" => Ok(AccountState::Pending),
         "DECLINED" => Ok(AccountState::Rejected),
         other => Err(ProviderError::Unavailable {
+            kind: Unavailability::MalformedReply,
             reason: format!("unknown enrolment state {other:?}"),
             retry_after: None,
         }),
@@ -192,6 +193,7 @@ impl ProviderClient for ReferralNetClient {
             }
             // A token that expired between login and use: the provider is misbehaving; retry later.
             StatusCode::UNAUTHORIZED => Err(ProviderError::Unavailable {
+                kind: Unavailability::ServerError,
                 reason: "fresh session token refused".into(),
                 retry_after: None,
             }),
@@ -328,6 +330,7 @@ impl ProviderClient for ReferralNetClient {
                     }
                     other => {
                         return Err(ProviderError::Unavailable {
+                            kind: Unavailability::MalformedReply,
                             reason: format!("unknown state {other:?}"),
                             retry_after: None,
                         });
@@ -420,6 +423,7 @@ mod tests {
 
     use super::*;
     use crate::domain::types::{ProviderPassword, ProviderUsername};
+    use crate::providers::ProviderFailure;
 
     fn adapter(server: &MockServer, timeout: Duration) -> ReferralNetClient {
         crate::install_crypto_provider();
@@ -510,9 +514,7 @@ mod tests {
             .account_state(&credentials())
             .await
             .unwrap_err();
-        assert!(
-            matches!(error, ProviderError::Unavailable { ref reason, .. } if reason == "timed out")
-        );
+        assert!(error.failure() == ProviderFailure::Timeout);
     }
 
     #[tokio::test]
@@ -526,9 +528,7 @@ mod tests {
             .account_state(&credentials())
             .await
             .unwrap_err();
-        assert!(
-            matches!(error, ProviderError::Unavailable { ref reason, .. } if reason.starts_with("malformed"))
-        );
+        assert!(error.failure() == ProviderFailure::MalformedReply);
     }
 
     #[tokio::test]

@@ -131,8 +131,7 @@ impl MessagingService {
                     };
                     // A timeout, a broken connection or an unreadable reply may hide an
                     // acceptance; a clean 5xx or 429 does not.
-                    let ambiguous = matches!(&error, ProviderError::Unavailable { reason, .. }
-                        if reason == "timed out" || reason.starts_with("transport error") || reason.starts_with("malformed"));
+                    let ambiguous = error.failure().may_have_been_accepted();
                     if self.too_old(message, now) {
                         let message = MessageRow {
                             ambiguous: message.ambiguous || ambiguous,
