@@ -130,7 +130,7 @@ pub struct MessageRow {
 }
 
 /// A change of a message's delivery state.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MessageUpdate {
     /// New status.
     pub status: Option<MessageStatus>,

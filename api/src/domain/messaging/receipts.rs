@@ -4,9 +4,9 @@ use chrono::Utc;
 use serde::Deserialize;
 
 use super::MessagingService;
-use super::outbox::delivery_update;
+use super::outbox::{Jitter, OutboxPolicy, Outcome, next_step};
+use crate::domain::GatewayError;
 use crate::domain::types::{Direction, MessageStatus};
-use crate::domain::{GatewayError, later};
 use crate::providers::DeliveryState;
 
 impl MessagingService {
@@ -90,17 +90,17 @@ impl MessagingService {
             }
             _ => return Ok(()),
         };
-        let now = Utc::now();
-        let update = delivery_update(
+        // The same rules as a polled answer: transitions only move forward, so duplicate and
+        // out-of-order receipts change nothing.
+        let outcome = Outcome::Delivery(state);
+        let transition = next_step(
+            &OutboxPolicy::from_settings(&self.settings),
             &message,
-            &state,
-            now,
-            later(now, self.settings.status_poll_interval),
-            account.provider,
+            &outcome,
+            Utc::now(),
+            Jitter::NONE,
         );
-        self.store
-            .update_message(&message.id, message.status, &update)
-            .await?;
+        self.apply(&message, &outcome, transition).await?;
         Ok(())
     }
 }
