@@ -19,6 +19,18 @@ pub struct PractitionerHit {
     pub providers: Vec<Provider>,
 }
 
+/// What the directories say about one recipient.
+#[derive(Debug, Clone)]
+pub(super) struct Reach {
+    /// Their entry, from the first directory that lists them.
+    pub entry: Option<DirectoryEntry>,
+    /// The practice's providers whose directories list them.
+    pub reaching: Vec<Provider>,
+    /// Providers whose directory did not answer (with the provider's Retry-After, if any):
+    /// whether they reach the recipient is unknown, which is not the same as "no".
+    pub unanswered: Vec<(Provider, Option<std::time::Duration>)>,
+}
+
 /// A directory search's answer.
 #[derive(Debug, Clone)]
 pub struct SearchResult {
@@ -165,7 +177,7 @@ impl MessagingService {
         &self,
         principal: &Principal,
         hpii: &str,
-    ) -> Result<(Option<DirectoryEntry>, Vec<Provider>, Vec<String>), GatewayError> {
+    ) -> Result<Reach, GatewayError> {
         let mut found = None;
         let mut reach = Vec::new();
         let mut unanswered = Vec::new();
@@ -187,10 +199,18 @@ impl MessagingService {
                         found.get_or_insert(entry);
                     }
                 }
-                Err(_) => unanswered.push(provider.display_name().to_owned()),
+                Err(LookupError::Provider(error)) => {
+                    tracing::warn!(%provider, error = %error, "directory lookup before a send failed");
+                    unanswered.push((provider, error.retry_after()));
+                }
+                Err(LookupError::BudgetSpent) => unanswered.push((provider, None)),
             }
         }
-        Ok((found, reach, unanswered))
+        Ok(Reach {
+            entry: found,
+            reaching: reach,
+            unanswered,
+        })
     }
 
     /// Chooses a provider both parties use: the configured preference order when there is

@@ -3,6 +3,7 @@
 
 use chrono::Utc;
 
+use super::directory::Reach;
 use super::{MessagingService, StoredPayload, actions, practitioner_only};
 use crate::domain::GatewayError;
 use crate::domain::audit::{AuditEntry, AuditOutcome, Principal};
@@ -111,14 +112,45 @@ impl MessagingService {
                 "you have no ACTIVE Argus or ReferralNet connection; link your own account under Integrations".into(),
             ));
         }
-        let (entry, reach, unanswered) = self.reach(principal, &request.recipient_hpii).await?;
+        // The sender's identity in the referral: required, and checked before any directory
+        // call or charge.
+        let Some(sender_hpii) = self.my_hpii(principal).await? else {
+            return Err(GatewayError::BadUserInput(
+                "set your HPI-I before sending: it identifies you as the sender in the referral (mutation { setMyHpii(hpii: \"<your 16-digit HPI-I>\") })".into(),
+            ));
+        };
+        let Reach {
+            entry,
+            reaching: reach,
+            unanswered,
+        } = self.reach(principal, &request.recipient_hpii).await?;
+        // A directory that did not answer says nothing about the recipient: that is a
+        // transient fault to retry, never "not reachable".
+        let unavailable = |provider: Provider| {
+            let retry_after = unanswered
+                .iter()
+                .find(|(unanswered, _)| *unanswered == provider)
+                .and_then(|(_, retry_after)| *retry_after);
+            GatewayError::ProviderUnavailable {
+                provider,
+                retry_after,
+            }
+        };
+        let unanswered_among = |providers: &[Provider]| {
+            unanswered
+                .iter()
+                .map(|(provider, _)| *provider)
+                .find(|provider| providers.contains(provider))
+        };
+        if let Some(provider) = request.provider
+            && !reach.contains(&provider)
+            && unanswered_among(&[provider]).is_some()
+        {
+            return Err(unavailable(provider));
+        }
         let Some(entry) = entry else {
-            if !unanswered.is_empty() {
-                return Err(GatewayError::ProviderUnavailable {
-                    provider: Provider::from_code(&unanswered[0].to_uppercase())
-                        .unwrap_or(Provider::Argus),
-                    retry_after: None,
-                });
+            if let Some(provider) = unanswered_among(&own_active) {
+                return Err(unavailable(provider));
             }
             return Err(GatewayError::RecipientNotReachable(format!(
                 "no practitioner with HPI-I {} is listed on the providers your practice uses",
@@ -139,16 +171,19 @@ impl MessagingService {
                     }
                 )));
             }
-            None => self
-                .route(&principal.group_id, &reach, &own_active)
-                .await?
-                .ok_or_else(|| {
+            None => match self.route(&principal.group_id, &reach, &own_active).await? {
+                Some(provider) => provider,
+                None => {
+                    if let Some(provider) = unanswered_among(&own_active) {
+                        return Err(unavailable(provider));
+                    }
                     let others: Vec<&str> = reach.iter().map(|p| p.display_name()).collect();
-                    GatewayError::RecipientNotReachable(format!(
+                    return Err(GatewayError::RecipientNotReachable(format!(
                         "{name} is reachable only through {}, which you are not connected to",
                         others.join(" and ")
-                    ))
-                })?,
+                    )));
+                }
+            },
         };
         let patient = self.patient(principal, &note.patient_id).await?;
         let message_id = MessageId::generate();
@@ -167,7 +202,7 @@ impl MessagingService {
             sent_at: Utc::now(),
             sending_application: "SMD Gateway".into(),
             sender: hl7::Party {
-                hpii: String::new(),
+                hpii: sender_hpii.as_str().to_owned(),
                 family_name: principal.name.clone(),
                 given_name: String::new(),
                 organisation: None,
