@@ -7,6 +7,12 @@
 //! the provider with the message id as the provider's client message id, so a retry after an
 //! ambiguous timeout is recognised as a duplicate, never delivered twice. A message the provider
 //! refuses outright is `FAILED` and its credits refunded in the same transaction.
+//!
+//! One file per workflow, all methods of [`MessagingService`]: `notes` (patients and notes),
+//! `directory` (search, reach, routing; `directory_cache` below it), `send`, `outbox` (the pure
+//! state machine and its worker), `inbox` (receiving, the unassigned inbox) and `receipts`
+//! (pushed delivery receipts). This file holds what they share: settings, the service, reading
+//! messages and the caller's HPI-I.
 
 use std::time::Duration;
 
