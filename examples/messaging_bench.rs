@@ -398,8 +398,8 @@ fn practitioner_token(subject: &str) -> anyhow::Result<String> {
     )
 }
 
-/// Creates `count` practitioners linked to the demo Argus account, each with `packs` ×
-/// `pack-3000`, one patient and one three-section note.
+/// Creates `count` practitioners linked to the demo Argus account, each with an HPI-I, `packs`
+/// × `pack-3000`, one patient and one three-section note.
 async fn enroll_practitioners(
     gateway: &GatewayClient,
     count: usize,
@@ -424,15 +424,29 @@ async fn enroll_practitioners(
     }
     let enrolments = tokens
         .into_iter()
-        .map(|token| enroll_practitioner(gateway, token, packs));
+        .enumerate()
+        .map(|(index, token)| enroll_practitioner(gateway, token, index, packs));
     futures::future::try_join_all(enrolments).await
 }
 
 async fn enroll_practitioner(
     gateway: &GatewayClient,
     token: String,
+    index: usize,
     packs: usize,
 ) -> anyhow::Result<Practitioner> {
+    // A sender needs their own HPI-I (one per practitioner of the practice).
+    let hpii = (0..10)
+        .map(|digit| format!("80036188{index:07}{digit}"))
+        .find(|candidate| smd_gateway::domain::types::Hpii::parse(candidate).is_ok())
+        .context("an HPI-I check digit")?;
+    gateway
+        .data(
+            &token,
+            "mutation($h: String!) { setMyHpii(hpii: $h) }",
+            json!({"h": hpii}),
+        )
+        .await?;
     gateway
         .data(
             &token,

@@ -264,7 +264,12 @@ impl App {
                 purchase_lease,
                 shutdown_receiver.clone(),
             ),
-            workers::spawn_outbox(messaging.clone(), status_poll_interval, shutdown_receiver),
+            workers::spawn_outbox(
+                messaging.clone(),
+                status_poll_interval,
+                shutdown_receiver.clone(),
+            ),
+            workers::spawn_inbox_poller(messaging.clone(), status_poll_interval, shutdown_receiver),
         ];
 
         let mut banner = None;

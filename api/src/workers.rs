@@ -1,6 +1,7 @@
 //! Background work, one periodic loop each: the approval watcher (registrations waiting for a
 //! provider's decision), purchase recovery (purchases left pending by a crash or an outage),
-//! and the outbox with the inbox poller (sending, tracking and receiving messages). Every
+//! the outbox (sending and tracking messages) and the inbox poller (receiving them), each on its
+//! own task so one slow provider call never holds up another loop. Every
 //! schedule lives in the database, so the work survives restarts, and each item is claimed
 //! with a conditional update, so several gateway nodes share it without doing anything twice.
 
@@ -82,8 +83,8 @@ pub(crate) fn spawn_purchase_recovery(
     })
 }
 
-/// Starts the outbox and inbox poller: queued messages go to providers, sent ones are followed
-/// to `DELIVERED` and `ACKNOWLEDGED`, and waiting inbound messages are fetched and stored.
+/// Starts the outbox: queued messages go to providers, sent ones are followed to `DELIVERED` and
+/// `ACKNOWLEDGED`. It has its own task so that a slow inbox never holds up sending.
 pub(crate) fn spawn_outbox(
     service: MessagingService,
     poll_interval: Duration,
@@ -94,20 +95,29 @@ pub(crate) fn spawn_outbox(
         let service = service.clone();
         async move {
             // While passes come back full there is a backlog: keep going instead of sleeping a
-            // tick between batches (bounded, so the inbox still gets its turn).
-            let mut outbox = Ok(());
+            // tick between batches (bounded, so a shutdown is noticed between rounds).
             for _ in 0..20 {
-                match service.process_outbox(Utc::now()).await {
-                    Ok(worked) if worked >= crate::domain::messaging::OUTBOX_BATCH => continue,
-                    Ok(_) => break,
-                    Err(error) => {
-                        outbox = Err(error);
-                        break;
-                    }
+                let worked = service.process_outbox(Utc::now()).await?;
+                if worked < crate::domain::messaging::OUTBOX_BATCH {
+                    break;
                 }
             }
-            let inbox = service.poll_inboxes().await;
-            outbox.and(inbox).map(|_| ())
+            Ok(())
         }
+    })
+}
+
+/// Starts the inbox poller: waiting inbound messages are fetched, stored and only then
+/// acknowledged to the provider. On its own schedule and task: a provider whose inbox answers
+/// slowly (up to the request timeout per account) delays receiving, never sending.
+pub(crate) fn spawn_inbox_poller(
+    service: MessagingService,
+    poll_interval: Duration,
+    shutdown: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    let tick = (poll_interval / 2).clamp(Duration::from_millis(50), Duration::from_secs(2));
+    spawn_periodic("inbox poller", tick, shutdown, move || {
+        let service = service.clone();
+        async move { service.poll_inboxes().await.map(|_| ()) }
     })
 }

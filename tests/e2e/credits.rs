@@ -3,7 +3,6 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use smd_gateway::domain::types::Role;
 
 use crate::helpers::*;
 
@@ -222,48 +221,50 @@ async fn fifty_concurrent_purchases_with_one_key_charge_once() {
 }
 
 #[tokio::test]
-async fn twenty_concurrent_sends_against_thirty_credits_let_exactly_ten_through() {
+async fn twenty_concurrent_sends_against_thirty_credits_let_exactly_ten_through_and_store_no_others()
+ {
     let app = spawn_app().await;
     let admin = administrator("manager", "clinic-1");
-    let chen = practitioner("dr-chen", "clinic-1");
-    app.touch(&chen).await;
+    let chen = app
+        .ready_to_send("dr-chen", "clinic-1", &valid_hpii("800361700000001"))
+        .await;
     app.set_card(&admin, "pm_sandbox_approve").await;
     // 100 credits, then move 70 away to leave exactly 30.
-    app.buy(&chen, "pack-100", &key(), None).await;
+    app.buy(&chen.token, "pack-100", &key(), None).await;
     let patel = practitioner("dr-patel", "clinic-1");
     app.touch(&patel).await;
-    let moved = app.gql(Some(&chen), TRANSFER, json!({"input": {"fromPractitionerId": "dr-chen", "toPractitionerId": "dr-patel", "credits": 70, "idempotencyKey": key()}})).await;
+    let moved = app.gql(Some(&chen.token), TRANSFER, json!({"input": {"fromPractitionerId": "dr-chen", "toPractitionerId": "dr-patel", "credits": 70, "idempotencyKey": key()}})).await;
     assert_eq!(
         moved["data"]["transferCredits"]["fromBalance"], 30,
         "{moved}"
     );
-    let sender = app
-        .principal("dr-chen", "clinic-1", Role::Practitioner)
-        .await;
 
-    let results = futures::future::join_all((0..20).map(|i| {
-        let credits = app.credits.clone();
-        let sender = sender.clone();
-        async move {
-            credits
-                .debit_for_send(&sender, &format!("message-{i}"), false)
-                .await
-        }
-    }))
-    .await;
+    let responses = {
+        let keys: Vec<String> = (0..20).map(|_| key()).collect();
+        futures::future::join_all(keys.iter().map(|key| app.send_note(&chen, key, false))).await
+    };
 
-    let succeeded = results.iter().filter(|result| result.is_ok()).count();
-    assert_eq!(succeeded, 10);
-    assert!(
-        results
-            .iter()
-            .filter_map(|r| r.as_ref().err())
-            .all(|e| format!("{e:?}").contains("InsufficientCredits"))
+    let sent = responses
+        .iter()
+        .filter(|response| response["data"]["sendSecureMessage"].is_object())
+        .count();
+    assert_eq!(sent, 10, "{responses:?}");
+    for response in &responses {
+        assert!(
+            response["data"]["sendSecureMessage"].is_object()
+                || error_code(response) == Some("INSUFFICIENT_CREDITS"),
+            "{response}"
+        );
+    }
+    assert_eq!(app.balance(&chen.token, None).await, 0);
+    assert_eq!(
+        app.count_rows("messages").await,
+        10,
+        "a refused send stores no message"
     );
-    assert_eq!(app.balance(&chen, None).await, 0);
     let ledger = app
         .gql(
-            Some(&chen),
+            Some(&chen.token),
             "{ credits { ledger(first: 100) { edges { node { kind balanceAfter } } } } }",
             json!({}),
         )
@@ -313,10 +314,13 @@ async fn concurrent_transfers_never_create_or_lose_credits() {
 #[tokio::test]
 async fn auto_top_up_fires_exactly_once_when_concurrent_sends_cross_the_threshold() {
     let app = spawn_app().await;
-    let chen = app.funded_practitioner("dr-chen", "clinic-1", 1).await;
+    let chen = app
+        .ready_to_send("dr-chen", "clinic-1", &valid_hpii("800361700000002"))
+        .await;
+    app.funded_practitioner("dr-chen", "clinic-1", 1).await;
     let settings = app
         .gql(
-            Some(&chen),
+            Some(&chen.token),
             "mutation { setAutoTopUp(input: {enabled: true, thresholdCredits: 90, packId: \"pack-500\"}) { autoTopUp { enabled thresholdCredits pack { id } } } }",
             json!({}),
         )
@@ -325,25 +329,21 @@ async fn auto_top_up_fires_exactly_once_when_concurrent_sends_cross_the_threshol
         settings["data"]["setAutoTopUp"]["autoTopUp"]["pack"]["id"], "pack-500",
         "{settings}"
     );
-    let sender = app
-        .principal("dr-chen", "clinic-1", Role::Practitioner)
-        .await;
 
     // 100 → 70 over ten sends: every send from the 4th on leaves the balance below 90.
-    let results = futures::future::join_all((0..10).map(|i| {
-        let credits = app.credits.clone();
-        let sender = sender.clone();
-        async move {
-            credits
-                .debit_for_send(&sender, &format!("message-{i}"), false)
-                .await
-        }
-    }))
-    .await;
-    assert!(results.iter().all(Result::is_ok));
+    let responses = {
+        let keys: Vec<String> = (0..10).map(|_| key()).collect();
+        futures::future::join_all(keys.iter().map(|key| app.send_note(&chen, key, false))).await
+    };
+    for response in &responses {
+        assert!(
+            response["data"]["sendSecureMessage"].is_object(),
+            "{response}"
+        );
+    }
 
     let balance = eventually(Duration::from_secs(10), || async {
-        let balance = app.balance(&chen, None).await;
+        let balance = app.balance(&chen.token, None).await;
         (balance > 100).then_some(balance)
     })
     .await;
@@ -360,9 +360,12 @@ async fn auto_top_up_fires_exactly_once_when_concurrent_sends_cross_the_threshol
 #[tokio::test]
 async fn declined_top_ups_are_shown_store_no_credits_and_switch_auto_top_up_off_after_three() {
     let app = spawn_app().await;
-    let chen = app.funded_practitioner("dr-chen", "clinic-1", 1).await;
+    let chen = app
+        .ready_to_send("dr-chen", "clinic-1", &valid_hpii("800361700000003"))
+        .await;
+    app.funded_practitioner("dr-chen", "clinic-1", 1).await;
     app.gql(
-        Some(&chen),
+        Some(&chen.token),
         "mutation { setAutoTopUp(input: {enabled: true, thresholdCredits: 100}) { balance } }",
         json!({}),
     )
@@ -374,24 +377,22 @@ async fn declined_top_ups_are_shown_store_no_credits_and_switch_auto_top_up_off_
         replaced["data"]["setPaymentMethod"]["last4"], "0002",
         "{replaced}"
     );
-    let sender = app
-        .principal("dr-chen", "clinic-1", Role::Practitioner)
-        .await;
     let query = "{ credits { balance autoTopUp { enabled lastFailure consecutiveFailures disabledReason } } }";
 
     for i in 0..3 {
-        app.credits
-            .debit_for_send(&sender, &format!("m{i}"), false)
-            .await
-            .expect("sends with credits are not blocked");
+        let sent = app.send_note(&chen, &key(), false).await;
+        assert!(
+            sent["data"]["sendSecureMessage"].is_object(),
+            "sends with credits are not blocked: {sent}"
+        );
         eventually(Duration::from_secs(10), || async {
-            let state = app.gql(Some(&chen), query, json!({})).await;
+            let state = app.gql(Some(&chen.token), query, json!({})).await;
             (state["data"]["credits"]["autoTopUp"]["consecutiveFailures"] == i + 1).then_some(())
         })
         .await;
     }
 
-    let state = app.gql(Some(&chen), query, json!({})).await;
+    let state = app.gql(Some(&chen.token), query, json!({})).await;
     let credits = &state["data"]["credits"];
     assert_eq!(
         credits["balance"], 91,
@@ -413,44 +414,64 @@ async fn declined_top_ups_are_shown_store_no_credits_and_switch_auto_top_up_off_
     );
     // Switched off: a fourth send tries no charge.
     let charges_before = app.charges().await.len();
-    app.credits
-        .debit_for_send(&sender, "m4", false)
-        .await
-        .unwrap();
+    let fourth = app.send_note(&chen, &key(), false).await;
+    assert!(fourth["data"]["sendSecureMessage"].is_object(), "{fourth}");
     assert_eq!(app.charges().await.len(), charges_before);
 }
 
 #[tokio::test]
 async fn buying_at_send_time_tops_up_a_short_wallet_once_per_message() {
     let app = spawn_app().await;
-    let chen = practitioner("dr-chen", "clinic-1");
-    app.set_card(&chen, "pm_sandbox_approve").await;
-    let sender = app
-        .principal("dr-chen", "clinic-1", Role::Practitioner)
+    let chen = app
+        .ready_to_send("dr-chen", "clinic-1", &valid_hpii("800361700000004"))
         .await;
+    app.set_card(&chen.token, "pm_sandbox_approve").await;
+    let send_key = key();
 
-    let refused = app
-        .credits
-        .debit_for_send(&sender, "message-1", false)
-        .await;
-    assert!(format!("{refused:?}").contains("InsufficientCredits"));
-    let first = app
-        .credits
-        .debit_for_send(&sender, "message-1", true)
-        .await
-        .unwrap();
-    assert_eq!(first.balance_after, 97);
+    let refused = app.send_note(&chen, &send_key, false).await;
+    assert_eq!(
+        error_code(&refused),
+        Some("INSUFFICIENT_CREDITS"),
+        "{refused}"
+    );
+    assert_eq!(app.succeeded_charges().await.len(), 0);
+    assert_eq!(app.count_rows("messages").await, 0);
+
+    let first = app.send_note(&chen, &send_key, true).await;
+    assert_eq!(
+        first["data"]["sendSecureMessage"]["creditsRemaining"], 97,
+        "{first}"
+    );
+    let again = app.send_note(&chen, &send_key, true).await;
+    assert_eq!(
+        again["data"]["sendSecureMessage"]["message"]["id"],
+        first["data"]["sendSecureMessage"]["message"]["id"]
+    );
     assert_eq!(app.succeeded_charges().await.len(), 1);
 }
 
 #[tokio::test]
-async fn an_administrator_cannot_spend_on_sending() {
+async fn an_administrator_cannot_spend_on_sending_and_nothing_is_charged_or_stored() {
     let app = spawn_app().await;
-    let admin = app
-        .principal("manager", "clinic-1", Role::Administrator)
+    let chen = app
+        .ready_to_send("dr-chen", "clinic-1", &valid_hpii("800361700000005"))
         .await;
-    let refused = app.credits.debit_for_send(&admin, "message-1", true).await;
-    assert!(format!("{refused:?}").contains("Forbidden"));
+    app.funded_practitioner("dr-chen", "clinic-1", 1).await;
+    let admin = Sender {
+        token: administrator("manager", "clinic-1"),
+        ..chen
+    };
+
+    let refused = app.send_note(&admin, &key(), true).await;
+
+    assert_eq!(error_code(&refused), Some("FORBIDDEN"), "{refused}");
+    assert_eq!(app.balance(&admin.token, Some("dr-chen")).await, 100);
+    assert_eq!(
+        app.succeeded_charges().await.len(),
+        1,
+        "only the pack bought"
+    );
+    assert_eq!(app.count_rows("messages").await, 0);
 }
 
 #[tokio::test]

@@ -15,7 +15,6 @@ use smd_gateway::config::{
 };
 use smd_gateway::crypto::SecretBox;
 use smd_gateway::domain::audit::Principal;
-use smd_gateway::domain::credits::CreditService;
 use smd_gateway::domain::types::Role;
 use smd_gateway::store::Store;
 use smd_gateway::{App, Settings};
@@ -42,7 +41,6 @@ pub struct TestApp {
     pub sandbox: Arc<SandboxHandle>,
     pub client: reqwest::Client,
     pub store: Store,
-    pub credits: CreditService,
     /// The SQLite file, when the test runs on SQLite.
     pub sqlite_path: Option<PathBuf>,
     settings: Settings,
@@ -170,7 +168,6 @@ async fn start_gateway(
     let app = App::build(settings.clone()).await.expect("gateway builds");
     let address = app.address();
     let store = app.store();
-    let credits = app.credits();
     let (stop_sender, stop_receiver) = oneshot::channel::<()>();
     let server = tokio::spawn(app.run_until(async move {
         let _ = stop_receiver.await;
@@ -181,7 +178,6 @@ async fn start_gateway(
         sandbox,
         client: reqwest::Client::new(),
         store,
-        credits,
         sqlite_path,
         settings,
         stop: Mutex::new(Some((stop_sender, server))),
@@ -464,5 +460,97 @@ where
             "condition not met within {timeout:?}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A valid HPI-I (check digit included) for a 15-digit prefix.
+pub fn valid_hpii(prefix15: &str) -> String {
+    (0..10)
+        .map(|digit| format!("{prefix15}{digit}"))
+        .find(|candidate| smd_gateway::domain::types::Hpii::parse(candidate).is_ok())
+        .unwrap()
+}
+
+/// Everything a practitioner needs to call `sendSecureMessage` except credits.
+pub struct Sender {
+    pub token: String,
+    pub note_id: String,
+    pub recipient: String,
+}
+
+pub const SEND_MESSAGE: &str = "mutation($input: SendSecureMessageInput!) { sendSecureMessage(input: $input) { message { id status provider } creditsRemaining } }";
+
+impl TestApp {
+    /// Links `subject` to the demo Argus account, sets `hpii` as theirs, writes a one-section
+    /// note and picks a directory practitioner on Argus to send it to. Buys no credits.
+    pub async fn ready_to_send(&self, subject: &str, group: &str, hpii: &str) -> Sender {
+        let token = practitioner(subject, group);
+        let linked = self
+            .link(&token, "linkArgus", ARGUS_USER, ARGUS_PASSWORD)
+            .await;
+        assert_eq!(
+            linked["data"]["linkArgus"]["individualStatus"], "ACTIVE",
+            "{linked}"
+        );
+        let set = self
+            .gql(
+                Some(&token),
+                "mutation($h: String!) { setMyHpii(hpii: $h) }",
+                json!({"h": hpii}),
+            )
+            .await;
+        assert!(set["errors"].is_null(), "{set}");
+        let patient = self
+            .gql(
+                Some(&token),
+                "mutation { createPatient(input: {givenName: \"Ada\", familyName: \"O'Brien\", dateOfBirth: \"1961-03-04\"}) { id } }",
+                json!({}),
+            )
+            .await;
+        let note = self
+            .gql(
+                Some(&token),
+                "mutation($p: ID!) { createClinicalNote(input: {patientId: $p, title: \"Review\", sections: [{key: \"history\", title: \"History\", body: \"well\"}]}) { id } }",
+                json!({"p": patient["data"]["createPatient"]["id"]}),
+            )
+            .await;
+        let note_id = note["data"]["createClinicalNote"]["id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{note}"))
+            .to_owned();
+        let search = self
+            .gql(
+                Some(&token),
+                "{ searchPractitioners(query: \"\", first: 50, provider: ARGUS) { edges { node { id name } } } }",
+                json!({}),
+            )
+            .await;
+        let recipient = search["data"]["searchPractitioners"]["edges"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{search}"))
+            .iter()
+            .find(|edge| {
+                !edge["node"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("Test ")
+            })
+            .map(|edge| edge["node"]["id"].as_str().unwrap().to_owned())
+            .unwrap_or_else(|| panic!("no Argus practitioner in {search}"));
+        Sender {
+            token,
+            note_id,
+            recipient,
+        }
+    }
+
+    /// `sendSecureMessage` of the sender's note to their recipient through Argus.
+    pub async fn send_note(&self, sender: &Sender, key: &str, top_up_if_short: bool) -> Value {
+        self.gql(
+            Some(&sender.token),
+            SEND_MESSAGE,
+            json!({"input": {"noteId": sender.note_id, "sectionKeys": ["history"], "recipientId": sender.recipient, "provider": "ARGUS", "idempotencyKey": key, "topUpIfShort": top_up_if_short}}),
+        )
+        .await
     }
 }

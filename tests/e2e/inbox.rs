@@ -17,14 +17,6 @@ const ASSIGN: &str = "mutation($id: ID!, $to: ID) { assignMessage(id: $id, toPra
 const AUDIT: &str =
     "{ auditEvents(first: 100) { edges { node { actor action target outcome detail } } } }";
 
-/// A valid HPI-I (check digit included) for a 15-digit prefix.
-fn valid_hpii(prefix15: &str) -> String {
-    (0..10)
-        .map(|digit| format!("{prefix15}{digit}"))
-        .find(|candidate| smd_gateway::domain::types::is_valid_hpii(candidate))
-        .unwrap()
-}
-
 fn edges(response: &Value, field: &str) -> Vec<Value> {
     response["data"][field]["edges"]
         .as_array()

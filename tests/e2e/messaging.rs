@@ -13,14 +13,34 @@ fn key() -> String {
     uuid::Uuid::new_v4().to_string()
 }
 
+/// Dr Chen's HPI-I in [`TestApp::practice`].
+fn chen_hpii() -> String {
+    valid_hpii("800361222000001")
+}
+
 struct Practice {
     chen: String,
     note_id: String,
 }
 
 impl TestApp {
-    /// A practitioner linked to both demo accounts, with 100 credits and a three-section note.
+    /// A practitioner linked to both demo accounts, with their HPI-I ([`chen_hpii`]), 100
+    /// credits and a three-section note.
     async fn practice(&self, group: &str) -> Practice {
+        let practice = self.practice_without_hpii(group).await;
+        let set = self
+            .gql(
+                Some(&practice.chen),
+                "mutation($h: String!) { setMyHpii(hpii: $h) }",
+                json!({"h": chen_hpii()}),
+            )
+            .await;
+        assert!(set["errors"].is_null(), "{set}");
+        practice
+    }
+
+    /// [`Self::practice`] before Dr Chen has set an HPI-I.
+    async fn practice_without_hpii(&self, group: &str) -> Practice {
         let chen = practitioner("dr-chen", group);
         let linked = self
             .link(&chen, "linkArgus", ARGUS_USER, ARGUS_PASSWORD)
@@ -556,13 +576,6 @@ async fn clinical_content_is_not_readable_in_the_database_file() {
     }
 }
 
-fn valid_hpii(prefix15: &str) -> String {
-    (0..10)
-        .map(|digit| format!("{prefix15}{digit}"))
-        .find(|candidate| smd_gateway::domain::types::is_valid_hpii(candidate))
-        .unwrap()
-}
-
 #[tokio::test]
 async fn an_inbound_message_is_stored_for_its_addressee_acknowledged_after_and_costs_nothing() {
     let app = spawn_app().await;
@@ -983,4 +996,151 @@ async fn without_a_provider_the_one_with_the_better_delivery_record_is_chosen() 
         routed["data"]["sendSecureMessage"]["message"]["provider"], "REFERRALNET",
         "{routed}"
     );
+}
+
+#[tokio::test]
+async fn sending_without_an_hpii_is_bad_user_input_naming_set_my_hpii_and_charges_and_stores_nothing()
+ {
+    let app = spawn_app().await;
+    let Practice { chen, note_id } = app.practice_without_hpii("clinic-1").await;
+    let recipient = app.recipient_on(&chen, &["ARGUS"]).await;
+
+    let refused = app
+        .send(&chen, &note_id, &["history"], &recipient, None, &key())
+        .await;
+
+    assert_eq!(error_code(&refused), Some("BAD_USER_INPUT"), "{refused}");
+    assert!(
+        refused["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("setMyHpii"),
+        "{refused}"
+    );
+    let credits = app
+        .gql(Some(&chen), "{ credits { balance } }", json!({}))
+        .await;
+    assert_eq!(credits["data"]["credits"]["balance"], 100, "no debit");
+    assert_eq!(app.count_rows("messages").await, 0);
+    assert!(app.sandbox_messages().await.is_empty());
+}
+
+#[tokio::test]
+async fn the_referral_names_the_sender_by_their_hpii_in_the_senders_prd_segment() {
+    let app = spawn_app().await;
+    let Practice { chen, note_id } = app.practice("clinic-1").await;
+    let recipient = app.recipient_on(&chen, &["ARGUS"]).await;
+
+    let sent = app
+        .send(
+            &chen,
+            &note_id,
+            &["history"],
+            &recipient,
+            Some("ARGUS"),
+            &key(),
+        )
+        .await;
+    assert!(sent["data"]["sendSecureMessage"].is_object(), "{sent}");
+
+    let received = eventually(Duration::from_secs(15), || async {
+        let received = app.sandbox_messages().await;
+        (!received.is_empty()).then_some(received)
+    })
+    .await;
+    let parsed = smd_gateway::domain::hl7::parse(received[0]["payload"].as_str().unwrap())
+        .expect("the payload parses back");
+    let sender = parsed
+        .party(smd_gateway::domain::hl7::ROLE_REFERRING_PROVIDER)
+        .expect("a PRD segment for the sender");
+    assert_eq!(sender.hpii, chen_hpii());
+    let addressee = parsed
+        .party(smd_gateway::domain::hl7::ROLE_REFERRED_TO_PROVIDER)
+        .expect("a PRD segment for the recipient");
+    assert_eq!(addressee.hpii, recipient);
+}
+
+#[tokio::test]
+async fn an_argus_directory_fault_is_provider_unavailable_not_unreachable_and_charges_and_stores_nothing()
+ {
+    let app = spawn_app().await;
+    let Practice { chen, note_id } = app.practice("clinic-1").await;
+    let on_both = app.recipient_on(&chen, &["ARGUS", "REFERRALNET"]).await;
+    app.inject_fault("argus", "directory", "server_error", 1, json!({}))
+        .await;
+    let send_key = key();
+
+    let refused = app
+        .send(
+            &chen,
+            &note_id,
+            &["history"],
+            &on_both,
+            Some("ARGUS"),
+            &send_key,
+        )
+        .await;
+
+    assert_eq!(
+        error_code(&refused),
+        Some("PROVIDER_UNAVAILABLE"),
+        "a directory that did not answer is not a 'no': {refused}"
+    );
+    let credits = app
+        .gql(Some(&chen), "{ credits { balance } }", json!({}))
+        .await;
+    assert_eq!(credits["data"]["credits"]["balance"], 100, "no debit");
+    assert_eq!(app.count_rows("messages").await, 0);
+    assert!(app.sandbox_messages().await.is_empty());
+
+    // Retryable: once Argus answers again, the same request goes through, charged once.
+    let retried = app
+        .send(
+            &chen,
+            &note_id,
+            &["history"],
+            &on_both,
+            Some("ARGUS"),
+            &send_key,
+        )
+        .await;
+    let payload = &retried["data"]["sendSecureMessage"];
+    assert_eq!(payload["message"]["provider"], "ARGUS", "{retried}");
+    assert_eq!(payload["creditsRemaining"], 97);
+}
+
+#[tokio::test]
+async fn a_hanging_inbox_does_not_hold_up_sending() {
+    let app = spawn_app_with(Options {
+        provider_timeout_ms: 20_000,
+        ..Options::default()
+    })
+    .await;
+    // Every Argus inbox fetch now hangs for 15 s (the gateway waits up to 20 s).
+    app.inject_fault("argus", "inbox", "timeout", 10, json!({"holdSeconds": 15}))
+        .await;
+    let Practice { chen, note_id } = app.practice("clinic-1").await;
+    let recipient = app.recipient_on(&chen, &["ARGUS"]).await;
+
+    let sent = app
+        .send(
+            &chen,
+            &note_id,
+            &["history"],
+            &recipient,
+            Some("ARGUS"),
+            &key(),
+        )
+        .await;
+    let id = sent["data"]["sendSecureMessage"]["message"]["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{sent}"))
+        .to_owned();
+
+    // Well before the hanging fetch could end, the outbox has handed the message over.
+    eventually(Duration::from_secs(5), || async {
+        (app.message_status(&chen, &id).await == "SENT").then_some(())
+    })
+    .await;
+    assert_eq!(app.sandbox_messages().await.len(), 1);
 }

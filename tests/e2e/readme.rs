@@ -358,7 +358,7 @@ fn every_hpii_in_the_readme_has_a_valid_check_digit_and_magic_ones_exist_in_the_
         for number in numbers {
             found += 1;
             assert!(
-                smd_gateway::domain::types::is_valid_hpii(number),
+                smd_gateway::domain::types::Hpii::parse(number).is_ok(),
                 "README.md line {}: {number} is not a valid HPI-I (16 digits, Luhn check digit)",
                 index + 1
             );

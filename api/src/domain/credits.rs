@@ -24,8 +24,8 @@ use crate::domain::audit::{AuditEntry, AuditOutcome, Principal};
 use crate::domain::pricing::{Catalogue, CreditPack};
 use crate::domain::types::{PaymentToken, Role};
 use crate::domain::{GatewayError, later};
-use crate::providers::ProviderError;
 use crate::providers::payments::{CardSummary, ChargeOutcome, ChargeRequest, PaymentGateway};
+use crate::providers::{ProviderError, Unavailability};
 use crate::store::credits::{
     CardWrite, CardWritten, DebitOutcome, KeyClaim, KeyRequest, LedgerRow, PaymentMethodRow,
     PractitionerRow, PurchaseRow, WalletRow,
@@ -140,13 +140,6 @@ pub struct CreditsView {
     pub wallet: WalletRow,
     /// The auto top-up pack, resolved.
     pub top_up_pack: Option<CreditPack>,
-}
-
-/// The result of a send debit.
-#[derive(Debug, Clone, Copy)]
-pub struct DebitResult {
-    /// Balance after the debit.
-    pub balance_after: i64,
 }
 
 /// How a purchase's charge ended.
@@ -685,6 +678,7 @@ impl CreditService {
             }
         }
         let error = last_error.unwrap_or(ProviderError::Unavailable {
+            kind: Unavailability::ServerError,
             reason: "no attempt".into(),
             retry_after: None,
         });
@@ -750,88 +744,6 @@ impl CreditService {
             }
         }
         Ok(driven)
-    }
-
-    /// Debits the cost of one secure message from the sender's own wallet. When a debit
-    /// leaves the balance below the auto top-up threshold, exactly one top-up is started.
-    /// With `top_up_if_short`, a short balance first buys the auto top-up pack (or the
-    /// smallest) — "buy at send" — keyed by `reference`, so a retried send never buys twice.
-    pub async fn debit_for_send(
-        &self,
-        principal: &Principal,
-        reference: &str,
-        top_up_if_short: bool,
-    ) -> Result<DebitResult, GatewayError> {
-        if principal.role != Role::Practitioner {
-            return Err(GatewayError::Forbidden(
-                "only practitioners send secure messages, so only their credits pay for them"
-                    .into(),
-            ));
-        }
-        match self
-            .try_debit(&principal.group_id, &principal.user_id, reference)
-            .await?
-        {
-            Ok(result) => Ok(result),
-            Err(balance) if !top_up_if_short => Err(GatewayError::InsufficientCredits(format!(
-                "you have {balance} credits and sending costs {CREDITS_PER_MESSAGE}; buy credits, or send with topUpIfShort"
-            ))),
-            Err(_) => {
-                self.buy_at_send(principal, reference).await?;
-                match self
-                    .try_debit(&principal.group_id, &principal.user_id, reference)
-                    .await?
-                {
-                    Ok(result) => Ok(result),
-                    Err(balance) => Err(GatewayError::InsufficientCredits(format!(
-                        "you have {balance} credits after buying more; try again"
-                    ))),
-                }
-            }
-        }
-    }
-
-    async fn try_debit(
-        &self,
-        group_id: &str,
-        user_id: &str,
-        reference: &str,
-    ) -> Result<Result<DebitResult, i64>, GatewayError> {
-        let card = self
-            .store
-            .payment_method(group_id)
-            .await?
-            .map(|method| method.token_ciphertext);
-        let txn = self.store.begin_credit_transaction().await?;
-        let outcome = self
-            .store
-            .debit_in(
-                &txn,
-                group_id,
-                user_id,
-                CREDITS_PER_MESSAGE,
-                "SEND_DEBIT",
-                reference,
-                |wallet| self.decide_top_up(group_id, wallet, card),
-            )
-            .await?;
-        match outcome {
-            DebitOutcome::Insufficient { balance } => {
-                txn.rollback().await?;
-                Ok(Err(balance))
-            }
-            DebitOutcome::Debited {
-                balance_after,
-                top_up,
-            } => {
-                txn.commit().await?;
-                self.credits_moved(CreditMovement::SendDebit, CREDITS_PER_MESSAGE);
-                if let Some(purchase) = top_up {
-                    self.start_top_up(purchase);
-                }
-                Ok(Ok(DebitResult { balance_after }))
-            }
-        }
     }
 
     /// Debits one message's cost inside the caller's transaction (so the message and its

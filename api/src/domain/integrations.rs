@@ -15,7 +15,7 @@ use crate::domain::types::{
 };
 use crate::domain::{GatewayError, later, safe_word};
 use crate::events::EventBus;
-use crate::providers::{AccountState, ProviderError, Providers};
+use crate::providers::{AccountState, ProviderError, Providers, Unavailability};
 use crate::store::accounts::{
     AccountDeletion, AccountDeletionRule, AccountOrigin, AccountRow, CheckOutcome, InsertOutcome,
     LinkRow,
@@ -741,7 +741,9 @@ impl IntegrationService {
             }
             Err(error) => {
                 tracing::error!(account = %account.id, error = ?error, "stored credentials unreadable");
+                // Not the provider's fault, but like an outage it is retried later.
                 Err(ProviderError::Unavailable {
+                    kind: Unavailability::ServerError,
                     reason: "stored credentials unreadable".into(),
                     retry_after: None,
                 })
@@ -1086,6 +1088,7 @@ mod tests {
             provider_failure(
                 Provider::Argus,
                 &ProviderError::Unavailable {
+                    kind: Unavailability::ServerError,
                     reason: "x".into(),
                     retry_after: None
                 }

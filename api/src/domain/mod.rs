@@ -4,7 +4,6 @@
 
 pub mod audit;
 pub mod credits;
-pub(crate) mod directory_cache;
 pub mod error;
 pub mod hl7;
 pub mod integrations;

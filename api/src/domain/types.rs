@@ -300,9 +300,34 @@ impl ContactEmail {
     }
 }
 
-/// Whether a text is a well-formed HPI-I: 16 digits starting `800361` with a valid Luhn
-/// check digit.
-pub fn is_valid_hpii(value: &str) -> bool {
+/// A Healthcare Provider Identifier for an individual (HPI-I): 16 digits starting `800361`
+/// with a valid Luhn check digit. [`Hpii::parse`] is the one way to make one.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Hpii(String);
+
+impl Hpii {
+    /// Parses an HPI-I (surrounding spaces are dropped).
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        let value = raw.trim();
+        if !hpii_check_digit_holds(value) {
+            return Err("an HPI-I is 16 digits starting 800361 with a valid check digit".into());
+        }
+        Ok(Self(value.to_owned()))
+    }
+
+    /// The 16 digits.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Hpii {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn hpii_check_digit_holds(value: &str) -> bool {
     if value.len() != 16
         || !value.starts_with("800361")
         || !value.bytes().all(|b| b.is_ascii_digit())
@@ -324,6 +349,117 @@ pub fn is_valid_hpii(value: &str) -> bool {
         })
         .sum();
     sum.is_multiple_of(10)
+}
+
+/// A secure message's id (a UUID v7, so ids sort by creation). It is also the provider-side
+/// client message id, which makes provider retries idempotent.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MessageId(String);
+
+impl MessageId {
+    /// A fresh id.
+    pub fn generate() -> Self {
+        Self(uuid::Uuid::now_v7().to_string())
+    }
+
+    /// An id as stored or as a client names it (looked up, never trusted to exist).
+    pub fn from_stored(value: String) -> Self {
+        Self(value)
+    }
+
+    /// The id's text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The id's text, owned.
+    pub fn into_string(self) -> String {
+        self.0
+    }
+}
+
+impl fmt::Display for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Where a secure message is. Outbound: `Queued` → `Sent` → `Delivered` → `Acknowledged`, or
+/// `Failed`. Inbound messages arrive `Delivered` and become `Acknowledged` when read and accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MessageStatus {
+    /// Stored and waiting for the provider.
+    Queued,
+    /// The provider accepted it.
+    Sent,
+    /// It reached the recipient's endpoint (or, inbound, the practice).
+    Delivered,
+    /// The recipient's system acknowledged it.
+    Acknowledged,
+    /// It could not be delivered.
+    Failed,
+}
+
+impl MessageStatus {
+    /// Every status.
+    pub const ALL: [MessageStatus; 5] = [
+        MessageStatus::Queued,
+        MessageStatus::Sent,
+        MessageStatus::Delivered,
+        MessageStatus::Acknowledged,
+        MessageStatus::Failed,
+    ];
+
+    /// The stable storage code.
+    pub fn code(self) -> &'static str {
+        match self {
+            MessageStatus::Queued => "QUEUED",
+            MessageStatus::Sent => "SENT",
+            MessageStatus::Delivered => "DELIVERED",
+            MessageStatus::Acknowledged => "ACKNOWLEDGED",
+            MessageStatus::Failed => "FAILED",
+        }
+    }
+
+    /// Parses a storage code.
+    pub fn from_code(code: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|status| status.code() == code)
+    }
+}
+
+impl fmt::Display for MessageStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.code())
+    }
+}
+
+/// Which way a secure message went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// Received by the practice.
+    Inbound,
+    /// Sent by a practitioner of the practice.
+    Outbound,
+}
+
+impl Direction {
+    /// Both directions.
+    pub const ALL: [Direction; 2] = [Direction::Inbound, Direction::Outbound];
+
+    /// The stable storage code.
+    pub fn code(self) -> &'static str {
+        match self {
+            Direction::Inbound => "INBOUND",
+            Direction::Outbound => "OUTBOUND",
+        }
+    }
+
+    /// Parses a storage code.
+    pub fn from_code(code: &str) -> Option<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|direction| direction.code() == code)
+    }
 }
 
 /// Everything a provider needs to register a new account.
@@ -429,13 +565,40 @@ mod tests {
         // 800361000000000 + check digit: digits sum (Luhn) must be a multiple of 10.
         let valid = (0..10)
             .map(|d| format!("800361000000000{d}"))
-            .find(|candidate| is_valid_hpii(candidate));
+            .find(|candidate| Hpii::parse(candidate).is_ok());
         let valid = valid.expect("exactly one check digit works");
         assert_eq!(valid.len(), 16);
         let wrong_digit = format!("{}{}", &valid[..15], (valid.as_bytes()[15] - b'0' + 1) % 10);
-        assert!(!is_valid_hpii(&wrong_digit));
-        assert!(!is_valid_hpii("800360000000000000"));
-        assert!(!is_valid_hpii("80036100000000a0"));
+        for refused in [
+            wrong_digit.as_str(),
+            "800360000000000000",
+            "80036100000000a0",
+            "",
+            "8003610000000006 1",
+        ] {
+            assert!(Hpii::parse(refused).is_err(), "{refused:?}");
+        }
+    }
+
+    #[test]
+    fn an_hpii_round_trips_through_its_text_and_drops_surrounding_spaces() {
+        let hpii = Hpii::parse(" 8003610000000006 ").unwrap();
+        assert_eq!(hpii.as_str(), "8003610000000006");
+        assert_eq!(Hpii::parse(&hpii.to_string()), Ok(hpii));
+    }
+
+    #[test]
+    fn message_statuses_and_directions_round_trip_and_unknown_codes_do_not_parse() {
+        for status in MessageStatus::ALL {
+            assert_eq!(MessageStatus::from_code(status.code()), Some(status));
+        }
+        for direction in Direction::ALL {
+            assert_eq!(Direction::from_code(direction.code()), Some(direction));
+        }
+        for unknown in ["", "queued", "RECEIVED", "READ", "FAILED "] {
+            assert_eq!(MessageStatus::from_code(unknown), None, "{unknown:?}");
+        }
+        assert_eq!(Direction::from_code("SIDEWAYS"), None);
     }
 
     #[test]

@@ -26,7 +26,11 @@ pub struct Me {
 impl Me {
     /// Your HPI-I, once set with `setMyHpii` (practitioners; read only when asked for).
     async fn hpii(&self, ctx: &Context<'_>) -> Result<Option<String>, ApiError> {
-        Ok(services(ctx).messaging.my_hpii(principal(ctx)?).await?)
+        Ok(services(ctx)
+            .messaging
+            .my_hpii(principal(ctx)?)
+            .await?
+            .map(|hpii| hpii.as_str().to_owned()))
     }
 }
 

@@ -9,7 +9,7 @@ use super::types::Provider;
 use super::{principal, services};
 use crate::domain::credits::IdempotencyKey;
 use crate::domain::messaging::{ClinicalNote as DomainNote, NoteSection, SendRequest};
-use crate::domain::types::Provider as DomainProvider;
+use crate::domain::types::{Direction, MessageId, MessageStatus as DomainStatus};
 use crate::store::messaging::MessageRow;
 
 /// A patient of the signed-in practitioner.
@@ -146,24 +146,26 @@ pub enum MessageStatus {
     Failed,
 }
 
-impl MessageStatus {
-    fn from_code(code: &str) -> Self {
-        match code {
-            "QUEUED" => Self::Queued,
-            "SENT" => Self::Sent,
-            "DELIVERED" => Self::Delivered,
-            "ACKNOWLEDGED" => Self::Acknowledged,
-            _ => Self::Failed,
+impl From<DomainStatus> for MessageStatus {
+    fn from(status: DomainStatus) -> Self {
+        match status {
+            DomainStatus::Queued => Self::Queued,
+            DomainStatus::Sent => Self::Sent,
+            DomainStatus::Delivered => Self::Delivered,
+            DomainStatus::Acknowledged => Self::Acknowledged,
+            DomainStatus::Failed => Self::Failed,
         }
     }
+}
 
-    fn code(self) -> &'static str {
-        match self {
-            Self::Queued => "QUEUED",
-            Self::Sent => "SENT",
-            Self::Delivered => "DELIVERED",
-            Self::Acknowledged => "ACKNOWLEDGED",
-            Self::Failed => "FAILED",
+impl From<MessageStatus> for DomainStatus {
+    fn from(status: MessageStatus) -> Self {
+        match status {
+            MessageStatus::Queued => Self::Queued,
+            MessageStatus::Sent => Self::Sent,
+            MessageStatus::Delivered => Self::Delivered,
+            MessageStatus::Acknowledged => Self::Acknowledged,
+            MessageStatus::Failed => Self::Failed,
         }
     }
 }
@@ -175,6 +177,24 @@ pub enum MessageDirection {
     Inbound,
     /// Sent by the practitioner.
     Outbound,
+}
+
+impl From<Direction> for MessageDirection {
+    fn from(direction: Direction) -> Self {
+        match direction {
+            Direction::Inbound => Self::Inbound,
+            Direction::Outbound => Self::Outbound,
+        }
+    }
+}
+
+impl From<MessageDirection> for Direction {
+    fn from(direction: MessageDirection) -> Self {
+        match direction {
+            MessageDirection::Inbound => Self::Inbound,
+            MessageDirection::Outbound => Self::Outbound,
+        }
+    }
 }
 
 /// A secure message. Administrators see only its envelope (who, when, which provider): its
@@ -237,16 +257,10 @@ impl SecureMessage {
 impl SecureMessage {
     fn from_row(row: MessageRow, content: Option<Vec<Section>>) -> Self {
         Self {
-            id: ID(row.id),
-            direction: if row.direction == "INBOUND" {
-                MessageDirection::Inbound
-            } else {
-                MessageDirection::Outbound
-            },
-            provider: DomainProvider::from_code(&row.provider)
-                .unwrap_or(DomainProvider::Argus)
-                .into(),
-            status: MessageStatus::from_code(&row.status),
+            id: ID(row.id.into_string()),
+            direction: row.direction.into(),
+            provider: row.provider.into(),
+            status: row.status.into(),
             counterpart_id: ID(row.counterpart_hpii),
             counterpart_name: row.counterpart_name,
             note_id: row.note_id.map(ID),
@@ -257,7 +271,7 @@ impl SecureMessage {
             sent_at: row.sent_at,
             delivered_at: row.delivered_at,
             acknowledged_at: row.acknowledged_at,
-            addressed_to_hpii: row.addressed_hpii,
+            addressed_to_hpii: row.addressed_hpii.map(|hpii| hpii.as_str().to_owned()),
             unassigned: row.owner_user_id.is_none(),
             content,
         }
@@ -481,16 +495,12 @@ impl MessagingQuery {
     ) -> Result<SecureMessageConnection, ApiError> {
         let principal = principal(ctx)?;
         let first = paging(first, 100)?;
-        let direction = direction.map(|direction| match direction {
-            MessageDirection::Inbound => "INBOUND",
-            MessageDirection::Outbound => "OUTBOUND",
-        });
         let mut rows = services(ctx)
             .messaging
             .messages(
                 principal,
-                direction,
-                status.map(MessageStatus::code),
+                direction.map(Into::into),
+                status.map(Into::into),
                 after.as_deref(),
                 first + 1,
             )
@@ -500,7 +510,7 @@ impl MessagingQuery {
         let edges: Vec<SecureMessageEdge> = rows
             .into_iter()
             .map(|row| SecureMessageEdge {
-                cursor: row.id.clone(),
+                cursor: row.id.to_string(),
                 node: SecureMessage::from_row(row, None),
             })
             .collect();
@@ -534,7 +544,7 @@ impl MessagingQuery {
         let edges: Vec<SecureMessageEdge> = rows
             .into_iter()
             .map(|row| SecureMessageEdge {
-                cursor: row.id.clone(),
+                cursor: row.id.to_string(),
                 node: SecureMessage::from_row(row, None),
             })
             .collect();
@@ -737,7 +747,7 @@ struct MessageWatch {
     principal: crate::domain::audit::Principal,
     only: Option<String>,
     received_only: bool,
-    seen: std::collections::HashMap<String, String>,
+    seen: std::collections::HashMap<MessageId, DomainStatus>,
     pending: std::collections::VecDeque<MessageRow>,
     refresh: std::time::Duration,
 }
@@ -783,7 +793,7 @@ impl MessageWatch {
                 return Some(SecureMessage::from_row(row, None));
             }
             tokio::time::sleep(self.refresh).await;
-            let direction = self.received_only.then_some("INBOUND");
+            let direction = self.received_only.then_some(Direction::Inbound);
             let Ok(rows) = self
                 .service
                 .messages(&self.principal, direction, None, None, 100)
@@ -792,15 +802,19 @@ impl MessageWatch {
                 continue;
             };
             for row in rows.into_iter().rev() {
-                if self.only.as_ref().is_some_and(|only| only != &row.id) {
+                if self
+                    .only
+                    .as_ref()
+                    .is_some_and(|only| only != row.id.as_str())
+                {
                     continue;
                 }
                 let changed = match self.seen.get(&row.id) {
                     None => true,
-                    Some(status) => !self.received_only && status != &row.status,
+                    Some(status) => !self.received_only && *status != row.status,
                 };
                 if changed {
-                    self.seen.insert(row.id.clone(), row.status.clone());
+                    self.seen.insert(row.id.clone(), row.status);
                     self.pending.push_back(row);
                 }
             }

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::http::{Calls, dispatch, endpoint, path_segment, read_json};
 use super::{
     AccountState, CallObserver, DeliveryState, DirectoryEntry, DirectoryPage, InboxItem,
-    OutboundMessage, ProviderClient, ProviderError, Route, Upstream,
+    OutboundMessage, ProviderClient, ProviderError, Route, Unavailability, Upstream,
 };
 use crate::domain::types::{Provider, ProviderCredentials, Registration};
 
@@ -120,6 +120,7 @@ fn state_from_word(status: &str) -> Result<AccountState, ProviderError> {
         "PENDING" => Ok(AccountState::Pending),
         "REJECTED" => Ok(AccountState::Rejected),
         other => Err(ProviderError::Unavailable {
+            kind: Unavailability::MalformedReply,
             reason: format!("unknown account status {other:?}"),
             retry_after: None,
         }),
@@ -306,6 +307,7 @@ impl ProviderClient for ArgusClient {
                     ),
                     other => {
                         return Err(ProviderError::Unavailable {
+                            kind: Unavailability::MalformedReply,
                             reason: format!("unknown status {other:?}"),
                             retry_after: None,
                         });
@@ -343,6 +345,7 @@ impl ProviderClient for ArgusClient {
                         let bytes = base64::engine::general_purpose::STANDARD
                             .decode(&item.payload)
                             .map_err(|_| ProviderError::Unavailable {
+                                kind: Unavailability::MalformedReply,
                                 reason: "inbox payload is not base64".into(),
                                 retry_after: None,
                             })?;
@@ -398,6 +401,7 @@ mod tests {
     use crate::domain::types::{
         ContactEmail, PracticeName, PromoCode, ProviderPassword, ProviderUsername,
     };
+    use crate::providers::ProviderFailure;
 
     fn adapter(server: &MockServer, timeout: Duration) -> ArgusClient {
         crate::install_crypto_provider();
@@ -480,9 +484,7 @@ mod tests {
             .account_state(&credentials())
             .await
             .unwrap_err();
-        assert!(
-            matches!(error, ProviderError::Unavailable { ref reason, .. } if reason == "timed out")
-        );
+        assert!(error.failure() == ProviderFailure::Timeout);
     }
 
     #[tokio::test]
@@ -496,9 +498,7 @@ mod tests {
             .account_state(&credentials())
             .await
             .unwrap_err();
-        assert!(
-            matches!(error, ProviderError::Unavailable { ref reason, .. } if reason.starts_with("malformed"))
-        );
+        assert!(error.failure() == ProviderFailure::MalformedReply);
     }
 
     #[tokio::test]

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use reqwest::{Response, StatusCode};
 use serde::de::DeserializeOwned;
 
-use super::{CallObserver, CallOutcome, ProviderError, Route, Upstream};
+use super::{CallObserver, CallOutcome, ProviderError, Route, Unavailability, Upstream};
 
 /// Whom an adapter calls and who hears about each call (metrics); cheap to clone.
 #[derive(Clone)]
@@ -114,15 +114,22 @@ fn outcome_of_status(status: StatusCode) -> CallOutcome {
 
 /// A request that never got an HTTP answer.
 pub(super) fn transport_failure(error: reqwest::Error) -> ProviderError {
-    let reason = if error.is_timeout() {
-        "timed out".to_owned()
+    let (kind, reason) = if error.is_timeout() {
+        (Unavailability::Timeout, "timed out".to_owned())
     } else if error.is_connect() {
-        "could not connect".to_owned()
+        (
+            Unavailability::ConnectFailed,
+            "could not connect".to_owned(),
+        )
     } else {
         // Without the URL: it can carry a card token or a message id, and this text is logged.
-        format!("transport error: {}", error.without_url())
+        (
+            Unavailability::Transport,
+            format!("transport error: {}", error.without_url()),
+        )
     };
     ProviderError::Unavailable {
+        kind,
         reason,
         retry_after: None,
     }
@@ -139,6 +146,11 @@ pub(super) fn unavailable_status(response: &Response) -> Option<ProviderError> {
             .and_then(|value| value.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
         return Some(ProviderError::Unavailable {
+            kind: if status == StatusCode::TOO_MANY_REQUESTS {
+                Unavailability::RateLimited
+            } else {
+                Unavailability::ServerError
+            },
             reason: format!("HTTP {status}"),
             retry_after,
         });
@@ -151,6 +163,7 @@ pub(super) async fn read_json<T: DeserializeOwned>(response: Response) -> Result
     let status = response.status();
     let bytes = response.bytes().await.map_err(transport_failure)?;
     serde_json::from_slice(&bytes).map_err(|error| ProviderError::Unavailable {
+        kind: Unavailability::MalformedReply,
         reason: format!("malformed body with HTTP {status}: {error}"),
         retry_after: None,
     })

@@ -46,13 +46,103 @@ pub enum ProviderError {
     #[error("username already registered")]
     Duplicate,
     /// No usable answer: 5xx, 429, timeout, connection failure or malformed body.
-    #[error("unavailable: {reason}")]
+    #[error("unavailable ({kind:?}): {reason}")]
     Unavailable {
-        /// What happened, for logs.
+        /// Which way the call failed to answer; decisions branch on this.
+        kind: Unavailability,
+        /// What happened, for logs only: never decide on its wording.
         reason: String,
         /// When the provider asked us to come back, if it said.
         retry_after: Option<Duration>,
     },
+}
+
+/// Why a call got no usable answer. The classifier in `http.rs` knows which case it is when the
+/// call fails, so nothing downstream has to read an error's text to find out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unavailability {
+    /// No answer within the timeout: the request may have been acted on.
+    Timeout,
+    /// No connection could be made: the request never reached the provider.
+    ConnectFailed,
+    /// The connection broke after it was made: the request may have been acted on.
+    Transport,
+    /// An answer that could not be read (bad JSON, an unknown state word, bad encoding): the
+    /// provider may have acted on the request.
+    MalformedReply,
+    /// A 5xx, or an answer the provider should never give (a fresh session refused).
+    ServerError,
+    /// 429: the provider asked us to slow down.
+    RateLimited,
+}
+
+/// Every way a provider call can fail, as one kind: what the outbox decides retries and refunds
+/// on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProviderFailure {
+    /// No answer in time.
+    Timeout,
+    /// Could not connect.
+    ConnectFailed,
+    /// The connection broke.
+    Transport,
+    /// An unreadable answer.
+    MalformedReply,
+    /// 5xx or a misbehaving answer.
+    ServerError,
+    /// 429.
+    RateLimited,
+    /// The provider understood and refused: permanent.
+    Refused,
+    /// The provider does not accept the account's login.
+    BadCredentials,
+    /// The provider says it has this already.
+    Duplicate,
+}
+
+impl ProviderFailure {
+    /// Whether the provider may have acted on the request although we never learnt the
+    /// answer (so a give-up must not refund blindly).
+    pub fn may_have_been_accepted(self) -> bool {
+        match self {
+            ProviderFailure::Timeout
+            | ProviderFailure::Transport
+            | ProviderFailure::MalformedReply => true,
+            ProviderFailure::ConnectFailed
+            | ProviderFailure::ServerError
+            | ProviderFailure::RateLimited
+            | ProviderFailure::Refused
+            | ProviderFailure::BadCredentials
+            | ProviderFailure::Duplicate => false,
+        }
+    }
+}
+
+impl ProviderError {
+    /// The kind of failure.
+    pub fn failure(&self) -> ProviderFailure {
+        match self {
+            ProviderError::InvalidCredentials => ProviderFailure::BadCredentials,
+            ProviderError::Refused { .. } => ProviderFailure::Refused,
+            ProviderError::Duplicate => ProviderFailure::Duplicate,
+            ProviderError::Unavailable { kind, .. } => match kind {
+                Unavailability::Timeout => ProviderFailure::Timeout,
+                Unavailability::ConnectFailed => ProviderFailure::ConnectFailed,
+                Unavailability::Transport => ProviderFailure::Transport,
+                Unavailability::MalformedReply => ProviderFailure::MalformedReply,
+                Unavailability::ServerError => ProviderFailure::ServerError,
+                Unavailability::RateLimited => ProviderFailure::RateLimited,
+            },
+        }
+    }
+
+    /// When the provider asked us to come back, if it said.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ProviderError::Unavailable { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
 }
 
 /// One practitioner as a provider's directory lists them.
@@ -297,6 +387,74 @@ impl Providers {
         match provider {
             Provider::Argus => self.argus.as_ref(),
             Provider::ReferralNet => self.referralnet.as_ref(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_timeout_a_broken_connection_or_an_unreadable_reply_may_hide_an_acceptance() {
+        let unavailable = |kind| ProviderError::Unavailable {
+            kind,
+            reason: "the wording here must not matter".into(),
+            retry_after: None,
+        };
+        let cases = [
+            (
+                unavailable(Unavailability::Timeout),
+                ProviderFailure::Timeout,
+                true,
+            ),
+            (
+                unavailable(Unavailability::Transport),
+                ProviderFailure::Transport,
+                true,
+            ),
+            (
+                unavailable(Unavailability::MalformedReply),
+                ProviderFailure::MalformedReply,
+                true,
+            ),
+            (
+                unavailable(Unavailability::ConnectFailed),
+                ProviderFailure::ConnectFailed,
+                false,
+            ),
+            (
+                unavailable(Unavailability::ServerError),
+                ProviderFailure::ServerError,
+                false,
+            ),
+            (
+                unavailable(Unavailability::RateLimited),
+                ProviderFailure::RateLimited,
+                false,
+            ),
+            (
+                ProviderError::Refused {
+                    code: "badParam".into(),
+                    message: "timed out".into(),
+                },
+                ProviderFailure::Refused,
+                false,
+            ),
+            (
+                ProviderError::InvalidCredentials,
+                ProviderFailure::BadCredentials,
+                false,
+            ),
+            (ProviderError::Duplicate, ProviderFailure::Duplicate, false),
+        ];
+        for (error, kind, may_have_been_accepted) in cases {
+            assert_eq!(error.failure(), kind, "{error:?}");
+            assert_eq!(
+                kind.may_have_been_accepted(),
+                may_have_been_accepted,
+                "{kind:?}"
+            );
         }
     }
 }

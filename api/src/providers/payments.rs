@@ -9,7 +9,7 @@ use reqwest::StatusCode;
 use serde::{Deserialize, Serialize};
 
 use super::http::{Calls, build_client, dispatch, endpoint, path_segment, read_json};
-use super::{CallObserver, ProviderError, Route, Upstream};
+use super::{CallObserver, ProviderError, Route, Unavailability, Upstream};
 
 /// A card as the gateway may show it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -168,6 +168,7 @@ impl PaymentGateway for HttpPaymentGateway {
                 })
             }
             StatusCode::UNAUTHORIZED => Err(ProviderError::Unavailable {
+                kind: Unavailability::ServerError,
                 reason: "payment gateway refused the API key".into(),
                 retry_after: None,
             }),
@@ -201,6 +202,7 @@ impl PaymentGateway for HttpPaymentGateway {
                         code: "card_declined".into(),
                     }),
                     other => Err(ProviderError::Unavailable {
+                        kind: Unavailability::MalformedReply,
                         reason: format!("charge status {other:?}"),
                         retry_after: None,
                     }),
@@ -209,6 +211,7 @@ impl PaymentGateway for HttpPaymentGateway {
             // The same key with a different request: never a decline (money may have moved);
             // leave it unresolved so it is looked at, not recorded as failed.
             StatusCode::CONFLICT => Err(ProviderError::Unavailable {
+                kind: Unavailability::ServerError,
                 reason:
                     "payment gateway reports the idempotency key reused with a different request"
                         .into(),
@@ -222,6 +225,7 @@ impl PaymentGateway for HttpPaymentGateway {
                 })
             }
             StatusCode::UNAUTHORIZED => Err(ProviderError::Unavailable {
+                kind: Unavailability::ServerError,
                 reason: "payment gateway refused the API key".into(),
                 retry_after: None,
             }),
@@ -236,6 +240,7 @@ mod tests {
     use wiremock::{Mock, MockServer, ResponseTemplate};
 
     use super::*;
+    use crate::providers::ProviderFailure;
 
     fn gateway(server: &MockServer, timeout: Duration) -> HttpPaymentGateway {
         crate::install_crypto_provider();
@@ -321,9 +326,7 @@ mod tests {
             .charge(&request())
             .await
             .unwrap_err();
-        assert!(
-            matches!(error, ProviderError::Unavailable { ref reason, .. } if reason == "timed out")
-        );
+        assert!(error.failure() == ProviderFailure::Timeout);
     }
 
     #[tokio::test]

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::http::{Calls, dispatch, endpoint, path_segment, read_json};
 use super::{
     AccountState, CallObserver, DeliveryState, DirectoryEntry, DirectoryPage, InboxItem,
-    OutboundMessage, ProviderClient, ProviderError, Route, Upstream,
+    OutboundMessage, ProviderClient, ProviderError, Route, Unavailability, Upstream,
 };
 use crate::domain::types::{Provider, ProviderCredentials, Registration};
 
@@ -167,6 +167,7 @@ fn state_from_word(state: &str) -> Result<AccountState, ProviderError> {
         "PENDING" => Ok(AccountState::Pending),
         "DECLINED" => Ok(AccountState::Rejected),
         other => Err(ProviderError::Unavailable {
+            kind: Unavailability::MalformedReply,
             reason: format!("unknown enrolment state {other:?}"),
             retry_after: None,
         }),
@@ -208,6 +209,7 @@ impl ProviderClient for ReferralNetClient {
             }
             // A token that expired between login and use: the provider is misbehaving; retry later.
             StatusCode::UNAUTHORIZED => Err(ProviderError::Unavailable {
+                kind: Unavailability::ServerError,
                 reason: "fresh session token refused".into(),
                 retry_after: None,
             }),
@@ -352,6 +354,7 @@ impl ProviderClient for ReferralNetClient {
                     }
                     other => {
                         return Err(ProviderError::Unavailable {
+                            kind: Unavailability::MalformedReply,
                             reason: format!("unknown state {other:?}"),
                             retry_after: None,
                         });
@@ -450,6 +453,7 @@ mod tests {
 
     use super::*;
     use crate::domain::types::{ProviderPassword, ProviderUsername};
+    use crate::providers::ProviderFailure;
 
     fn adapter(server: &MockServer, timeout: Duration) -> ReferralNetClient {
         crate::install_crypto_provider();
@@ -540,9 +544,7 @@ mod tests {
             .account_state(&credentials())
             .await
             .unwrap_err();
-        assert!(
-            matches!(error, ProviderError::Unavailable { ref reason, .. } if reason == "timed out")
-        );
+        assert!(error.failure() == ProviderFailure::Timeout);
     }
 
     #[tokio::test]
@@ -556,9 +558,7 @@ mod tests {
             .account_state(&credentials())
             .await
             .unwrap_err();
-        assert!(
-            matches!(error, ProviderError::Unavailable { ref reason, .. } if reason.starts_with("malformed"))
-        );
+        assert!(error.failure() == ProviderFailure::MalformedReply);
     }
 
     #[tokio::test]

@@ -16,6 +16,7 @@ use sea_orm::{
 use super::entities::{clinical_notes, messages, patients};
 use super::{Store, StoreError, Transaction, from_millis, to_millis};
 use crate::domain::audit::AuditEntry;
+use crate::domain::types::{Direction, Hpii, MessageId, MessageStatus, Provider};
 
 /// The owner column's value for a message waiting in its practice's unassigned inbox. User ids
 /// are UUIDs, so it can never name a real user.
@@ -87,19 +88,20 @@ pub struct NoteRow {
 #[derive(Debug, Clone)]
 pub struct MessageRow {
     /// Id (also the provider-side client message id, so provider retries are idempotent).
-    pub id: String,
+    pub id: MessageId,
     /// Group.
     pub group_id: String,
     /// Sender (outbound) or addressee (inbound) practitioner; `None` for a received message
     /// waiting in the practice's unassigned inbox.
     pub owner_user_id: Option<String>,
-    /// `OUTBOUND` or `INBOUND`.
-    pub direction: String,
-    /// Provider code.
-    pub provider: String,
-    /// `QUEUED`, `SENT`, `DELIVERED`, `ACKNOWLEDGED`, `FAILED` (outbound) or `RECEIVED`/`READ`.
-    pub status: String,
-    /// The other party's HPI-I.
+    /// Sent or received.
+    pub direction: Direction,
+    /// Through which provider.
+    pub provider: Provider,
+    /// Where it is.
+    pub status: MessageStatus,
+    /// The other party's HPI-I (for a received message, as the provider reported it: not
+    /// necessarily a valid one).
     pub counterpart_hpii: String,
     /// The other party's name.
     pub counterpart_name: String,
@@ -133,14 +135,14 @@ pub struct MessageRow {
     /// Acknowledged by the recipient's system.
     pub acknowledged_at: Option<DateTime<Utc>>,
     /// The HPI-I a received message was addressed to, if it named one (envelope, not content).
-    pub addressed_hpii: Option<String>,
+    pub addressed_hpii: Option<Hpii>,
 }
 
 /// A change of a message's delivery state.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MessageUpdate {
     /// New status.
-    pub status: Option<String>,
+    pub status: Option<MessageStatus>,
     /// Provider reference learnt.
     pub provider_reference: Option<String>,
     /// Failure reason.
@@ -280,15 +282,15 @@ impl Store {
     pub async fn recent_outcomes(
         &self,
         group_id: &str,
-        provider: &str,
+        provider: Provider,
         limit: u64,
     ) -> Result<(u64, u64), StoreError> {
         let statuses: Vec<String> = messages::Entity::find()
             .select_only()
             .column(messages::Column::Status)
             .filter(messages::Column::GroupId.eq(group_id))
-            .filter(messages::Column::Provider.eq(provider))
-            .filter(messages::Column::Direction.eq("OUTBOUND"))
+            .filter(messages::Column::Provider.eq(provider.code()))
+            .filter(messages::Column::Direction.eq(Direction::Outbound.code()))
             .order_by_desc(messages::Column::Id)
             .limit(limit)
             .into_tuple()
@@ -296,7 +298,7 @@ impl Store {
             .await?;
         let failed = statuses
             .iter()
-            .filter(|status| status.as_str() == "FAILED")
+            .filter(|status| status.as_str() == MessageStatus::Failed.code())
             .count() as u64;
         Ok((failed, statuses.len() as u64))
     }
@@ -307,12 +309,13 @@ impl Store {
         owner_user_id: &str,
         key: &str,
     ) -> Result<Option<MessageRow>, StoreError> {
-        Ok(messages::Entity::find()
+        messages::Entity::find()
             .filter(messages::Column::OwnerUserId.eq(owner_user_id))
             .filter(messages::Column::IdempotencyKey.eq(key))
             .one(self.connection())
             .await?
-            .map(message_from_model))
+            .map(message_from_model)
+            .transpose()
     }
 
     /// A practitioner's own message.
@@ -321,11 +324,12 @@ impl Store {
         owner_user_id: &str,
         id: &str,
     ) -> Result<Option<MessageRow>, StoreError> {
-        Ok(messages::Entity::find_by_id(id.to_owned())
+        messages::Entity::find_by_id(id.to_owned())
             .filter(messages::Column::OwnerUserId.eq(owner_user_id))
             .one(self.connection())
             .await?
-            .map(message_from_model))
+            .map(message_from_model)
+            .transpose()
     }
 
     /// A received message of the group waiting in its unassigned inbox.
@@ -334,13 +338,14 @@ impl Store {
         group_id: &str,
         id: &str,
     ) -> Result<Option<MessageRow>, StoreError> {
-        Ok(messages::Entity::find_by_id(id.to_owned())
+        messages::Entity::find_by_id(id.to_owned())
             .filter(messages::Column::GroupId.eq(group_id))
             .filter(messages::Column::OwnerUserId.eq(UNASSIGNED_OWNER))
-            .filter(messages::Column::Direction.eq("INBOUND"))
+            .filter(messages::Column::Direction.eq(Direction::Inbound.code()))
             .one(self.connection())
             .await?
-            .map(message_from_model))
+            .map(message_from_model)
+            .transpose()
     }
 
     /// The group's unassigned inbox, newest first.
@@ -353,18 +358,18 @@ impl Store {
         let mut query = messages::Entity::find()
             .filter(messages::Column::GroupId.eq(group_id))
             .filter(messages::Column::OwnerUserId.eq(UNASSIGNED_OWNER))
-            .filter(messages::Column::Direction.eq("INBOUND"));
+            .filter(messages::Column::Direction.eq(Direction::Inbound.code()));
         if let Some(before_id) = before_id {
             query = query.filter(messages::Column::Id.lt(before_id));
         }
-        Ok(query
+        query
             .order_by_desc(messages::Column::Id)
             .limit(limit)
             .all(self.connection())
             .await?
             .into_iter()
             .map(message_from_model)
-            .collect())
+            .collect()
     }
 
     /// Gives an unassigned received message of the group to `to_user_id`, with its audit
@@ -388,7 +393,7 @@ impl Store {
             )
             .filter(messages::Column::Id.eq(id))
             .filter(messages::Column::GroupId.eq(group_id))
-            .filter(messages::Column::Direction.eq("INBOUND"))
+            .filter(messages::Column::Direction.eq(Direction::Inbound.code()))
             .filter(messages::Column::OwnerUserId.eq(UNASSIGNED_OWNER))
             .exec(&txn)
             .await?
@@ -400,7 +405,7 @@ impl Store {
         }
         let exists = messages::Entity::find_by_id(id.to_owned())
             .filter(messages::Column::GroupId.eq(group_id))
-            .filter(messages::Column::Direction.eq("INBOUND"))
+            .filter(messages::Column::Direction.eq(Direction::Inbound.code()))
             .one(&txn)
             .await?
             .is_some();
@@ -414,40 +419,41 @@ impl Store {
 
     /// A message by id (workers).
     pub async fn message_by_id(&self, id: &str) -> Result<Option<MessageRow>, StoreError> {
-        Ok(messages::Entity::find_by_id(id.to_owned())
+        messages::Entity::find_by_id(id.to_owned())
             .one(self.connection())
             .await?
-            .map(message_from_model))
+            .map(message_from_model)
+            .transpose()
     }
 
     /// A practitioner's messages, newest first.
     pub async fn list_messages(
         &self,
         owner_user_id: &str,
-        direction: Option<&str>,
-        status: Option<&str>,
+        direction: Option<Direction>,
+        status: Option<MessageStatus>,
         before_id: Option<&str>,
         limit: u64,
     ) -> Result<Vec<MessageRow>, StoreError> {
         let mut query =
             messages::Entity::find().filter(messages::Column::OwnerUserId.eq(owner_user_id));
         if let Some(direction) = direction {
-            query = query.filter(messages::Column::Direction.eq(direction));
+            query = query.filter(messages::Column::Direction.eq(direction.code()));
         }
         if let Some(status) = status {
-            query = query.filter(messages::Column::Status.eq(status));
+            query = query.filter(messages::Column::Status.eq(status.code()));
         }
         if let Some(before_id) = before_id {
             query = query.filter(messages::Column::Id.lt(before_id));
         }
-        Ok(query
+        query
             .order_by_desc(messages::Column::Id)
             .limit(limit)
             .all(self.connection())
             .await?
             .into_iter()
             .map(message_from_model)
-            .collect())
+            .collect()
     }
 
     /// How many outbound messages wait in `QUEUED` (not yet handed to a provider), and when
@@ -475,9 +481,18 @@ impl Store {
         now: DateTime<Utc>,
         limit: u64,
     ) -> Result<Vec<MessageRow>, StoreError> {
-        Ok(messages::Entity::find()
-            .filter(messages::Column::Direction.eq("OUTBOUND"))
-            .filter(messages::Column::Status.is_in(["QUEUED", "SENT", "DELIVERED"]))
+        messages::Entity::find()
+            .filter(messages::Column::Direction.eq(Direction::Outbound.code()))
+            .filter(
+                messages::Column::Status.is_in(
+                    [
+                        MessageStatus::Queued,
+                        MessageStatus::Sent,
+                        MessageStatus::Delivered,
+                    ]
+                    .map(MessageStatus::code),
+                ),
+            )
             .filter(messages::Column::NextAttemptAt.lte(to_millis(now)))
             .order_by_asc(messages::Column::NextAttemptAt)
             .limit(limit)
@@ -485,7 +500,7 @@ impl Store {
             .await?
             .into_iter()
             .map(message_from_model)
-            .collect())
+            .collect()
     }
 
     /// Claims a due message for this node until `lease_until` (compare-and-set on
@@ -509,7 +524,7 @@ impl Store {
                 Expr::col(messages::Column::Attempts).add(1),
             )
             .filter(messages::Column::Id.eq(message.id.as_str()))
-            .filter(messages::Column::Status.eq(message.status.as_str()))
+            .filter(messages::Column::Status.eq(message.status.code()))
             .filter(messages::Column::NextAttemptAt.eq(to_millis(expected)))
             .exec(&txn)
             .await?
@@ -524,8 +539,8 @@ impl Store {
     pub async fn update_message_in(
         &self,
         connection: &impl ConnectionTrait,
-        id: &str,
-        from_status: &str,
+        id: &MessageId,
+        from_status: MessageStatus,
         update: &MessageUpdate,
     ) -> Result<bool, StoreError> {
         let mut query = messages::Entity::update_many().col_expr(
@@ -533,7 +548,7 @@ impl Store {
             Expr::value(to_millis(Utc::now())),
         );
         if let Some(status) = &update.status {
-            query = query.col_expr(messages::Column::Status, Expr::value(status.clone()));
+            query = query.col_expr(messages::Column::Status, Expr::value(status.code()));
         }
         if let Some(reference) = &update.provider_reference {
             query = query.col_expr(
@@ -566,8 +581,8 @@ impl Store {
             query = query.col_expr(messages::Column::Ambiguous, Expr::value(true));
         }
         Ok(query
-            .filter(messages::Column::Id.eq(id))
-            .filter(messages::Column::Status.eq(from_status))
+            .filter(messages::Column::Id.eq(id.as_str()))
+            .filter(messages::Column::Status.eq(from_status.code()))
             .exec(connection)
             .await?
             .rows_affected
@@ -578,8 +593,8 @@ impl Store {
     pub async fn update_message_in_transaction(
         &self,
         txn: &Transaction,
-        id: &str,
-        from_status: &str,
+        id: &MessageId,
+        from_status: MessageStatus,
         update: &MessageUpdate,
     ) -> Result<bool, StoreError> {
         self.update_message_in(&txn.0, id, from_status, update)
@@ -589,8 +604,8 @@ impl Store {
     /// Applies a delivery update on its own.
     pub async fn update_message(
         &self,
-        id: &str,
-        from_status: &str,
+        id: &MessageId,
+        from_status: MessageStatus,
         update: &MessageUpdate,
     ) -> Result<bool, StoreError> {
         let txn = self.begin_write().await?;
@@ -607,12 +622,12 @@ async fn insert_message(
     row: &MessageRow,
 ) -> Result<(), StoreError> {
     messages::Entity::insert(messages::ActiveModel {
-        id: Set(row.id.clone()),
+        id: Set(row.id.as_str().to_owned()),
         group_id: Set(row.group_id.clone()),
         owner_user_id: Set(owner_to_column(row.owner_user_id.as_deref())),
-        direction: Set(row.direction.clone()),
-        provider: Set(row.provider.clone()),
-        status: Set(row.status.clone()),
+        direction: Set(row.direction.code().to_owned()),
+        provider: Set(row.provider.code().to_owned()),
+        status: Set(row.status.code().to_owned()),
         counterpart_hpii: Set(row.counterpart_hpii.clone()),
         counterpart_name: Set(row.counterpart_name.clone()),
         note_id: Set(row.note_id.clone()),
@@ -630,7 +645,10 @@ async fn insert_message(
         delivered_at: Set(row.delivered_at.map(to_millis)),
         acknowledged_at: Set(row.acknowledged_at.map(to_millis)),
         updated_at: Set(to_millis(Utc::now())),
-        addressed_hpii: Set(row.addressed_hpii.clone()),
+        addressed_hpii: Set(row
+            .addressed_hpii
+            .as_ref()
+            .map(|hpii| hpii.as_str().to_owned())),
     })
     .exec_without_returning(connection)
     .await?;
@@ -648,14 +666,32 @@ fn note_from_model(model: clinical_notes::Model) -> NoteRow {
     }
 }
 
-fn message_from_model(model: messages::Model) -> MessageRow {
-    MessageRow {
-        id: model.id,
+/// A stored message as the domain knows it. A value that does not parse (a bug or a
+/// hand-edited row) is `Corrupt`, never quietly read as something else.
+fn message_from_model(model: messages::Model) -> Result<MessageRow, StoreError> {
+    let corrupt = |problem: String| StoreError::Corrupt {
+        table: "messages",
+        problem,
+    };
+    let direction = Direction::from_code(&model.direction)
+        .ok_or_else(|| corrupt(format!("unknown direction {:?}", model.direction)))?;
+    let provider = Provider::from_code(&model.provider)
+        .ok_or_else(|| corrupt(format!("unknown provider {:?}", model.provider)))?;
+    let status = MessageStatus::from_code(&model.status)
+        .ok_or_else(|| corrupt(format!("unknown status {:?}", model.status)))?;
+    let addressed_hpii = model
+        .addressed_hpii
+        .map(|hpii| {
+            Hpii::parse(&hpii).map_err(|problem| corrupt(format!("addressed_hpii: {problem}")))
+        })
+        .transpose()?;
+    Ok(MessageRow {
+        id: MessageId::from_stored(model.id),
         group_id: model.group_id,
         owner_user_id: owner_from_column(model.owner_user_id),
-        direction: model.direction,
-        provider: model.provider,
-        status: model.status,
+        direction,
+        provider,
+        status,
         counterpart_hpii: model.counterpart_hpii,
         counterpart_name: model.counterpart_name,
         note_id: model.note_id,
@@ -672,8 +708,8 @@ fn message_from_model(model: messages::Model) -> MessageRow {
         sent_at: model.sent_at.map(from_millis),
         delivered_at: model.delivered_at.map(from_millis),
         acknowledged_at: model.acknowledged_at.map(from_millis),
-        addressed_hpii: model.addressed_hpii,
-    }
+        addressed_hpii,
+    })
 }
 
 #[cfg(test)]
@@ -693,5 +729,62 @@ mod tests {
         // The sentinel must fit the column and never look like a user id.
         assert!(UNASSIGNED_OWNER.len() <= 36);
         assert!(uuid::Uuid::parse_str(UNASSIGNED_OWNER).is_err());
+    }
+
+    fn stored_message(status: &str, direction: &str, provider: &str) -> messages::Model {
+        messages::Model {
+            id: uuid::Uuid::now_v7().to_string(),
+            group_id: "clinic-1".into(),
+            owner_user_id: uuid::Uuid::now_v7().to_string(),
+            direction: direction.into(),
+            provider: provider.into(),
+            status: status.into(),
+            counterpart_hpii: "8003610000000006".into(),
+            counterpart_name: "Dr Ada Lovelace".into(),
+            note_id: None,
+            payload_ciphertext: String::new(),
+            idempotency_key: None,
+            provider_reference: None,
+            failure_reason: None,
+            credits_charged: 3,
+            refunded: false,
+            ambiguous: false,
+            attempts: 0,
+            next_attempt_at: None,
+            created_at: 0,
+            sent_at: None,
+            delivered_at: None,
+            acknowledged_at: None,
+            updated_at: 0,
+            addressed_hpii: None,
+        }
+    }
+
+    #[test]
+    fn a_stored_status_direction_or_provider_that_does_not_parse_is_corrupt_never_a_default() {
+        let read = message_from_model(stored_message("QUEUED", "OUTBOUND", "ARGUS")).unwrap();
+        assert_eq!(read.status, MessageStatus::Queued);
+        assert_eq!(read.direction, Direction::Outbound);
+        assert_eq!(read.provider, Provider::Argus);
+        for model in [
+            stored_message("RECEIVED", "OUTBOUND", "ARGUS"),
+            stored_message("QUEUED", "SIDEWAYS", "ARGUS"),
+            stored_message("QUEUED", "OUTBOUND", "HEALTHLINK"),
+            messages::Model {
+                addressed_hpii: Some("1234".into()),
+                ..stored_message("DELIVERED", "INBOUND", "REFERRALNET")
+            },
+        ] {
+            assert!(
+                matches!(
+                    message_from_model(model.clone()),
+                    Err(StoreError::Corrupt {
+                        table: "messages",
+                        ..
+                    })
+                ),
+                "{model:?}"
+            );
+        }
     }
 }

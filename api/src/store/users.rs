@@ -7,7 +7,7 @@ use sea_orm::{ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter};
 use super::entities::{groups, users};
 use super::{Store, StoreError, new_id, to_millis};
 use crate::domain::audit::AuditEntry;
-use crate::domain::types::Role;
+use crate::domain::types::{Hpii, Role};
 
 /// What setting a practitioner's HPI-I did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,7 +37,7 @@ pub struct UserRow {
     /// The display name the latest token gave.
     pub name: String,
     /// The practitioner's HPI-I, once they set it.
-    pub hpii: Option<String>,
+    pub hpii: Option<Hpii>,
 }
 
 impl Store {
@@ -107,7 +107,7 @@ impl Store {
     pub async fn set_user_hpii(
         &self,
         user_id: &str,
-        hpii: &str,
+        hpii: &Hpii,
         audit: impl Fn(&HpiiChange) -> AuditEntry,
     ) -> Result<HpiiChange, StoreError> {
         use sea_orm::QuerySelect;
@@ -120,12 +120,12 @@ impl Store {
             .one(&txn)
             .await?
             .and_then(|user| user.hpii);
-        if previous.as_deref() == Some(hpii) {
+        if previous.as_deref() == Some(hpii.as_str()) {
             txn.rollback().await?;
             return Ok(HpiiChange::Unchanged);
         }
         let updated = users::Entity::update_many()
-            .col_expr(users::Column::Hpii, Expr::value(hpii))
+            .col_expr(users::Column::Hpii, Expr::value(hpii.as_str()))
             .col_expr(users::Column::UpdatedAt, Expr::value(to_millis(Utc::now())))
             .filter(users::Column::Id.eq(user_id))
             .exec(&txn)
@@ -160,11 +160,11 @@ impl Store {
     pub async fn practitioner_by_hpii(
         &self,
         group_id: &str,
-        hpii: &str,
+        hpii: &Hpii,
     ) -> Result<Option<UserRow>, StoreError> {
         users::Entity::find()
             .filter(users::Column::GroupId.eq(group_id))
-            .filter(users::Column::Hpii.eq(hpii))
+            .filter(users::Column::Hpii.eq(hpii.as_str()))
             .filter(users::Column::Role.eq(Role::Practitioner.code()))
             .one(self.connection())
             .await?
@@ -197,6 +197,14 @@ fn user_from_model(model: users::Model) -> Result<UserRow, StoreError> {
         subject: model.subject,
         role,
         name: model.name,
-        hpii: model.hpii,
+        hpii: model
+            .hpii
+            .map(|hpii| {
+                Hpii::parse(&hpii).map_err(|problem| StoreError::Corrupt {
+                    table: "users",
+                    problem: format!("hpii {hpii:?}: {problem}"),
+                })
+            })
+            .transpose()?,
     })
 }
