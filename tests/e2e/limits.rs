@@ -23,7 +23,8 @@ fn count(codes: &[String], code: &str) -> usize {
     codes.iter().filter(|c| c.as_str() == code).count()
 }
 
-/// `n` copies of a mutation sent as separate operations on one WebSocket; their results.
+/// `n` copies of an operation sent at once as separate operations on one WebSocket; their
+/// results, shaped like HTTP answers.
 async fn over_websocket(
     app: &TestApp,
     token: &str,
@@ -40,7 +41,6 @@ async fn over_websocket(
     let mut results = Vec::new();
     for index in 0..n {
         let message = client.result_of(&index.to_string()).await;
-        // Shape it like an HTTP answer so the same helpers read it.
         results.push(if message["type"] == "error" {
             json!({"errors": message["payload"]})
         } else {

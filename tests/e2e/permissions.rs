@@ -3,12 +3,10 @@
 //! practitioner), over HTTP and WebSocket and under parallel requests; strict payment tokens;
 //! and how long a token is honoured.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use futures::{SinkExt, StreamExt, future::join_all};
+use futures::future::join_all;
 use serde_json::{Value, json};
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use crate::helpers::*;
 
@@ -364,78 +362,13 @@ async fn a_malformed_payment_token_is_bad_user_input_and_never_reaches_the_payme
 
 // --- Over WebSocket ---
 
-/// A graphql-transport-ws connection that runs one operation at a time.
-struct Socket {
-    stream: tokio_tungstenite::WebSocketStream<
-        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
-    >,
-    next_id: u32,
-}
-
-impl Socket {
-    async fn open(app: &TestApp, token: &str) -> Socket {
-        let mut request = format!("ws://{}/graphql/ws", app.address)
-            .into_client_request()
-            .unwrap();
-        request.headers_mut().insert(
-            "Sec-WebSocket-Protocol",
-            "graphql-transport-ws".parse().unwrap(),
-        );
-        let (mut stream, _) = tokio_tungstenite::connect_async(request).await.unwrap();
-        stream
-            .send(Message::text(
-                json!({"type": "connection_init", "payload": {"Authorization": format!("Bearer {token}")}})
-                    .to_string(),
-            ))
-            .await
-            .unwrap();
-        let ack = tokio::time::timeout(Duration::from_secs(5), stream.next())
-            .await
-            .expect("an answer to connection_init")
-            .expect("socket open")
-            .expect("a frame");
-        assert!(ack.to_text().unwrap().contains("connection_ack"), "{ack:?}");
-        Socket { stream, next_id: 0 }
-    }
-
-    /// Runs a query or mutation (sent as `subscribe`) and returns its `next` payload.
-    async fn run(&mut self, query: &str, variables: Value) -> Value {
-        self.next_id += 1;
-        let id = self.next_id.to_string();
-        self.stream
-            .send(Message::text(
-                json!({"id": id, "type": "subscribe", "payload": {"query": query, "variables": variables}})
-                    .to_string(),
-            ))
-            .await
-            .unwrap();
-        loop {
-            let frame = tokio::time::timeout(Duration::from_secs(10), self.stream.next())
-                .await
-                .expect("an answer in time")
-                .expect("socket open")
-                .expect("a frame");
-            let Message::Text(text) = frame else { continue };
-            let value: Value = serde_json::from_str(&text).unwrap();
-            if value["id"] != id.as_str() {
-                continue;
-            }
-            match value["type"].as_str() {
-                Some("next") => return value["payload"].clone(),
-                Some("error") => return json!({"errors": value["payload"]}),
-                _ => {}
-            }
-        }
-    }
-}
-
 #[tokio::test]
 async fn a_practitioner_replacing_the_card_over_websocket_is_forbidden() {
     let app = spawn_app().await;
     let chen = practitioner("dr-chen", "clinic-1");
     let admin = administrator("manager", "clinic-1");
     app.set_card_as(&admin, "pm_sandbox_approve").await;
-    let mut socket = Socket::open(&app, &chen).await;
+    let mut socket = crate::ws::WsClient::ready(&app, &chen).await;
 
     let replace = socket
         .run(SET_CARD, json!({"input": {"token": "pm_sandbox_decline"}}))

@@ -16,6 +16,8 @@ pub(crate) struct WsClient {
     >,
     /// Messages read while waiting for another operation's.
     pending: Vec<Value>,
+    /// The last id [`WsClient::run`] used.
+    next_id: u32,
 }
 
 /// What the server did next.
@@ -46,6 +48,7 @@ impl WsClient {
         Self {
             socket,
             pending: Vec::new(),
+            next_id: 0,
         }
     }
 
@@ -72,6 +75,21 @@ impl WsClient {
     pub(crate) async fn subscribe(&mut self, id: &str, query: &str) {
         self.send(json!({"id": id, "type": "subscribe", "payload": {"query": query}}))
             .await;
+    }
+
+    /// Runs one operation (sent as `subscribe`) and returns its first result shaped like an
+    /// HTTP answer: `next`'s payload, or `{"errors": …}` for an `error` message.
+    pub(crate) async fn run(&mut self, query: &str, variables: Value) -> Value {
+        self.next_id += 1;
+        let id = format!("run-{}", self.next_id);
+        self.send(json!({"id": id, "type": "subscribe", "payload": {"query": query, "variables": variables}}))
+            .await;
+        let message = self.result_of(&id).await;
+        if message["type"] == "error" {
+            json!({"errors": message["payload"]})
+        } else {
+            message["payload"].clone()
+        }
     }
 
     /// The next protocol message or the close, waiting up to 15 s.

@@ -183,45 +183,34 @@ impl Extension for LimiterExtension {
                 None,
             ));
         }
-        if shape.aliases > self.limits.max_aliases {
-            return Err(refusal(
-                "BAD_USER_INPUT",
-                format!(
-                    "the document uses {} aliases; at most {} are allowed",
-                    shape.aliases, self.limits.max_aliases
-                ),
-                None,
-            ));
-        }
-        if shape.directives > self.limits.max_directives {
-            return Err(refusal(
-                "BAD_USER_INPUT",
-                format!(
-                    "the document uses {} directives; at most {} are allowed",
-                    shape.directives, self.limits.max_directives
-                ),
-                None,
-            ));
-        }
-        if shape.depth > self.limits.max_depth {
-            return Err(refusal(
-                "BAD_USER_INPUT",
-                format!(
-                    "the query is too deep: {} levels of fields where at most {} are allowed",
-                    shape.depth, self.limits.max_depth
-                ),
-                None,
-            ));
-        }
-        if shape.introspection_depth > self.limits.max_introspection_depth {
-            return Err(refusal(
-                "BAD_USER_INPUT",
-                format!(
-                    "the introspection query is too deep: {} levels where at most {} are allowed",
-                    shape.introspection_depth, self.limits.max_introspection_depth
-                ),
-                None,
-            ));
+        let limits = &self.limits;
+        let checks = [
+            (
+                shape.aliases,
+                limits.max_aliases,
+                "the document uses {n} aliases; at most {max} are allowed",
+            ),
+            (
+                shape.directives,
+                limits.max_directives,
+                "the document uses {n} directives; at most {max} are allowed",
+            ),
+            (
+                shape.depth,
+                limits.max_depth,
+                "the query is too deep: {n} levels of fields where at most {max} are allowed",
+            ),
+            (
+                shape.introspection_depth,
+                limits.max_introspection_depth,
+                "the introspection query is too deep: {n} levels where at most {max} are allowed",
+            ),
+        ];
+        if let Some((n, max, message)) = checks.into_iter().find(|(n, max, _)| n > max) {
+            let message = message
+                .replace("{n}", &n.to_string())
+                .replace("{max}", &max.to_string());
+            return Err(refusal("BAD_USER_INPUT", message, None));
         }
         let orders = document
             .operations
