@@ -457,8 +457,23 @@ impl CreditService {
         principal: &Principal,
         practitioner_id: Option<&str>,
     ) -> Result<CreditsView, GatewayError> {
-        let practitioner = self.target(principal, practitioner_id, "see").await?;
-        let wallet = self.store.wallet(&practitioner.user_id).await?;
+        // Your own credits are one read: the token already says who you are.
+        let own = principal.role == Role::Practitioner
+            && practitioner_id.is_none_or(|id| id == principal.subject);
+        let (practitioner, wallet) = if own {
+            let wallet = self.store.wallet(&principal.user_id).await?;
+            let practitioner = PractitionerRow {
+                user_id: principal.user_id.clone(),
+                subject: principal.subject.clone(),
+                name: principal.name.clone(),
+                balance: wallet.balance,
+            };
+            (practitioner, wallet)
+        } else {
+            let practitioner = self.target(principal, practitioner_id, "see").await?;
+            let wallet = self.store.wallet(&practitioner.user_id).await?;
+            (practitioner, wallet)
+        };
         let top_up_pack = wallet
             .top_up_pack_id
             .as_deref()

@@ -295,11 +295,22 @@ impl Store {
         group_id: &str,
         subject: &str,
     ) -> Result<Option<PractitionerRow>, StoreError> {
-        Ok(self
-            .list_practitioners(group_id)
+        let Some(person) = users::Entity::find()
+            .filter(users::Column::GroupId.eq(group_id))
+            .filter(users::Column::Subject.eq(subject))
+            .filter(users::Column::Role.eq(Role::Practitioner.code()))
+            .one(self.connection())
             .await?
-            .into_iter()
-            .find(|practitioner| practitioner.subject == subject))
+        else {
+            return Ok(None);
+        };
+        let balance = self.wallet(&person.id).await?.balance;
+        Ok(Some(PractitionerRow {
+            user_id: person.id,
+            subject: person.subject,
+            name: person.name,
+            balance,
+        }))
     }
 
     /// The group's practitioners with their balances, by name.
