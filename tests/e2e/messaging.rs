@@ -813,8 +813,13 @@ async fn a_crash_after_the_provider_accepted_delivers_each_message_exactly_once_
     let restarted = app
         .spawn_second_gateway_with(|settings| settings.messaging.fail_after_send = false)
         .await;
+    // The stopped node's claim on each message (its lease, a few seconds) must run out before
+    // the new node may take the message over, so allow for it on a loaded machine.
     for id in &ids {
-        restarted.wait_for_status(&chen, id, "SENT").await;
+        eventually(Duration::from_secs(45), || async {
+            (restarted.message_status(&chen, id).await == "SENT").then_some(())
+        })
+        .await;
     }
     restarted.advance_sandbox_clock(20).await;
     for id in &ids {
