@@ -4,7 +4,8 @@
 
 use crate::domain::GatewayError;
 
-/// A client-facing error: a code from DESIGN.md §4 and a sentence a person can act on.
+/// A client-facing error: one of the `extensions.code` values the README lists and a
+/// sentence a person can act on.
 #[derive(Clone, Debug)]
 pub struct ApiError {
     code: &'static str,
