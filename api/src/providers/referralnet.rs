@@ -1,10 +1,15 @@
 //! ReferralNet: a session login returns a bearer token that expires; later calls carry it.
 //! Errors come as `{"fault":{"faultCode","faultString"}}`.
 //!
-//! Account checks log in afresh each time: a login *is* the credential check, and approval
-//! polling is infrequent enough that caching sessions would buy nothing yet.
+//! Sessions are reused until shortly before ReferralNet's 15 minutes run out (a login per call
+//! was about 60 logins a minute for one busy account). A call whose reused session is refused
+//! (401: it expired early, or the provider dropped it) logs in again once and repeats; a 401
+//! means nothing was done, so repeating a dispatch cannot send twice. Account checks always log
+//! in afresh: for them the login *is* the credential check.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use reqwest::StatusCode;
@@ -17,11 +22,28 @@ use super::{
 };
 use crate::domain::types::{Provider, ProviderCredentials, Registration};
 
+/// How long a session is reused: well inside ReferralNet's 15-minute lifetime.
+const SESSION_REUSE: Duration = Duration::from_secs(10 * 60);
+/// Sessions kept at most (one per account in use); past it, expired ones go, then all.
+const MAX_SESSIONS: usize = 10_000;
+
 /// The ReferralNet adapter.
 pub struct ReferralNetClient {
     client: reqwest::Client,
     base_url: String,
     calls: Calls,
+    /// Open sessions by a digest of the credentials that opened them (a changed password
+    /// never reuses a session opened with the old one).
+    sessions: Mutex<HashMap<[u8; 32], (String, Instant)>>,
+}
+
+fn session_key(credentials: &ProviderCredentials) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut digest = Sha256::new();
+    digest.update(credentials.username.as_str().as_bytes());
+    digest.update([0]);
+    digest.update(credentials.password.expose().as_bytes());
+    digest.finalize().into()
 }
 
 #[derive(Serialize)]
@@ -128,6 +150,7 @@ impl ReferralNetClient {
             client,
             base_url: base_url.to_owned(),
             calls: Calls::new(Upstream::ReferralNet),
+            sessions: Mutex::new(HashMap::new()),
         }
     }
 
@@ -137,6 +160,72 @@ impl ReferralNetClient {
             calls: self.calls.observed_by(observer),
             ..self
         }
+    }
+
+    fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], (String, Instant)>> {
+        self.sessions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn remember(&self, credentials: &ProviderCredentials, token: &str) {
+        let now = Instant::now();
+        let mut sessions = self.sessions();
+        if sessions.len() >= MAX_SESSIONS {
+            sessions.retain(|_, (_, until)| *until > now);
+            if sessions.len() >= MAX_SESSIONS {
+                sessions.clear();
+            }
+        }
+        sessions.insert(
+            session_key(credentials),
+            (token.to_owned(), now + SESSION_REUSE),
+        );
+    }
+
+    /// A fresh login, remembered for later calls (or forgotten when it failed).
+    async fn fresh_session(
+        &self,
+        credentials: &ProviderCredentials,
+    ) -> Result<String, ProviderError> {
+        match self.login(credentials).await {
+            Ok(token) => {
+                self.remember(credentials, &token);
+                Ok(token)
+            }
+            Err(error) => {
+                self.sessions().remove(&session_key(credentials));
+                Err(error)
+            }
+        }
+    }
+
+    /// Sends the request `build` makes with a session token: a reused one when there is one,
+    /// and once more with a fresh login if ReferralNet refuses the reused one.
+    async fn authorized(
+        &self,
+        credentials: &ProviderCredentials,
+        route: Route,
+        build: impl Fn(&str) -> reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, ProviderError> {
+        let reused = {
+            let now = Instant::now();
+            self.sessions()
+                .get(&session_key(credentials))
+                .filter(|(_, until)| *until > now)
+                .map(|(token, _)| token.clone())
+        };
+        let token = match reused {
+            Some(token) => {
+                let response = dispatch(&self.calls, route, build(&token)).await?;
+                if response.status() != StatusCode::UNAUTHORIZED {
+                    return Ok(response);
+                }
+                self.fresh_session(credentials).await?
+            }
+            None => self.fresh_session(credentials).await?,
+        };
+        dispatch(&self.calls, route, build(&token)).await
     }
 
     async fn login(&self, credentials: &ProviderCredentials) -> Result<String, ProviderError> {
@@ -194,7 +283,7 @@ impl ProviderClient for ReferralNetClient {
         &self,
         credentials: &ProviderCredentials,
     ) -> Result<AccountState, ProviderError> {
-        let token = self.login(credentials).await?;
+        let token = self.fresh_session(credentials).await?;
         let response = dispatch(
             &self.calls,
             Route::Account,
@@ -248,20 +337,18 @@ impl ProviderClient for ReferralNetClient {
         offset: u64,
         limit: u64,
     ) -> Result<DirectoryPage, ProviderError> {
-        let token = self.login(credentials).await?;
-        let response = dispatch(
-            &self.calls,
-            Route::Directory,
-            self.client
-                .get(endpoint(&self.base_url, "/referralnet/api/providers"))
-                .bearer_auth(token)
-                .query(&[
-                    ("search", query.to_owned()),
-                    ("offset", offset.to_string()),
-                    ("limit", limit.clamp(1, 50).to_string()),
-                ]),
-        )
-        .await?;
+        let response = self
+            .authorized(credentials, Route::Directory, |token| {
+                self.client
+                    .get(endpoint(&self.base_url, "/referralnet/api/providers"))
+                    .bearer_auth(token)
+                    .query(&[
+                        ("search", query.to_owned()),
+                        ("offset", offset.to_string()),
+                        ("limit", limit.clamp(1, 50).to_string()),
+                    ])
+            })
+            .await?;
         match response.status() {
             StatusCode::OK => {
                 let body: ProvidersBody = read_json(response).await?;
@@ -304,19 +391,17 @@ impl ProviderClient for ReferralNetClient {
         credentials: &ProviderCredentials,
         message: &OutboundMessage<'_>,
     ) -> Result<String, ProviderError> {
-        let token = self.login(credentials).await?;
-        let response = dispatch(
-            &self.calls,
-            Route::Send,
-            self.client
-                .post(endpoint(&self.base_url, "/referralnet/api/dispatch"))
-                .bearer_auth(token)
-                .header(reqwest::header::CONTENT_TYPE, "x-application/hl7-v2+er7")
-                .header("X-RN-Recipient", message.recipient_hpii)
-                .header("X-RN-Message-Id", message.client_message_id)
-                .body(message.payload.to_owned()),
-        )
-        .await?;
+        let response = self
+            .authorized(credentials, Route::Send, |token| {
+                self.client
+                    .post(endpoint(&self.base_url, "/referralnet/api/dispatch"))
+                    .bearer_auth(token)
+                    .header(reqwest::header::CONTENT_TYPE, "x-application/hl7-v2+er7")
+                    .header("X-RN-Recipient", message.recipient_hpii)
+                    .header("X-RN-Message-Id", message.client_message_id)
+                    .body(message.payload.to_owned())
+            })
+            .await?;
         match response.status() {
             StatusCode::OK | StatusCode::ACCEPTED | StatusCode::CREATED => {
                 Ok(read_json::<DispatchBody>(response).await?.receipt_id)
@@ -330,18 +415,17 @@ impl ProviderClient for ReferralNetClient {
         credentials: &ProviderCredentials,
         reference: &str,
     ) -> Result<DeliveryState, ProviderError> {
-        let token = self.login(credentials).await?;
-        let response = dispatch(
-            &self.calls,
-            Route::Status,
-            self.client
-                .get(endpoint(
-                    &self.base_url,
-                    &format!("/referralnet/api/dispatch/{}", path_segment(reference)?),
-                ))
-                .bearer_auth(token),
-        )
-        .await?;
+        let reference = path_segment(reference)?;
+        let response = self
+            .authorized(credentials, Route::Status, |token| {
+                self.client
+                    .get(endpoint(
+                        &self.base_url,
+                        &format!("/referralnet/api/dispatch/{reference}"),
+                    ))
+                    .bearer_auth(token)
+            })
+            .await?;
         match response.status() {
             StatusCode::OK => {
                 let body: ReceiptBody = read_json(response).await?;
@@ -369,16 +453,14 @@ impl ProviderClient for ReferralNetClient {
         &self,
         credentials: &ProviderCredentials,
     ) -> Result<Vec<InboxItem>, ProviderError> {
-        let token = self.login(credentials).await?;
-        let response = dispatch(
-            &self.calls,
-            Route::Inbox,
-            self.client
-                .get(endpoint(&self.base_url, "/referralnet/api/inbox"))
-                .bearer_auth(token)
-                .query(&[("limit", "50")]),
-        )
-        .await?;
+        let response = self
+            .authorized(credentials, Route::Inbox, |token| {
+                self.client
+                    .get(endpoint(&self.base_url, "/referralnet/api/inbox"))
+                    .bearer_auth(token)
+                    .query(&[("limit", "50")])
+            })
+            .await?;
         match response.status() {
             StatusCode::OK => {
                 let body: RnInboxBody = read_json(response).await?;
@@ -402,18 +484,17 @@ impl ProviderClient for ReferralNetClient {
         credentials: &ProviderCredentials,
         id: &str,
     ) -> Result<(), ProviderError> {
-        let token = self.login(credentials).await?;
-        let response = dispatch(
-            &self.calls,
-            Route::Ack,
-            self.client
-                .delete(endpoint(
-                    &self.base_url,
-                    &format!("/referralnet/api/inbox/{}", path_segment(id)?),
-                ))
-                .bearer_auth(token),
-        )
-        .await?;
+        let id = path_segment(id)?;
+        let response = self
+            .authorized(credentials, Route::Ack, |token| {
+                self.client
+                    .delete(endpoint(
+                        &self.base_url,
+                        &format!("/referralnet/api/inbox/{id}"),
+                    ))
+                    .bearer_auth(token)
+            })
+            .await?;
         match response.status() {
             status if status.is_success() => Ok(()),
             _ => Err(fault(response).await),
@@ -425,16 +506,14 @@ impl ProviderClient for ReferralNetClient {
         credentials: &ProviderCredentials,
         url: &str,
     ) -> Result<Option<String>, ProviderError> {
-        let token = self.login(credentials).await?;
-        let response = dispatch(
-            &self.calls,
-            Route::Webhook,
-            self.client
-                .put(endpoint(&self.base_url, "/referralnet/api/webhook"))
-                .bearer_auth(token)
-                .json(&serde_json::json!({ "url": url })),
-        )
-        .await?;
+        let response = self
+            .authorized(credentials, Route::Webhook, |token| {
+                self.client
+                    .put(endpoint(&self.base_url, "/referralnet/api/webhook"))
+                    .bearer_auth(token)
+                    .json(&serde_json::json!({ "url": url }))
+            })
+            .await?;
         match response.status() {
             StatusCode::OK | StatusCode::CREATED => {
                 Ok(Some(read_json::<WebhookBody>(response).await?.secret))
@@ -500,6 +579,116 @@ mod tests {
             .account_state(&credentials())
             .await;
         assert_eq!(state.unwrap(), AccountState::Active);
+    }
+
+    fn session_as(token: &str) -> ResponseTemplate {
+        ResponseTemplate::new(200).set_body_json(serde_json::json!({
+            "sessionToken": token, "expiresAt": "2026-11-24T21:00:00Z"
+        }))
+    }
+
+    fn empty_directory() -> ResponseTemplate {
+        ResponseTemplate::new(200).set_body_json(serde_json::json!({"providers": [], "total": 0}))
+    }
+
+    #[tokio::test]
+    async fn one_session_serves_many_calls() {
+        let server = MockServer::start().await;
+        Mock::given(path("/referralnet/api/sessions"))
+            .respond_with(session_as("tok-1"))
+            .expect(1)
+            .mount(&server)
+            .await;
+        Mock::given(path("/referralnet/api/providers"))
+            .and(header("authorization", "Bearer tok-1"))
+            .respond_with(empty_directory())
+            .expect(5)
+            .mount(&server)
+            .await;
+        let adapter = adapter(&server, Duration::from_secs(2));
+        for _ in 0..5 {
+            adapter
+                .search_directory(&credentials(), "cardiology", 0, 50)
+                .await
+                .unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_reused_session_logs_in_again_once_and_repeats_the_call() {
+        let server = MockServer::start().await;
+        Mock::given(path("/referralnet/api/sessions"))
+            .respond_with(session_as("tok-1"))
+            .up_to_n_times(1)
+            .expect(1)
+            .mount(&server)
+            .await;
+        Mock::given(path("/referralnet/api/sessions"))
+            .respond_with(session_as("tok-2"))
+            .expect(1)
+            .mount(&server)
+            .await;
+        // The provider dropped tok-1 after its first use.
+        Mock::given(path("/referralnet/api/providers"))
+            .and(header("authorization", "Bearer tok-1"))
+            .respond_with(empty_directory())
+            .up_to_n_times(1)
+            .mount(&server)
+            .await;
+        Mock::given(path("/referralnet/api/providers"))
+            .and(header("authorization", "Bearer tok-1"))
+            .respond_with(ResponseTemplate::new(401).set_body_json(serde_json::json!({
+                "fault": {"faultCode": "notAuthorised", "faultString": "session expired"}
+            })))
+            .mount(&server)
+            .await;
+        Mock::given(path("/referralnet/api/providers"))
+            .and(header("authorization", "Bearer tok-2"))
+            .respond_with(empty_directory())
+            .expect(2)
+            .mount(&server)
+            .await;
+        let adapter = adapter(&server, Duration::from_secs(2));
+        for _ in 0..3 {
+            adapter
+                .search_directory(&credentials(), "cardiology", 0, 50)
+                .await
+                .unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn an_account_check_always_logs_in_afresh_and_another_password_gets_its_own_session() {
+        let server = MockServer::start().await;
+        Mock::given(path("/referralnet/api/sessions"))
+            .respond_with(session_as("tok-1"))
+            .expect(3)
+            .mount(&server)
+            .await;
+        Mock::given(path("/referralnet/api/account"))
+            .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({
+                "userId": "demo.referralnet", "enrolmentState": "APPROVED"
+            })))
+            .expect(2)
+            .mount(&server)
+            .await;
+        Mock::given(path("/referralnet/api/providers"))
+            .respond_with(empty_directory())
+            .mount(&server)
+            .await;
+        let adapter = adapter(&server, Duration::from_secs(2));
+        adapter.account_state(&credentials()).await.unwrap();
+        adapter.account_state(&credentials()).await.unwrap();
+        // Reuses the account check's session.
+        adapter
+            .search_directory(&credentials(), "x", 0, 50)
+            .await
+            .unwrap();
+        let other = ProviderCredentials {
+            username: ProviderUsername::parse("demo.referralnet").unwrap(),
+            password: ProviderPassword::parse("a-different-password").unwrap(),
+        };
+        adapter.search_directory(&other, "x", 0, 50).await.unwrap();
     }
 
     #[tokio::test]
