@@ -347,7 +347,8 @@ fn start(
     record.user(&principal.user_id);
     let request = request
         .data(Caller(Some(principal.clone())))
-        .data(ClientAddress(connection.address));
+        .data(ClientAddress(connection.address))
+        .data(crate::graphql::SubscribedAt(chrono::Utc::now()));
     let mut stream = connection.schema.execute_stream(request);
     let id = id.to_owned();
     let max_bytes = connection.limits.max_response_bytes;

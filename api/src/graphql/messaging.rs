@@ -739,6 +739,9 @@ impl MessagingSubscription {
     }
 }
 
+/// When the transport received the client's request to subscribe.
+pub(crate) struct SubscribedAt(pub chrono::DateTime<Utc>);
+
 /// Re-reads the subscriber's latest messages on a short tick and yields what changed. Reading
 /// the database (rather than an in-process signal) makes changes made by any gateway node
 /// visible.
@@ -769,7 +772,17 @@ impl MessageWatch {
             principal,
             only,
             received_only,
-            seen: rows.into_iter().map(|row| (row.id, row.status)).collect(),
+            // Messages created after the client asked to subscribe are news even if they exist
+            // by the time this first read runs: the subscriber sees their state on the first
+            // tick instead of losing it to the starting picture.
+            seen: rows
+                .into_iter()
+                .filter(|row| {
+                    ctx.data_opt::<SubscribedAt>()
+                        .is_none_or(|asked| row.created_at < asked.0)
+                })
+                .map(|row| (row.id, row.status))
+                .collect(),
             pending: std::collections::VecDeque::new(),
             refresh: services
                 .subscription_refresh

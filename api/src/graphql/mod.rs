@@ -9,6 +9,7 @@ mod integrations;
 pub mod limits;
 mod me;
 mod messaging;
+pub(crate) use messaging::SubscribedAt;
 mod types;
 
 use std::time::Duration;
