@@ -368,6 +368,25 @@ fn page_info<T>(
     }
 }
 
+/// A page of messages read with one more than `first` (to learn whether another page follows).
+fn message_connection(
+    mut rows: Vec<MessageRow>,
+    first: u64,
+    after: bool,
+) -> SecureMessageConnection {
+    let has_next_page = rows.len() as u64 > first;
+    rows.truncate(first as usize);
+    let edges: Vec<SecureMessageEdge> = rows
+        .into_iter()
+        .map(|row| SecureMessageEdge {
+            cursor: row.id.to_string(),
+            node: SecureMessage::from_row(row, None),
+        })
+        .collect();
+    let page_info = page_info(&edges, |edge| edge.cursor.clone(), has_next_page, after);
+    SecureMessageConnection { edges, page_info }
+}
+
 #[derive(Default)]
 pub struct MessagingQuery;
 
@@ -495,7 +514,7 @@ impl MessagingQuery {
     ) -> Result<SecureMessageConnection, ApiError> {
         let principal = principal(ctx)?;
         let first = paging(first, 100)?;
-        let mut rows = services(ctx)
+        let rows = services(ctx)
             .messaging
             .messages(
                 principal,
@@ -505,22 +524,7 @@ impl MessagingQuery {
                 first + 1,
             )
             .await?;
-        let has_next_page = rows.len() as u64 > first;
-        rows.truncate(first as usize);
-        let edges: Vec<SecureMessageEdge> = rows
-            .into_iter()
-            .map(|row| SecureMessageEdge {
-                cursor: row.id.to_string(),
-                node: SecureMessage::from_row(row, None),
-            })
-            .collect();
-        let page_info = page_info(
-            &edges,
-            |edge| edge.cursor.clone(),
-            has_next_page,
-            after.is_some(),
-        );
-        Ok(SecureMessageConnection { edges, page_info })
+        Ok(message_connection(rows, first, after.is_some()))
     }
 
     /// Your practice's unassigned inbox, newest first: received messages addressed to an HPI-I
@@ -535,26 +539,11 @@ impl MessagingQuery {
     ) -> Result<SecureMessageConnection, ApiError> {
         let principal = principal(ctx)?;
         let first = paging(first, 100)?;
-        let mut rows = services(ctx)
+        let rows = services(ctx)
             .messaging
             .unassigned_messages(principal, after.as_deref(), first + 1)
             .await?;
-        let has_next_page = rows.len() as u64 > first;
-        rows.truncate(first as usize);
-        let edges: Vec<SecureMessageEdge> = rows
-            .into_iter()
-            .map(|row| SecureMessageEdge {
-                cursor: row.id.to_string(),
-                node: SecureMessage::from_row(row, None),
-            })
-            .collect();
-        let page_info = page_info(
-            &edges,
-            |edge| edge.cursor.clone(),
-            has_next_page,
-            after.is_some(),
-        );
-        Ok(SecureMessageConnection { edges, page_info })
+        Ok(message_connection(rows, first, after.is_some()))
     }
 
     /// One of your messages, or one waiting in your practice's unassigned inbox, with its
