@@ -208,6 +208,13 @@ impl App {
                 retry_base: Duration::from_millis(settings.messaging.retry_base_ms.max(1)),
                 retry_max: Duration::from_millis(settings.messaging.retry_max_ms.max(1)),
                 give_up_after: Duration::from_secs(settings.messaging.give_up_after_seconds),
+                undelivered_alert_after: Duration::from_secs(
+                    settings.messaging.undelivered_alert_after_seconds,
+                ),
+                unacknowledged_alert_after: Duration::from_secs(
+                    settings.messaging.unacknowledged_alert_after_seconds,
+                ),
+                expire_after: Duration::from_secs(settings.messaging.expire_after_seconds),
                 provider_preference: settings
                     .messaging
                     .provider_preference
@@ -222,7 +229,8 @@ impl App {
                 webhook_tolerance: Duration::from_secs(300),
                 fail_after_send: settings.messaging.fail_after_send,
             },
-        );
+        )
+        .announcing_to(events.clone());
         let schema = build_schema(
             Services {
                 integrations: integrations.clone(),
@@ -269,7 +277,16 @@ impl App {
                 status_poll_interval,
                 shutdown_receiver.clone(),
             ),
-            workers::spawn_inbox_poller(messaging.clone(), status_poll_interval, shutdown_receiver),
+            workers::spawn_inbox_poller(
+                messaging.clone(),
+                status_poll_interval,
+                shutdown_receiver.clone(),
+            ),
+            workers::spawn_attention_worker(
+                messaging.clone(),
+                settings.attention_check_interval(),
+                shutdown_receiver,
+            ),
         ];
 
         let mut banner = None;

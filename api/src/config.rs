@@ -25,6 +25,10 @@
 //! | `SMD_LOG` (else `RUST_LOG`) | log filter, tracing-subscriber's `EnvFilter` syntax | `info,sqlx=warn,sea_orm=warn` |
 //! | `SMD_LOG_FORMAT` | `text` or `json` (one JSON object per line) | `text` |
 //! | `SMD_METRICS_TOKEN` | bearer token that may read `/metrics` (≥ 16 characters) | dev: open; production: not served |
+//! | `SMD_UNDELIVERED_ALERT_AFTER_SECONDS` | flag a sent message not delivered this long after the provider accepted it | 3600 |
+//! | `SMD_UNACKNOWLEDGED_ALERT_AFTER_SECONDS` | flag a delivered message not acknowledged this long after delivery | 172800 |
+//! | `SMD_EXPIRE_UNDELIVERED_AFTER_SECONDS` | a sent message not delivered this long after acceptance becomes `FAILED` (expired, not refunded) | 432000 |
+//! | `SMD_ATTENTION_CHECK_INTERVAL_MS` | how often the alert worker looks for overdue messages | dev 2000, production 60000 |
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -155,6 +159,19 @@ pub struct MessagingConfig {
     pub retry_max_ms: u64,
     /// A message the provider has not accepted after this many seconds fails and is refunded.
     pub give_up_after_seconds: u64,
+    /// A sent message not `DELIVERED` this many seconds after the provider accepted it is
+    /// flagged as needing attention (`NOT_DELIVERED`).
+    pub undelivered_alert_after_seconds: u64,
+    /// A delivered message not `ACKNOWLEDGED` this many seconds after delivery is flagged
+    /// (`NOT_ACKNOWLEDGED`).
+    pub unacknowledged_alert_after_seconds: u64,
+    /// A sent message not delivered this many seconds after the provider accepted it becomes
+    /// `FAILED` (expired, not refunded); a delivered one is followed this long for its
+    /// acknowledgement.
+    pub expire_after_seconds: u64,
+    /// How often the alert worker looks for overdue messages, ms (default: dev 2000,
+    /// production 60000).
+    pub attention_check_interval_ms: Option<u64>,
     /// Test-only fault point: stop right after the provider accepted a message, before the
     /// gateway records it (as a crash would).
     #[doc(hidden)]
@@ -171,6 +188,10 @@ impl Default for MessagingConfig {
             retry_base_ms: 1_000,
             retry_max_ms: 300_000,
             give_up_after_seconds: 86_400,
+            undelivered_alert_after_seconds: 3_600,
+            unacknowledged_alert_after_seconds: 48 * 3_600,
+            expire_after_seconds: 5 * 86_400,
+            attention_check_interval_ms: None,
             fail_after_send: false,
             provider_preference: Vec::new(),
         }
@@ -546,6 +567,29 @@ impl Settings {
             limits.ws_subscriptions_per_connection =
                 parse_number("SMD_WS_SUBSCRIPTIONS_PER_CONNECTION", &value)?;
         }
+        let messaging = &mut self.messaging;
+        for (name, field) in [
+            (
+                "SMD_UNDELIVERED_ALERT_AFTER_SECONDS",
+                &mut messaging.undelivered_alert_after_seconds,
+            ),
+            (
+                "SMD_UNACKNOWLEDGED_ALERT_AFTER_SECONDS",
+                &mut messaging.unacknowledged_alert_after_seconds,
+            ),
+            (
+                "SMD_EXPIRE_UNDELIVERED_AFTER_SECONDS",
+                &mut messaging.expire_after_seconds,
+            ),
+        ] {
+            if let Some(value) = get(name) {
+                *field = parse_number(name, &value)?;
+            }
+        }
+        if let Some(value) = get("SMD_ATTENTION_CHECK_INTERVAL_MS") {
+            messaging.attention_check_interval_ms =
+                Some(parse_number("SMD_ATTENTION_CHECK_INTERVAL_MS", &value)?);
+        }
         if let Some(value) = get("SMD_WS_SUBSCRIPTIONS_PER_USER") {
             limits.ws_subscriptions_per_user =
                 parse_number("SMD_WS_SUBSCRIPTIONS_PER_USER", &value)?;
@@ -674,6 +718,34 @@ impl Settings {
                 "SMD_PROVIDER_TIMEOUT_MS must be more than 0".into(),
             ));
         }
+        // Up to ten years; a zero deadline would flag every message the moment it is sent.
+        for (name, seconds) in [
+            (
+                "SMD_UNDELIVERED_ALERT_AFTER_SECONDS",
+                self.messaging.undelivered_alert_after_seconds,
+            ),
+            (
+                "SMD_UNACKNOWLEDGED_ALERT_AFTER_SECONDS",
+                self.messaging.unacknowledged_alert_after_seconds,
+            ),
+            (
+                "SMD_EXPIRE_UNDELIVERED_AFTER_SECONDS",
+                self.messaging.expire_after_seconds,
+            ),
+        ] {
+            if !(1..=315_360_000).contains(&seconds) {
+                return Err(ConfigError(format!(
+                    "{name} must be between 1 and 315360000 (ten years), not {seconds}"
+                )));
+            }
+        }
+        if let Some(interval) = self.messaging.attention_check_interval_ms
+            && !(1..=86_400_000).contains(&interval)
+        {
+            return Err(ConfigError(
+                "SMD_ATTENTION_CHECK_INTERVAL_MS must be between 1 and 86400000 (one day)".into(),
+            ));
+        }
         if let Some(interval) = self.approval_poll_interval_ms
             && !(1..=86_400_000).contains(&interval)
         {
@@ -772,6 +844,17 @@ impl Settings {
             60_000
         };
         std::time::Duration::from_millis(self.approval_poll_interval_ms.unwrap_or(default))
+    }
+
+    /// How often the alert worker looks for overdue messages.
+    pub fn attention_check_interval(&self) -> std::time::Duration {
+        let default = if self.mode == Mode::Dev { 2_000 } else { 60_000 };
+        std::time::Duration::from_millis(
+            self.messaging
+                .attention_check_interval_ms
+                .unwrap_or(default)
+                .max(1),
+        )
     }
 
     /// How often sent messages' delivery is checked.

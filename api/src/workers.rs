@@ -1,7 +1,7 @@
 //! Background work, one periodic loop each: the approval watcher (registrations waiting for a
 //! provider's decision), purchase recovery (purchases left pending by a crash or an outage),
-//! the outbox (sending and tracking messages) and the inbox poller (receiving them), each on its
-//! own task so one slow provider call never holds up another loop. Every
+//! the outbox (sending and tracking messages), the inbox poller (receiving them) and the alert
+//! worker (flagging sent messages that are overdue), each on its own task so one slow provider call never holds up another loop. Every
 //! schedule lives in the database, so the work survives restarts, and each item is claimed
 //! with a conditional update, so several gateway nodes share it without doing anything twice.
 
@@ -119,5 +119,27 @@ pub(crate) fn spawn_inbox_poller(
     spawn_periodic("inbox poller", tick, shutdown, move || {
         let service = service.clone();
         async move { service.poll_inboxes().await.map(|_| ()) }
+    })
+}
+
+/// Starts the alert worker: sent messages not delivered, or not acknowledged, in time are
+/// flagged once per reason and announced to their senders. Each flag is a conditional update,
+/// so any number of nodes may run it at once.
+pub(crate) fn spawn_attention_worker(
+    service: MessagingService,
+    interval: Duration,
+    shutdown: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    spawn_periodic("alert worker", interval, shutdown, move || {
+        let service = service.clone();
+        async move {
+            for _ in 0..20 {
+                let flagged = service.flag_overdue_messages(Utc::now()).await?;
+                if flagged < crate::domain::messaging::ATTENTION_BATCH {
+                    break;
+                }
+            }
+            Ok(())
+        }
     })
 }

@@ -25,6 +25,17 @@ pub(crate) fn later(
         .unwrap_or(chrono::DateTime::<chrono::Utc>::MAX_UTC)
 }
 
+/// `now - delay`, saturating at the beginning of time.
+pub(crate) fn earlier(
+    now: chrono::DateTime<chrono::Utc>,
+    delay: std::time::Duration,
+) -> chrono::DateTime<chrono::Utc> {
+    chrono::Duration::from_std(delay)
+        .ok()
+        .and_then(|delay| now.checked_sub_signed(delay))
+        .unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC)
+}
+
 /// A provider's error word reduced to at most 32 ASCII letters and digits, safe to show.
 pub(crate) fn safe_word(word: &str) -> String {
     word.chars()

@@ -433,6 +433,35 @@ impl fmt::Display for MessageStatus {
     }
 }
 
+/// Why a sent message needs its sender's attention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum AttentionReason {
+    /// The provider accepted it, but it has not reached the recipient's endpoint in time.
+    NotDelivered,
+    /// It reached the recipient's endpoint, but their system has not acknowledged it in time.
+    NotAcknowledged,
+    /// The provider accepted it but never delivered it: it is `FAILED` (not refunded).
+    Expired,
+}
+
+impl AttentionReason {
+    /// Every reason.
+    pub const ALL: [AttentionReason; 3] = [
+        AttentionReason::NotDelivered,
+        AttentionReason::NotAcknowledged,
+        AttentionReason::Expired,
+    ];
+
+    /// The stable code (audit details).
+    pub fn code(self) -> &'static str {
+        match self {
+            AttentionReason::NotDelivered => "NOT_DELIVERED",
+            AttentionReason::NotAcknowledged => "NOT_ACKNOWLEDGED",
+            AttentionReason::Expired => "EXPIRED",
+        }
+    }
+}
+
 /// Which way a secure message went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Direction {

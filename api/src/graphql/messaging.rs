@@ -8,8 +8,12 @@ use super::error::ApiError;
 use super::types::Provider;
 use super::{principal, services};
 use crate::domain::credits::IdempotencyKey;
-use crate::domain::messaging::{ClinicalNote as DomainNote, NoteSection, SendRequest};
-use crate::domain::types::{Direction, MessageId, MessageStatus as DomainStatus};
+use crate::domain::messaging::{
+    Attention, ClinicalNote as DomainNote, NoteSection, SendRequest, flags_of, needs_attention,
+};
+use crate::domain::types::{
+    AttentionReason as DomainReason, Direction, MessageId, MessageStatus as DomainStatus,
+};
 use crate::store::messaging::MessageRow;
 
 /// A patient of the signed-in practitioner.
@@ -170,6 +174,48 @@ impl From<MessageStatus> for DomainStatus {
     }
 }
 
+/// Why a sent message needs its sender's attention.
+#[derive(Enum, Copy, Clone, Debug, PartialEq, Eq)]
+pub enum AttentionReason {
+    /// The provider accepted it, but it has not reached the recipient's endpoint in time
+    /// (default: 1 hour after `sentAt`).
+    NotDelivered,
+    /// It reached the recipient's endpoint, but their system has not acknowledged it in time
+    /// (default: 48 hours after `deliveredAt`).
+    NotAcknowledged,
+    /// The provider accepted it but never delivered it (default: within 5 days of `sentAt`):
+    /// it is `FAILED`, and not refunded because the provider took it. Send it again.
+    Expired,
+}
+
+impl From<DomainReason> for AttentionReason {
+    fn from(reason: DomainReason) -> Self {
+        match reason {
+            DomainReason::NotDelivered => Self::NotDelivered,
+            DomainReason::NotAcknowledged => Self::NotAcknowledged,
+            DomainReason::Expired => Self::Expired,
+        }
+    }
+}
+
+/// Why a message needs attention, and since when.
+#[derive(SimpleObject, Clone, Copy)]
+pub struct MessageAttention {
+    /// Why.
+    pub reason: AttentionReason,
+    /// When the gateway flagged it.
+    pub since: DateTime<Utc>,
+}
+
+impl From<Attention> for MessageAttention {
+    fn from(attention: Attention) -> Self {
+        Self {
+            reason: attention.reason.into(),
+            since: attention.since,
+        }
+    }
+}
+
 /// Which way a message went.
 #[derive(Enum, Copy, Clone, Debug, PartialEq, Eq)]
 pub enum MessageDirection {
@@ -235,6 +281,10 @@ pub struct SecureMessage {
     /// Whether it waits in the practice's unassigned inbox (received for an HPI-I nobody in
     /// the practice holds); claim it with `assignMessage`.
     pub unassigned: bool,
+    /// Set while a sent message needs your attention: not delivered in time, delivered but not
+    /// acknowledged in time (each cleared when the message moves on), or expired (it stays).
+    /// Null otherwise. On `messageNeedsAttention`, the flag being announced.
+    pub needs_attention: Option<MessageAttention>,
     #[graphql(skip)]
     content: Option<Vec<Section>>,
 }
@@ -256,6 +306,15 @@ impl SecureMessage {
 
 impl SecureMessage {
     fn from_row(row: MessageRow, content: Option<Vec<Section>>) -> Self {
+        let attention = needs_attention(&row).map(MessageAttention::from);
+        Self::with_attention(row, content, attention)
+    }
+
+    fn with_attention(
+        row: MessageRow,
+        content: Option<Vec<Section>>,
+        needs_attention: Option<MessageAttention>,
+    ) -> Self {
         Self {
             id: ID(row.id.into_string()),
             direction: row.direction.into(),
@@ -273,6 +332,7 @@ impl SecureMessage {
             acknowledged_at: row.acknowledged_at,
             addressed_to_hpii: row.addressed_hpii.map(|hpii| hpii.as_str().to_owned()),
             unassigned: row.owner_user_id.is_none(),
+            needs_attention,
             content,
         }
     }
@@ -509,6 +569,10 @@ impl MessagingQuery {
         ctx: &Context<'_>,
         #[graphql(desc = "Only sent or only received.")] direction: Option<MessageDirection>,
         #[graphql(desc = "Only in this status.")] status: Option<MessageStatus>,
+        #[graphql(
+            desc = "true: only sent messages that need your attention now (see `needsAttention`); false: only those that do not."
+        )]
+        needs_attention: Option<bool>,
         #[graphql(desc = "How many (1–100, default 20).")] first: Option<i32>,
         #[graphql(desc = "Continue after this cursor.")] after: Option<String>,
     ) -> Result<SecureMessageConnection, ApiError> {
@@ -520,6 +584,7 @@ impl MessagingQuery {
                 principal,
                 direction.map(Into::into),
                 status.map(Into::into),
+                needs_attention,
                 after.as_deref(),
                 first + 1,
             )
@@ -726,6 +791,128 @@ impl MessagingSubscription {
         let watch = MessageWatch::start(ctx, None, true).await?;
         Ok(watch.into_stream())
     }
+
+    /// Emits your sent messages as the gateway flags them: not delivered in time, not
+    /// acknowledged in time, or expired. Each flag is emitted once (with `needsAttention`
+    /// set to it), from when you subscribe; messages flagged earlier are in
+    /// `messages(needsAttention: true)`. Practitioners only: only the sender sees their
+    /// messages, and never anyone of another practice.
+    async fn message_needs_attention(
+        &self,
+        ctx: &Context<'_>,
+    ) -> Result<impl futures::Stream<Item = SecureMessage> + use<>, ApiError> {
+        let watch = AttentionWatch::start(ctx).await?;
+        Ok(futures::stream::unfold(watch, |mut watch| async move {
+            let next = watch.next().await?;
+            Some((next, watch))
+        }))
+    }
+}
+
+/// Follows the subscriber's flags: wakes on the node's announcements (or a short tick, for
+/// flags made on other nodes), re-reads the flags from the database and yields each new one.
+struct AttentionWatch {
+    receiver: tokio::sync::broadcast::Receiver<crate::events::MessageNeedsAttention>,
+    service: crate::domain::messaging::MessagingService,
+    principal: crate::domain::audit::Principal,
+    /// Flags at or after this time are read (it trails the newest seen, for late commits).
+    since: DateTime<Utc>,
+    /// Flags already yielded, with their times (forgotten once they fall behind `since`).
+    seen: std::collections::HashMap<(MessageId, DomainReason), DateTime<Utc>>,
+    pending: std::collections::VecDeque<SecureMessage>,
+    refresh: std::time::Duration,
+}
+
+/// How far behind the newest flag seen the re-read starts: a flag stamped earlier but
+/// committed later (another node) is still found.
+const ATTENTION_OVERLAP: chrono::TimeDelta = chrono::TimeDelta::seconds(30);
+
+impl AttentionWatch {
+    async fn start(ctx: &Context<'_>) -> Result<Self, ApiError> {
+        let principal = principal(ctx)?.clone();
+        if principal.role != crate::domain::types::Role::Practitioner {
+            return Err(ApiError::new(
+                "FORBIDDEN",
+                "only practitioners send secure messages, so only they are told when one needs attention",
+            ));
+        }
+        let services = services(ctx).clone();
+        let since = ctx
+            .data_opt::<SubscribedAt>()
+            .map_or_else(Utc::now, |asked| asked.0);
+        Ok(Self {
+            receiver: services.events.subscribe_attention(),
+            service: services.messaging,
+            principal,
+            since,
+            seen: std::collections::HashMap::new(),
+            pending: std::collections::VecDeque::new(),
+            refresh: services
+                .subscription_refresh
+                .min(std::time::Duration::from_secs(1)),
+        })
+    }
+
+    async fn next(&mut self) -> Option<SecureMessage> {
+        use tokio::sync::broadcast::error::RecvError;
+        let mut first = true;
+        loop {
+            if !self.principal.is_honoured_at(Utc::now()) {
+                return None;
+            }
+            if let Some(message) = self.pending.pop_front() {
+                return Some(message);
+            }
+            // The first look needs no wake-up: a flag made between the request to subscribe
+            // and now is already news.
+            if !first {
+                tokio::select! {
+                    received = self.receiver.recv() => match received {
+                        Ok(event)
+                            if event.group_id != self.principal.group_id
+                                || event.owner_user_id != self.principal.user_id => continue,
+                        Ok(_) | Err(RecvError::Lagged(_)) => {}
+                        Err(RecvError::Closed) => return None,
+                    },
+                    () = tokio::time::sleep(self.refresh) => {}
+                }
+            }
+            first = false;
+            let Ok(rows) = self
+                .service
+                .flagged_since(&self.principal, self.since, 100)
+                .await
+            else {
+                continue;
+            };
+            let mut fresh: Vec<(Attention, MessageRow)> = Vec::new();
+            for row in rows {
+                for flag in flags_of(&row) {
+                    if flag.since >= self.since
+                        && self
+                            .seen
+                            .insert((row.id.clone(), flag.reason), flag.since)
+                            .is_none()
+                    {
+                        fresh.push((flag, row.clone()));
+                    }
+                }
+            }
+            fresh.sort_by_key(|(flag, _)| (flag.since, flag.reason));
+            if let Some((newest, _)) = fresh.last() {
+                let since = newest.since - ATTENTION_OVERLAP;
+                if since > self.since {
+                    self.since = since;
+                    let horizon = self.since;
+                    self.seen.retain(|_, at| *at >= horizon);
+                }
+            }
+            for (flag, row) in fresh {
+                self.pending
+                    .push_back(SecureMessage::with_attention(row, None, Some(flag.into())));
+            }
+        }
+    }
 }
 
 /// When the transport received the client's request to subscribe.
@@ -754,7 +941,7 @@ impl MessageWatch {
         let services = services(ctx).clone();
         let rows = services
             .messaging
-            .messages(&principal, None, None, None, 100)
+            .messages(&principal, None, None, None, None, 100)
             .await?;
         Ok(Self {
             service: services.messaging,
@@ -798,7 +985,7 @@ impl MessageWatch {
             let direction = self.received_only.then_some(Direction::Inbound);
             let Ok(rows) = self
                 .service
-                .messages(&self.principal, direction, None, None, 100)
+                .messages(&self.principal, direction, None, None, None, 100)
                 .await
             else {
                 continue;

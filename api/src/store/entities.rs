@@ -141,6 +141,27 @@ pub mod payment_methods {
     impl ActiveModelBehavior for ActiveModel {}
 }
 
+pub mod spending_caps {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "spending_caps")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub group_id: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub scope: String,
+        pub monthly_limit_cents: i64,
+        pub updated_by_user_id: String,
+        pub updated_at: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
 pub mod wallets {
     use sea_orm::entity::prelude::*;
 
@@ -321,6 +342,9 @@ pub mod messages {
         pub acknowledged_at: Option<i64>,
         pub updated_at: i64,
         pub addressed_hpii: Option<String>,
+        pub flagged_undelivered_at: Option<i64>,
+        pub flagged_unacknowledged_at: Option<i64>,
+        pub expired_at: Option<i64>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

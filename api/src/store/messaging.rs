@@ -9,14 +9,14 @@
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::{Expr, ExprTrait};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder,
-    QuerySelect,
+    ActiveValue::Set, ColumnTrait, Condition, ConnectionTrait, EntityTrait, QueryFilter,
+    QueryOrder, QuerySelect,
 };
 
 use super::entities::{clinical_notes, messages, patients};
 use super::{Store, StoreError, Transaction, from_millis, to_millis};
 use crate::domain::audit::AuditEntry;
-use crate::domain::types::{Direction, Hpii, MessageId, MessageStatus, Provider};
+use crate::domain::types::{AttentionReason, Direction, Hpii, MessageId, MessageStatus, Provider};
 
 /// The owner column's value for a message waiting in its practice's unassigned inbox. User ids
 /// are UUIDs, so it can never name a real user.
@@ -50,6 +50,28 @@ pub enum Assignment {
     AlreadyAssigned,
     /// No received message with that id in the group.
     NotFound,
+}
+
+/// When a sent message was flagged, once per reason (see `m20261202_000007_attention_caps`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AttentionMarks {
+    /// Flagged: accepted by the provider but not delivered in time.
+    pub undelivered_at: Option<DateTime<Utc>>,
+    /// Flagged: delivered but not acknowledged in time.
+    pub unacknowledged_at: Option<DateTime<Utc>>,
+    /// Accepted but never delivered: it became `FAILED` (expired) at this time.
+    pub expired_at: Option<DateTime<Utc>>,
+}
+
+impl AttentionMarks {
+    /// When the message was flagged for `reason`, if it was.
+    pub fn at(&self, reason: AttentionReason) -> Option<DateTime<Utc>> {
+        match reason {
+            AttentionReason::NotDelivered => self.undelivered_at,
+            AttentionReason::NotAcknowledged => self.unacknowledged_at,
+            AttentionReason::Expired => self.expired_at,
+        }
+    }
 }
 
 /// A stored patient (details sealed).
@@ -136,6 +158,8 @@ pub struct MessageRow {
     pub acknowledged_at: Option<DateTime<Utc>>,
     /// The HPI-I a received message was addressed to, if it named one (envelope, not content).
     pub addressed_hpii: Option<Hpii>,
+    /// When it was flagged as needing attention, per reason (outbound).
+    pub attention: AttentionMarks,
 }
 
 /// A change of a message's delivery state.
@@ -159,6 +183,8 @@ pub struct MessageUpdate {
     pub refunded: bool,
     /// Mark that an attempt's outcome is unknown.
     pub ambiguous: bool,
+    /// It expired (accepted, never delivered) at this time.
+    pub expired_at: Option<DateTime<Utc>>,
 }
 
 impl Store {
@@ -426,12 +452,14 @@ impl Store {
             .transpose()
     }
 
-    /// A practitioner's messages, newest first.
+    /// A practitioner's messages, newest first; `needs_attention` keeps only those that do
+    /// (`Some(true)`) or do not (`Some(false)`) need attention now.
     pub async fn list_messages(
         &self,
         owner_user_id: &str,
         direction: Option<Direction>,
         status: Option<MessageStatus>,
+        needs_attention: Option<bool>,
         before_id: Option<&str>,
         limit: u64,
     ) -> Result<Vec<MessageRow>, StoreError> {
@@ -442,6 +470,11 @@ impl Store {
         }
         if let Some(status) = status {
             query = query.filter(messages::Column::Status.eq(status.code()));
+        }
+        match needs_attention {
+            Some(true) => query = query.filter(needs_attention_now()),
+            Some(false) => query = query.filter(needs_attention_now().not()),
+            None => {}
         }
         if let Some(before_id) = before_id {
             query = query.filter(messages::Column::Id.lt(before_id));
@@ -580,6 +613,9 @@ impl Store {
         if update.ambiguous {
             query = query.col_expr(messages::Column::Ambiguous, Expr::value(true));
         }
+        if let Some(at) = update.expired_at {
+            query = query.col_expr(messages::Column::ExpiredAt, Expr::value(to_millis(at)));
+        }
         Ok(query
             .filter(messages::Column::Id.eq(id.as_str()))
             .filter(messages::Column::Status.eq(from_status.code()))
@@ -615,6 +651,124 @@ impl Store {
         txn.commit().await?;
         Ok(applied)
     }
+
+    /// Sent messages past an attention deadline and not yet flagged for it: `SENT` since before
+    /// `sent_before`, or `DELIVERED` since before `delivered_before` (oldest first). The
+    /// caller decides (see `messaging::attention`); [`Store::flag_message`] makes it so once.
+    pub async fn attention_candidates(
+        &self,
+        sent_before: DateTime<Utc>,
+        delivered_before: DateTime<Utc>,
+        limit: u64,
+    ) -> Result<Vec<MessageRow>, StoreError> {
+        messages::Entity::find()
+            .filter(messages::Column::Direction.eq(Direction::Outbound.code()))
+            .filter(
+                Condition::any()
+                    .add(
+                        Condition::all()
+                            .add(messages::Column::Status.eq(MessageStatus::Sent.code()))
+                            .add(messages::Column::SentAt.lte(to_millis(sent_before)))
+                            .add(messages::Column::FlaggedUndeliveredAt.is_null()),
+                    )
+                    .add(
+                        Condition::all()
+                            .add(messages::Column::Status.eq(MessageStatus::Delivered.code()))
+                            .add(messages::Column::DeliveredAt.lte(to_millis(delivered_before)))
+                            .add(messages::Column::FlaggedUnacknowledgedAt.is_null()),
+                    ),
+            )
+            .order_by_asc(messages::Column::Id)
+            .limit(limit)
+            .all(self.connection())
+            .await?
+            .into_iter()
+            .map(message_from_model)
+            .collect()
+    }
+
+    /// Flags a message for `reason` at `at`, with its audit event, if it is still in
+    /// `from_status` and was never flagged for that reason: one conditional update, so of any
+    /// number of nodes trying at once exactly one flags it. Returns whether this call did.
+    pub async fn flag_message(
+        &self,
+        id: &MessageId,
+        from_status: MessageStatus,
+        reason: AttentionReason,
+        at: DateTime<Utc>,
+        audit: &AuditEntry,
+    ) -> Result<bool, StoreError> {
+        let column = match reason {
+            AttentionReason::NotDelivered => messages::Column::FlaggedUndeliveredAt,
+            AttentionReason::NotAcknowledged => messages::Column::FlaggedUnacknowledgedAt,
+            AttentionReason::Expired => messages::Column::ExpiredAt,
+        };
+        let txn = self.begin_write().await?;
+        let flagged = messages::Entity::update_many()
+            .col_expr(column, Expr::value(to_millis(at)))
+            .filter(messages::Column::Id.eq(id.as_str()))
+            .filter(messages::Column::Status.eq(from_status.code()))
+            .filter(column.is_null())
+            .exec(&txn)
+            .await?
+            .rows_affected
+            == 1;
+        if !flagged {
+            txn.rollback().await?;
+            return Ok(false);
+        }
+        self.insert_audit_in(&txn, audit).await?;
+        txn.commit().await?;
+        Ok(true)
+    }
+
+    /// A practitioner's messages flagged (for any reason) at or after `since`, oldest flag
+    /// first as far as one order allows (by id), at most `limit`.
+    pub async fn messages_flagged_since(
+        &self,
+        owner_user_id: &str,
+        since: DateTime<Utc>,
+        limit: u64,
+    ) -> Result<Vec<MessageRow>, StoreError> {
+        let since = to_millis(since);
+        messages::Entity::find()
+            .filter(messages::Column::OwnerUserId.eq(owner_user_id))
+            .filter(messages::Column::Direction.eq(Direction::Outbound.code()))
+            .filter(
+                Condition::any()
+                    .add(messages::Column::FlaggedUndeliveredAt.gte(since))
+                    .add(messages::Column::FlaggedUnacknowledgedAt.gte(since))
+                    .add(messages::Column::ExpiredAt.gte(since)),
+            )
+            .order_by_desc(messages::Column::Id)
+            .limit(limit)
+            .all(self.connection())
+            .await?
+            .into_iter()
+            .map(message_from_model)
+            .collect()
+    }
+}
+
+/// What "needs attention now" means in SQL; the same rule as `messaging::attention::needs_attention`
+/// (a flag counts only while the message is still in the status it was flagged in).
+fn needs_attention_now() -> Condition {
+    Condition::any()
+        .add(
+            Condition::all()
+                .add(messages::Column::Status.eq(MessageStatus::Sent.code()))
+                .add(messages::Column::FlaggedUndeliveredAt.is_not_null()),
+        )
+        .add(
+            Condition::all()
+                .add(messages::Column::Status.eq(MessageStatus::Delivered.code()))
+                .add(messages::Column::FlaggedUnacknowledgedAt.is_not_null()),
+        )
+        .add(
+            Condition::all()
+                .add(messages::Column::Status.eq(MessageStatus::Failed.code()))
+                .add(messages::Column::ExpiredAt.is_not_null()),
+        )
 }
 
 async fn insert_message(
@@ -649,6 +803,9 @@ async fn insert_message(
             .addressed_hpii
             .as_ref()
             .map(|hpii| hpii.as_str().to_owned())),
+        flagged_undelivered_at: Set(row.attention.undelivered_at.map(to_millis)),
+        flagged_unacknowledged_at: Set(row.attention.unacknowledged_at.map(to_millis)),
+        expired_at: Set(row.attention.expired_at.map(to_millis)),
     })
     .exec_without_returning(connection)
     .await?;
@@ -709,6 +866,11 @@ fn message_from_model(model: messages::Model) -> Result<MessageRow, StoreError> 
         delivered_at: model.delivered_at.map(from_millis),
         acknowledged_at: model.acknowledged_at.map(from_millis),
         addressed_hpii,
+        attention: AttentionMarks {
+            undelivered_at: model.flagged_undelivered_at.map(from_millis),
+            unacknowledged_at: model.flagged_unacknowledged_at.map(from_millis),
+            expired_at: model.expired_at.map(from_millis),
+        },
     })
 }
 
@@ -757,6 +919,9 @@ mod tests {
             acknowledged_at: None,
             updated_at: 0,
             addressed_hpii: None,
+            flagged_undelivered_at: None,
+            flagged_unacknowledged_at: None,
+            expired_at: None,
         }
     }
 

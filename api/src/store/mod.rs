@@ -190,7 +190,7 @@ impl Store {
     /// prove nothing was stored; the table name is checked against the known tables.
     #[doc(hidden)]
     pub async fn count_rows_for_tests(&self, table: &str) -> i64 {
-        const TABLES: [&str; 13] = [
+        const TABLES: [&str; 14] = [
             "groups",
             "users",
             "provider_accounts",
@@ -204,6 +204,7 @@ impl Store {
             "patients",
             "clinical_notes",
             "messages",
+            "spending_caps",
         ];
         assert!(TABLES.contains(&table), "unknown table {table}");
         let statement = sea_orm::Statement::from_string(

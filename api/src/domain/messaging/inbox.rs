@@ -8,7 +8,7 @@ use super::{MessagingService, StoredPayload, actions, practitioner_only};
 use crate::domain::audit::{AuditEntry, AuditOutcome, Principal};
 use crate::domain::types::{Direction, Hpii, MessageId, MessageStatus, Role};
 use crate::domain::{GatewayError, hl7};
-use crate::store::messaging::{Assignment, MessageRow, MessageUpdate};
+use crate::store::messaging::{Assignment, AttentionMarks, MessageRow, MessageUpdate};
 
 impl MessagingService {
     /// The practice's unassigned inbox (received messages whose HPI-I nobody holds), newest
@@ -197,6 +197,7 @@ impl MessagingService {
                     delivered_at: Some(now),
                     acknowledged_at: None,
                     addressed_hpii,
+                    attention: AttentionMarks::default(),
                 };
                 let audit = AuditEntry::by_gateway(
                     &account.group_id,

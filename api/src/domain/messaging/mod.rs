@@ -25,11 +25,13 @@ use crate::domain::credits::CreditService;
 use crate::domain::hl7;
 use crate::domain::integrations::IntegrationService;
 use crate::domain::types::{Direction, Hpii, MessageStatus, Provider, Role};
+use crate::events::EventBus;
 use crate::providers::Providers;
 use crate::store::Store;
 use crate::store::messaging::MessageRow;
 use crate::store::users::HpiiChange;
 
+mod attention;
 mod directory;
 mod directory_cache;
 mod inbox;
@@ -38,6 +40,7 @@ mod outbox;
 mod receipts;
 mod send;
 
+pub use attention::{ATTENTION_BATCH, Attention, flags_of, needs_attention};
 pub use directory::{PractitionerHit, SearchResult};
 pub use notes::{ClinicalNote, NoteSection, Patient};
 pub use send::{SendRequest, SendResult};
@@ -59,6 +62,8 @@ pub mod actions {
     /// A received message was taken from the practice's unassigned inbox (or a claim of one
     /// was refused because another claim won).
     pub const ASSIGN_MESSAGE: &str = "ASSIGN_MESSAGE";
+    /// A sent message was flagged as needing attention (detail: the reason), or expired.
+    pub const MESSAGE_NEEDS_ATTENTION: &str = "MESSAGE_NEEDS_ATTENTION";
 }
 
 /// How many due messages one outbox pass takes on.
@@ -81,6 +86,13 @@ pub struct MessagingSettings {
     pub retry_max: Duration,
     /// A message not accepted by the provider within this age fails (and is refunded).
     pub give_up_after: Duration,
+    /// A sent message not `DELIVERED` this long after the provider accepted it is flagged.
+    pub undelivered_alert_after: Duration,
+    /// A delivered message not `ACKNOWLEDGED` this long after delivery is flagged.
+    pub unacknowledged_alert_after: Duration,
+    /// A sent message not delivered this long after the provider accepted it becomes `FAILED`
+    /// ("expired", not refunded); a delivered one is followed for acknowledgement this long.
+    pub expire_after: Duration,
     /// Provider order when a send names none and both reach the recipient.
     pub provider_preference: Vec<Provider>,
     /// The gateway's externally reachable base URL, for providers that push receipts.
@@ -107,6 +119,7 @@ pub struct MessagingService {
     integrations: IntegrationService,
     settings: MessagingSettings,
     directory: DirectoryCache,
+    events: EventBus,
 }
 
 fn practitioner_only(principal: &Principal, what: &str) -> Result<(), GatewayError> {
@@ -136,7 +149,13 @@ impl MessagingService {
             integrations,
             settings,
             directory: DirectoryCache::new(DIRECTORY_CACHE_TTL),
+            events: EventBus::new(),
         }
+    }
+
+    /// Announces flagged and expired messages on `events` (subscriptions listen there).
+    pub fn announcing_to(self, events: EventBus) -> Self {
+        Self { events, ..self }
     }
 
     fn open_payload(&self, row: &MessageRow) -> Result<StoredPayload, GatewayError> {
@@ -150,19 +169,28 @@ impl MessagingService {
         serde_json::from_str(&json).map_err(GatewayError::internal)
     }
 
-    /// A practitioner's messages, newest first.
+    /// A practitioner's messages, newest first (`needs_attention`: only those that do, or
+    /// only those that do not, need attention now).
     pub async fn messages(
         &self,
         principal: &Principal,
         direction: Option<Direction>,
         status: Option<MessageStatus>,
+        needs_attention: Option<bool>,
         after: Option<&str>,
         first: u64,
     ) -> Result<Vec<MessageRow>, GatewayError> {
         practitioner_only(principal, "read secure messages")?;
         Ok(self
             .store
-            .list_messages(&principal.user_id, direction, status, after, first)
+            .list_messages(
+                &principal.user_id,
+                direction,
+                status,
+                needs_attention,
+                after,
+                first,
+            )
             .await?)
     }
 

@@ -1,6 +1,11 @@
 //! The outbox: hands queued messages to their provider, retries transient faults, fails and
 //! refunds what the provider refuses, and follows sent messages to `ACKNOWLEDGED`.
 //!
+//! A message the provider accepted is followed for `expire_after` (5 days by default) from
+//! `sentAt`: still not delivered by then, it becomes `FAILED` with the reason "expired" (like
+//! MESH's non-delivery report) and is *not* refunded, since the provider took it; delivered, it
+//! is simply no longer followed for its acknowledgement.
+//!
 //! Sans-I/O: [`next_call`] says which provider call a due message needs and [`next_step`] decides,
 //! from the message and what that call brought back, what to write, whether to refund and when
 //! to look again. Both are pure functions of typed values (no clock, no randomness, no I/O), so
@@ -27,9 +32,11 @@ pub(crate) struct OutboxPolicy {
     pub retry_base: Duration,
     /// Longest retry delay (also how long a message waits for a connection to come back).
     pub retry_max: Duration,
-    /// Past this age a message the provider has not accepted fails, and a sent one is no
-    /// longer followed.
+    /// Past this age a message the provider has not accepted fails.
     pub give_up_after: Duration,
+    /// This long after the provider accepted it, a message still `SENT` expires and a
+    /// `DELIVERED` one is no longer followed.
+    pub expire_after: Duration,
 }
 
 impl OutboxPolicy {
@@ -39,6 +46,7 @@ impl OutboxPolicy {
             retry_base: settings.retry_base,
             retry_max: settings.retry_max,
             give_up_after: settings.give_up_after,
+            expire_after: settings.expire_after,
         }
     }
 }
@@ -109,6 +117,13 @@ fn too_old(policy: &OutboxPolicy, message: &MessageRow, now: DateTime<Utc>) -> b
     (now - message.created_at).to_std().unwrap_or_default() > policy.give_up_after
 }
 
+/// Whether a sent message's time is up: `expire_after` since the provider accepted it (since
+/// it was created, for a row without `sentAt`).
+fn past_expiry(policy: &OutboxPolicy, message: &MessageRow, now: DateTime<Utc>) -> bool {
+    let accepted = message.sent_at.unwrap_or(message.created_at);
+    (now - accepted).to_std().unwrap_or_default() >= policy.expire_after
+}
+
 /// Doubling from `retry_base` per attempt up to `retry_max`, plus jitter; at least what the
 /// provider asked for (capped at `retry_max`).
 fn backoff(
@@ -131,7 +146,7 @@ fn backoff(
 pub(crate) fn next_call(policy: &OutboxPolicy, message: &MessageRow, now: DateTime<Utc>) -> Call {
     match message.status {
         MessageStatus::Queued => Call::Send,
-        MessageStatus::Sent | MessageStatus::Delivered if too_old(policy, message, now) => {
+        MessageStatus::Sent | MessageStatus::Delivered if past_expiry(policy, message, now) => {
             Call::Nothing
         }
         MessageStatus::Sent | MessageStatus::Delivered => Call::CheckDelivery,
@@ -150,6 +165,21 @@ pub(crate) fn next_step(
 ) -> Transition {
     let provider = message.provider;
     let old = too_old(policy, message, now);
+    let expired = past_expiry(policy, message, now);
+    // Accepted, never delivered, and its time is up: FAILED, not refunded (the provider took
+    // it; a refund is only for what it never accepted).
+    let expire = || {
+        Transition::Write(MessageUpdate {
+            status: Some(MessageStatus::Failed),
+            failure_reason: Some(format!(
+                "expired: {provider} accepted the message but did not deliver it within {} days; it was not refunded because {provider} took it — send it again, or contact the recipient another way",
+                policy.expire_after.as_secs().div_ceil(86_400)
+            )),
+            next_attempt_at: Some(None),
+            expired_at: Some(now),
+            ..MessageUpdate::default()
+        })
+    };
     let retry = |retry_after: Option<Duration>, ambiguous: bool| {
         Transition::Write(MessageUpdate {
             next_attempt_at: Some(Some(later(
@@ -184,6 +214,7 @@ pub(crate) fn next_step(
             message.ambiguous,
             format!("your practice's {provider} connection is no longer active"),
         ),
+        (MessageStatus::Sent, Outcome::NotConnected | Outcome::NotAsked) if expired => expire(),
         (
             MessageStatus::Queued | MessageStatus::Sent | MessageStatus::Delivered,
             Outcome::NotConnected,
@@ -235,10 +266,18 @@ pub(crate) fn next_step(
                 }
             }
         },
-        // Sent long ago and never acknowledged (some recipients never are): stop asking.
-        (MessageStatus::Sent | MessageStatus::Delivered, Outcome::NotAsked) => {
+        // Delivered long ago and never acknowledged (some recipients never are): stop asking.
+        (MessageStatus::Delivered, Outcome::NotAsked) if expired => {
             Transition::Write(MessageUpdate {
                 next_attempt_at: Some(None),
+                ..MessageUpdate::default()
+            })
+        }
+        // Asked nothing although its time is not up (a clock step back between the call and
+        // the decision): look again at the next poll.
+        (MessageStatus::Sent | MessageStatus::Delivered, Outcome::NotAsked) => {
+            Transition::Write(MessageUpdate {
+                next_attempt_at: Some(Some(later(now, policy.status_poll_interval))),
                 ..MessageUpdate::default()
             })
         }
@@ -427,9 +466,13 @@ impl MessagingService {
         }
         match transition {
             Transition::Write(update) => {
-                self.store
+                let applied = self
+                    .store
                     .update_message(&message.id, message.status, &update)
                     .await?;
+                if applied && update.expired_at.is_some() {
+                    self.announce_expiry(message).await;
+                }
                 Ok(())
             }
             Transition::FailAndRefund { reason } => self.fail_and_refund(message, &reason).await,
@@ -505,6 +548,7 @@ mod tests {
         retry_base: Duration::from_secs(1),
         retry_max: Duration::from_secs(60),
         give_up_after: Duration::from_secs(3600),
+        expire_after: Duration::from_secs(5 * 86_400),
     };
 
     fn now() -> DateTime<Utc> {
@@ -521,8 +565,10 @@ mod tests {
         Fresh,
         /// Created two hours ago, past `give_up_after`.
         Old,
+        /// Created (and, when sent, accepted) six days ago, past `expire_after`.
+        Expired,
     }
-    use Age::{Fresh, Old};
+    use Age::{Expired, Fresh, Old};
 
     /// A claimed outbound message (`attempts` counts this attempt). `stored_ambiguous`: an
     /// earlier attempt may have reached the provider.
@@ -535,6 +581,7 @@ mod tests {
         let created_at = match age {
             Fresh => at(-10),
             Old => at(-7200),
+            Expired => at(-6 * 86_400),
         };
         MessageRow {
             id: MessageId::generate(),
@@ -556,10 +603,11 @@ mod tests {
             attempts,
             next_attempt_at: Some(at(30)),
             created_at,
-            sent_at: None,
+            sent_at: (status != MessageStatus::Queued).then_some(created_at + chrono::Duration::seconds(1)),
             delivered_at: (status == MessageStatus::Delivered).then(|| at(-5)),
             acknowledged_at: None,
             addressed_hpii: None,
+            attention: crate::store::messaging::AttentionMarks::default(),
         }
     }
 
@@ -589,6 +637,16 @@ mod tests {
 
     fn poll_again() -> Transition {
         retry_in(5, false)
+    }
+
+    fn expired() -> Transition {
+        Transition::Write(MessageUpdate {
+            status: Some(MessageStatus::Failed),
+            failure_reason: Some("expired: Argus accepted the message but did not deliver it within 5 days; it was not refunded because Argus took it — send it again, or contact the recipient another way".into()),
+            next_attempt_at: Some(None),
+            expired_at: Some(now()),
+            ..MessageUpdate::default()
+        })
     }
 
     fn refund(reason: &str) -> Transition {
@@ -707,7 +765,13 @@ mod tests {
             // SENT: followed to the end; never refunded (the provider accepted it).
             (message(Sent, Fresh, 1, false), Outcome::NotConnected, retry_in(60, false)),
             (message(Sent, Old, 1, false), Outcome::NotConnected, retry_in(60, false)),
-            (message(Sent, Old, 1, false), Outcome::NotAsked, Transition::Write(MessageUpdate { next_attempt_at: Some(None), ..MessageUpdate::default() })),
+            // SENT past `expire_after` since the provider accepted it: FAILED ("expired"), never
+            // refunded, whether or not the practice is still connected.
+            (message(Sent, Expired, 1, false), Outcome::NotAsked, expired()),
+            (message(Sent, Expired, 1, false), Outcome::NotConnected, expired()),
+            (message(Sent, Old, 1, false), Outcome::NotAsked, poll_again()),
+            // A late receipt still moves it forward before the outbox gets to expire it.
+            (message(Sent, Expired, 1, false), Outcome::Delivery(DeliveryState::Delivered), Transition::Write(MessageUpdate { status: Some(Delivered), delivered_at: Some(now()), next_attempt_at: Some(Some(at(5))), ..MessageUpdate::default() })),
             (message(Sent, Fresh, 1, false), Outcome::Delivery(DeliveryState::Accepted), poll_again()),
             (message(Sent, Fresh, 1, false), Outcome::Delivery(DeliveryState::Delivered), Transition::Write(MessageUpdate { status: Some(Delivered), delivered_at: Some(now()), next_attempt_at: Some(Some(at(5))), ..MessageUpdate::default() })),
             (message(Sent, Fresh, 1, false), Outcome::Delivery(DeliveryState::Acknowledged), acknowledged(now())),
@@ -715,7 +779,10 @@ mod tests {
             (message(Sent, Fresh, 2, false), Outcome::DeliveryCheckFailed, retry_in(2, false)),
             // DELIVERED: only forward; a delivered message cannot fail afterwards.
             (message(Delivered, Fresh, 1, false), Outcome::NotConnected, retry_in(60, false)),
-            (message(Delivered, Old, 1, false), Outcome::NotAsked, Transition::Write(MessageUpdate { next_attempt_at: Some(None), ..MessageUpdate::default() })),
+            // DELIVERED past `expire_after`: no longer followed (never failed, never refunded).
+            (message(Delivered, Expired, 1, false), Outcome::NotAsked, Transition::Write(MessageUpdate { next_attempt_at: Some(None), ..MessageUpdate::default() })),
+            (message(Delivered, Expired, 1, false), Outcome::NotConnected, retry_in(60, false)),
+            (message(Delivered, Old, 1, false), Outcome::NotAsked, poll_again()),
             (message(Delivered, Fresh, 1, false), Outcome::Delivery(DeliveryState::Accepted), poll_again()),
             (message(Delivered, Fresh, 1, false), Outcome::Delivery(DeliveryState::Delivered), poll_again()),
             (message(Delivered, Fresh, 1, false), Outcome::Delivery(DeliveryState::Acknowledged), acknowledged(at(-5))),
@@ -775,9 +842,11 @@ mod tests {
             (message(Queued, Fresh, 1, false), Call::Send),
             (message(Queued, Old, 1, false), Call::Send),
             (message(Sent, Fresh, 1, false), Call::CheckDelivery),
-            (message(Sent, Old, 1, false), Call::Nothing),
+            (message(Sent, Old, 1, false), Call::CheckDelivery),
+            (message(Sent, Expired, 1, false), Call::Nothing),
             (message(Delivered, Fresh, 1, false), Call::CheckDelivery),
-            (message(Delivered, Old, 1, false), Call::Nothing),
+            (message(Delivered, Old, 1, false), Call::CheckDelivery),
+            (message(Delivered, Expired, 1, false), Call::Nothing),
             (message(Acknowledged, Fresh, 1, false), Call::Nothing),
             (message(Failed, Fresh, 1, false), Call::Nothing),
         ];

@@ -10,7 +10,7 @@ use crate::domain::audit::{AuditEntry, AuditOutcome, Principal};
 use crate::domain::credits::{CREDITS_PER_MESSAGE, IdempotencyKey};
 use crate::domain::hl7;
 use crate::domain::types::{ConnectionStatus, Direction, Hpii, MessageId, MessageStatus, Provider};
-use crate::store::messaging::MessageRow;
+use crate::store::messaging::{AttentionMarks, MessageRow};
 
 /// What a practitioner asks to send.
 #[derive(Debug, Clone)]
@@ -258,6 +258,7 @@ impl MessagingService {
             delivered_at: None,
             acknowledged_at: None,
             addressed_hpii: None,
+            attention: AttentionMarks::default(),
         };
         let mut bought = false;
         loop {
