@@ -13,6 +13,13 @@
 //!   conditional update).
 //! - Auto top-up is decided inside the debit's transaction with a `top_up_pending` flag, so
 //!   concurrent debits crossing the threshold create exactly one purchase.
+//!
+//! Spending caps: administrators may cap what a practitioner's wallet, and the practice as a
+//! whole, spends per calendar month (UTC), in cents. Pending and succeeded purchases count
+//! (declined ones do not; credits moved by transfers and refunds are not spending). Every
+//! purchase — manual, buy-at-send, auto top-up — is checked inside the transaction that records
+//! it (see `store::credits`), before any card is charged; a refusal is
+//! `SPENDING_LIMIT_REACHED`, charges nothing, keeps the idempotency key free and is audited.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,8 +34,8 @@ use crate::domain::{GatewayError, later};
 use crate::providers::payments::{CardSummary, ChargeOutcome, ChargeRequest, PaymentGateway};
 use crate::providers::{ProviderError, Unavailability};
 use crate::store::credits::{
-    CardWrite, CardWritten, DebitOutcome, KeyClaim, KeyRequest, LedgerRow, PaymentMethodRow,
-    PractitionerRow, PurchaseRow, WalletRow,
+    CapBreach, CapScope, CapStanding, CardWrite, CardWritten, DebitOutcome, KeyClaim, KeyRequest,
+    LedgerRow, PaymentMethodRow, PractitionerRow, PurchaseRow, PurchaseStart, WalletRow,
 };
 use crate::store::{Store, Transaction, new_id};
 
@@ -47,6 +54,99 @@ pub mod actions {
     pub const TRANSFER_CREDITS: &str = "TRANSFER_CREDITS";
     /// Auto top-up settings changed.
     pub const SET_AUTO_TOP_UP: &str = "SET_AUTO_TOP_UP";
+    /// A monthly spending cap was set or removed (or a non-administrator's attempt refused).
+    pub const SET_SPENDING_CAP: &str = "SET_SPENDING_CAP";
+}
+
+/// The largest monthly cap an administrator may set: $1,000,000 in cents.
+pub const MAX_MONTHLY_CAP_CENTS: i64 = 100_000_000;
+
+/// The calendar month (UTC) `now` falls in: its first instant and the next month's.
+pub fn spending_period(now: DateTime<Utc>) -> (DateTime<Utc>, DateTime<Utc>) {
+    use chrono::{Datelike, TimeZone};
+    let start = |year: i32, month: u32| {
+        Utc.with_ymd_and_hms(year, month, 1, 0, 0, 0)
+            .single()
+            .unwrap_or(DateTime::<Utc>::MIN_UTC)
+    };
+    let (year, month) = (now.year(), now.month());
+    let next = if month == 12 {
+        start(year + 1, 1)
+    } else {
+        start(year, month + 1)
+    };
+    (start(year, month), next)
+}
+
+/// Cents as dollars, `$1,234.05`.
+pub fn dollars(cents: i64) -> String {
+    let sign = if cents < 0 { "-" } else { "" };
+    let cents = cents.unsigned_abs();
+    let whole = (cents / 100).to_string();
+    let mut grouped = String::new();
+    for (index, digit) in whole.chars().enumerate() {
+        if index > 0 && (whole.len() - index) % 3 == 0 {
+            grouped.push(',');
+        }
+        grouped.push(digit);
+    }
+    format!("{sign}${grouped}.{:02}", cents % 100)
+}
+
+/// One spending cap as a client sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpendingCapView {
+    /// Whose spending.
+    pub scope: CapScope,
+    /// The cap and what this month has spent.
+    pub standing: CapStanding,
+    /// The month it counts: from…
+    pub period_start: DateTime<Utc>,
+    /// …to (exclusive).
+    pub period_end: DateTime<Utc>,
+}
+
+impl SpendingCapView {
+    /// What may still be spent this month (`None`: no cap).
+    pub fn remaining_cents(&self) -> Option<i64> {
+        self.standing
+            .limit_cents
+            .map(|limit| (limit - self.standing.spent_cents).max(0))
+    }
+}
+
+/// The sentence a refused purchase answers with: the cap, what is left, who can raise it.
+fn cap_refusal(breach: &CapBreach, whose: &str, period_end: DateTime<Utc>) -> String {
+    let cap = match breach.scope {
+        CapScope::Practitioner => format!("{whose}'s monthly spending cap"),
+        CapScope::Practice => "your practice's monthly spending cap".to_owned(),
+    };
+    format!(
+        "this purchase of {} would pass {cap} of {} ({} spent this month, {} left until {}); nothing was charged — an administrator of your practice can raise the cap with setSpendingCap",
+        dollars(breach.attempted_cents),
+        dollars(breach.limit_cents),
+        dollars(breach.spent_cents),
+        dollars((breach.limit_cents - breach.spent_cents).max(0)),
+        period_end.format("%-d %B %Y 00:00 UTC"),
+    )
+}
+
+/// What a send's debit did about auto top-up; hand it to [`CreditService::after_commit`].
+#[derive(Debug, Clone)]
+pub enum TopUp {
+    /// Nothing to buy.
+    None,
+    /// A top-up purchase was recorded; it is charged once the transaction commits.
+    Started(PurchaseRow),
+    /// A top-up was due but a spending cap refused it (nothing recorded).
+    Refused {
+        /// Whose wallet.
+        group_id: String,
+        /// Whose wallet.
+        user_id: String,
+        /// The cap.
+        breach: CapBreach,
+    },
 }
 
 /// A client's idempotency key: 8–128 letters, digits, `-`, `_`, `.` or `:`.
@@ -534,19 +634,146 @@ impl CreditService {
             Some(key.as_str()),
             Some(method.token_ciphertext),
         );
+        self.start_and_drive(principal, &target.subject, &target.name, &key_request, purchase)
+            .await
+    }
+
+    /// Records a purchase (checking the spending caps in the same transaction) and charges it,
+    /// or replays or refuses it.
+    async fn start_and_drive(
+        &self,
+        principal: &Principal,
+        target_subject: &str,
+        target_name: &str,
+        key_request: &KeyRequest<'_>,
+        purchase: PurchaseRow,
+    ) -> Result<PurchaseResult, GatewayError> {
+        let (period_start, period_end) = spending_period(purchase.created_at);
         match self
             .store
-            .start_purchase(Some(&key_request), &purchase)
+            .start_purchase(Some(key_request), &purchase, period_start)
             .await?
         {
-            KeyClaim::Fresh => self.drive_purchase(purchase).await,
-            KeyClaim::Completed(response) => self.replay_purchase(&response).await,
-            KeyClaim::Mismatch => Err(key_reused()),
-            KeyClaim::InProgress => {
-                let response = self.wait_for_key(&key_request).await?;
+            PurchaseStart::Claimed(KeyClaim::Fresh) => self.drive_purchase(purchase).await,
+            PurchaseStart::Claimed(KeyClaim::Completed(response)) => {
                 self.replay_purchase(&response).await
             }
+            PurchaseStart::Claimed(KeyClaim::Mismatch) => Err(key_reused()),
+            PurchaseStart::Claimed(KeyClaim::InProgress) => {
+                let response = self.wait_for_key(key_request).await?;
+                self.replay_purchase(&response).await
+            }
+            PurchaseStart::OverCap(breach) => {
+                let audit = AuditEntry::by(
+                    principal,
+                    actions::PURCHASE_CREDITS,
+                    format!("practitioner:{target_subject}"),
+                    AuditOutcome::Denied,
+                )
+                .with_detail(cap_audit_detail(&purchase, &breach));
+                if let Err(error) = self.store.insert_audit(&audit).await {
+                    tracing::error!(error = ?error, "could not record an audit event");
+                }
+                Err(GatewayError::SpendingLimitReached(cap_refusal(
+                    &breach,
+                    target_name,
+                    period_end,
+                )))
+            }
         }
+    }
+
+    /// A practitioner's and the practice's spending caps with this month's spending (the
+    /// caller must already be allowed to see that practitioner's credits).
+    pub async fn spending_caps(
+        &self,
+        group_id: &str,
+        user_id: &str,
+    ) -> Result<(SpendingCapView, SpendingCapView), GatewayError> {
+        let (period_start, period_end) = spending_period(Utc::now());
+        let (practitioner, practice) = self
+            .store
+            .spending_standing(group_id, user_id, period_start)
+            .await?;
+        let view = |scope, standing| SpendingCapView {
+            scope,
+            standing,
+            period_start,
+            period_end,
+        };
+        Ok((
+            view(CapScope::Practitioner, practitioner),
+            view(CapScope::Practice, practice),
+        ))
+    }
+
+    /// Sets (or with `None` removes) a monthly spending cap in cents: a practitioner's when
+    /// `practitioner_id` names one, else the practice's. Administrators only; anyone else is
+    /// `FORBIDDEN` and the attempt is audited.
+    pub async fn set_spending_cap(
+        &self,
+        principal: &Principal,
+        practitioner_id: Option<&str>,
+        monthly_limit_cents: Option<i64>,
+    ) -> Result<SpendingCapView, GatewayError> {
+        if principal.role != Role::Administrator {
+            self.audit_denied(principal, actions::SET_SPENDING_CAP).await;
+            return Err(GatewayError::Forbidden(
+                "only an administrator of your practice can set spending caps".into(),
+            ));
+        }
+        if let Some(limit) = monthly_limit_cents
+            && !(0..=MAX_MONTHLY_CAP_CENTS).contains(&limit)
+        {
+            return Err(GatewayError::BadUserInput(format!(
+                "monthlyLimitCents must be from 0 to {MAX_MONTHLY_CAP_CENTS} (whole cents a month; null removes the cap)"
+            )));
+        }
+        let practitioner = match practitioner_id {
+            Some(id) => Some(
+                self.store
+                    .find_practitioner(&principal.group_id, id)
+                    .await?
+                    .ok_or_else(|| {
+                        GatewayError::NotFound(format!("no practitioner {id:?} in your practice"))
+                    })?,
+            ),
+            None => None,
+        };
+        let target = practitioner.as_ref().map_or_else(
+            || format!("group:{}", principal.group_id),
+            |practitioner| format!("practitioner:{}", practitioner.subject),
+        );
+        let audit = AuditEntry::by(
+            principal,
+            actions::SET_SPENDING_CAP,
+            target,
+            AuditOutcome::Success,
+        )
+        .with_detail(match monthly_limit_cents {
+            Some(limit) => format!("{limit} cents a month"),
+            None => "removed".to_owned(),
+        });
+        self.store
+            .set_spending_cap(
+                &principal.group_id,
+                practitioner.as_ref().map(|row| row.user_id.as_str()),
+                monthly_limit_cents,
+                &principal.user_id,
+                &audit,
+            )
+            .await?;
+        // The practice's cap is read for any practitioner; the caller's own id will do.
+        let user_id = practitioner
+            .as_ref()
+            .map_or(principal.user_id.as_str(), |row| row.user_id.as_str());
+        let (practitioner_view, practice_view) =
+            self.spending_caps(&principal.group_id, user_id).await?;
+        Ok(if practitioner.is_some() {
+            practitioner_view
+        } else {
+            practice_view
+        })
     }
 
     async fn wait_for_key(&self, request: &KeyRequest<'_>) -> Result<String, GatewayError> {
@@ -770,7 +997,8 @@ impl CreditService {
         principal: &Principal,
         reference: &str,
         card: Option<String>,
-    ) -> Result<Result<(i64, Option<PurchaseRow>), i64>, GatewayError> {
+    ) -> Result<Result<(i64, TopUp), i64>, GatewayError> {
+        let (period_start, _) = spending_period(Utc::now());
         let outcome = self
             .store
             .debit_in(
@@ -780,6 +1008,7 @@ impl CreditService {
                 CREDITS_PER_MESSAGE,
                 "SEND_DEBIT",
                 reference,
+                period_start,
                 |wallet| self.decide_top_up(&principal.group_id, wallet, card),
             )
             .await?;
@@ -788,7 +1017,19 @@ impl CreditService {
             DebitOutcome::Debited {
                 balance_after,
                 top_up,
-            } => Ok((balance_after, top_up)),
+                refused_top_up,
+            } => {
+                let top_up = match (top_up, refused_top_up) {
+                    (Some(purchase), _) => TopUp::Started(purchase),
+                    (None, Some(breach)) => TopUp::Refused {
+                        group_id: principal.group_id.clone(),
+                        user_id: principal.user_id.clone(),
+                        breach,
+                    },
+                    (None, None) => TopUp::None,
+                };
+                Ok((balance_after, top_up))
+            }
         })
     }
 
@@ -804,11 +1045,54 @@ impl CreditService {
     }
 
     /// Call once the transaction of a [`Self::debit_send_in`] has committed: records the
-    /// debit and starts the top-up it triggered, if any.
-    pub fn after_commit(&self, top_up: Option<PurchaseRow>) {
+    /// debit and starts the top-up it triggered, if any (or records that a cap refused it).
+    pub fn after_commit(&self, top_up: TopUp) {
         self.credits_moved(CreditMovement::SendDebit, CREDITS_PER_MESSAGE);
-        if let Some(purchase) = top_up {
-            self.start_top_up(purchase);
+        match top_up {
+            TopUp::None => {}
+            TopUp::Started(purchase) => self.start_top_up(purchase),
+            TopUp::Refused {
+                group_id,
+                user_id,
+                breach,
+            } => {
+                let service = self.clone();
+                tokio::spawn(async move {
+                    service
+                        .note_top_up_refused(&group_id, &user_id, &breach)
+                        .await;
+                });
+            }
+        }
+    }
+
+    /// Shows a cap's refusal of auto top-up as the wallet's last failure, and audits it.
+    async fn note_top_up_refused(&self, group_id: &str, user_id: &str, breach: &CapBreach) {
+        let (_, period_end) = spending_period(Utc::now());
+        let message = format!(
+            "auto top-up did not buy: {}",
+            cap_refusal(breach, "this practitioner", period_end)
+        );
+        let mut audit = AuditEntry::by_gateway(
+            group_id,
+            actions::PURCHASE_CREDITS,
+            format!("wallet:{user_id}"),
+            AuditOutcome::Denied,
+        )
+        .with_detail(format!(
+            "SPENDING_LIMIT_REACHED: AUTO_TOP_UP {} cents; {} cap {} cents, {} spent this month",
+            breach.attempted_cents,
+            scope_word(breach.scope),
+            breach.limit_cents,
+            breach.spent_cents
+        ));
+        audit.actor_user_id = None;
+        if let Err(error) = self
+            .store
+            .note_top_up_refused(user_id, &message, &audit)
+            .await
+        {
+            tracing::error!(error = ?error, "could not record a refused auto top-up");
         }
     }
 
@@ -942,19 +1226,14 @@ impl CreditService {
             Some(key.as_str()),
             Some(method.token_ciphertext),
         );
-        match self
-            .store
-            .start_purchase(Some(&key_request), &purchase)
-            .await?
-        {
-            KeyClaim::Fresh => self.drive_purchase(purchase).await,
-            KeyClaim::Completed(response) => self.replay_purchase(&response).await,
-            KeyClaim::Mismatch => Err(key_reused()),
-            KeyClaim::InProgress => {
-                let response = self.wait_for_key(&key_request).await?;
-                self.replay_purchase(&response).await
-            }
-        }
+        self.start_and_drive(
+            principal,
+            &principal.subject,
+            &principal.name,
+            &key_request,
+            purchase,
+        )
+        .await
     }
 
     /// Moves credits between two practitioners of the group, both ledger entries in one
@@ -1034,6 +1313,7 @@ impl CreditService {
                 amount,
                 "TRANSFER_OUT",
                 &transfer_id,
+                Utc::now(),
                 |_| None,
             )
             .await?
@@ -1155,6 +1435,25 @@ impl CreditService {
     }
 }
 
+fn scope_word(scope: CapScope) -> &'static str {
+    match scope {
+        CapScope::Practitioner => "practitioner",
+        CapScope::Practice => "practice",
+    }
+}
+
+fn cap_audit_detail(purchase: &PurchaseRow, breach: &CapBreach) -> String {
+    format!(
+        "SPENDING_LIMIT_REACHED: {} {} credits, {} cents; {} cap {} cents, {} spent this month",
+        purchase.origin,
+        purchase.credits,
+        purchase.amount_cents,
+        scope_word(breach.scope),
+        breach.limit_cents,
+        breach.spent_cents
+    )
+}
+
 fn payment_context(group_id: &str) -> String {
     format!("payment-method/{group_id}")
 }
@@ -1209,6 +1508,47 @@ mod tests {
         assert!(IdempotencyKey::parse("short").is_err());
         assert!(IdempotencyKey::parse("has spaces in it").is_err());
         assert!(IdempotencyKey::parse(&"k".repeat(129)).is_err());
+    }
+
+    #[test]
+    fn the_spending_period_is_the_calendar_month_in_utc() {
+        use chrono::TimeZone;
+        let at = |y, m, d, h| Utc.with_ymd_and_hms(y, m, d, h, 0, 0).unwrap();
+        assert_eq!(
+            spending_period(at(2026, 12, 2, 0)),
+            (at(2026, 12, 1, 0), at(2027, 1, 1, 0))
+        );
+        assert_eq!(
+            spending_period(at(2027, 1, 1, 0)),
+            (at(2027, 1, 1, 0), at(2027, 2, 1, 0))
+        );
+        assert_eq!(
+            spending_period(at(2028, 2, 29, 23)),
+            (at(2028, 2, 1, 0), at(2028, 3, 1, 0))
+        );
+    }
+
+    #[test]
+    fn a_cap_refusal_says_the_cap_what_is_left_and_who_can_raise_it() {
+        use chrono::TimeZone;
+        assert_eq!(dollars(0), "$0.00");
+        assert_eq!(dollars(2_200), "$22.00");
+        assert_eq!(dollars(123_456_705), "$1,234,567.05");
+        let breach = CapBreach {
+            scope: CapScope::Practitioner,
+            limit_cents: 5_000,
+            spent_cents: 4_400,
+            attempted_cents: 2_200,
+        };
+        let message = cap_refusal(
+            &breach,
+            "Dr Raj Patel",
+            Utc.with_ymd_and_hms(2027, 1, 1, 0, 0, 0).unwrap(),
+        );
+        assert_eq!(
+            message,
+            "this purchase of $22.00 would pass Dr Raj Patel's monthly spending cap of $50.00 ($44.00 spent this month, $6.00 left until 1 January 2027 00:00 UTC); nothing was charged — an administrator of your practice can raise the cap with setSpendingCap"
+        );
     }
 
     #[test]

@@ -61,6 +61,9 @@ pub enum GatewayError {
     /// The wallet does not hold enough credits.
     #[error("insufficient credits: {0}")]
     InsufficientCredits(String),
+    /// A purchase would pass a monthly spending cap; nothing was charged.
+    #[error("spending limit reached: {0}")]
+    SpendingLimitReached(String),
     /// A fault of ours (database, bug). Logged with its chain; clients see a fixed message.
     #[error("internal error")]
     Internal(#[source] anyhow::Error),

@@ -1,16 +1,71 @@
 //! Credits: packs, the practice's card, purchases, balances and ledgers, transfers, auto top-up.
 
-use async_graphql::{Context, ID, InputObject, Object, SimpleObject};
+use async_graphql::{Context, Enum, ID, InputObject, Object, SimpleObject};
 use chrono::{DateTime, Utc};
 
 use super::audit::PageInfo;
 use super::error::ApiError;
 use super::{principal, services};
-use crate::domain::credits::{CreditAmount, CreditsView, IdempotencyKey};
+use crate::domain::credits::{CreditAmount, CreditsView, IdempotencyKey, SpendingCapView};
 use crate::domain::pricing::CreditPack as DomainPack;
 use crate::domain::types::PaymentToken;
 use crate::providers::payments::CardSummary;
-use crate::store::credits::PurchaseRow;
+use crate::store::credits::{CapScope, PurchaseRow};
+
+/// Whose spending a cap limits.
+#[derive(Enum, Copy, Clone, Debug, PartialEq, Eq)]
+pub enum SpendingCapScope {
+    /// Purchases for one practitioner's wallet (whoever makes them).
+    Practitioner,
+    /// Every purchase of the practice.
+    Practice,
+}
+
+/// A monthly spending cap, in whole cents per calendar month (UTC, from the 1st 00:00).
+/// Pending and succeeded purchases count towards it (manual, at send time and auto top-up);
+/// declined ones do not. A purchase that would pass it is `SPENDING_LIMIT_REACHED` and charges
+/// nothing. Administrators set it with `setSpendingCap`.
+#[derive(SimpleObject)]
+pub struct SpendingCap {
+    /// A practitioner's cap or the practice's.
+    pub scope: SpendingCapScope,
+    /// The cap, cents a month; null when there is none.
+    pub monthly_limit_cents: Option<i64>,
+    /// Spent this month, cents (pending and succeeded purchases).
+    pub spent_this_month_cents: i64,
+    /// What may still be spent this month, cents; null when there is no cap.
+    pub remaining_cents: Option<i64>,
+    /// The month counted: its first instant (UTC).
+    pub period_start: DateTime<Utc>,
+    /// When the count starts again (the next month's first instant, UTC).
+    pub period_end: DateTime<Utc>,
+}
+
+impl From<SpendingCapView> for SpendingCap {
+    fn from(view: SpendingCapView) -> Self {
+        Self {
+            scope: match view.scope {
+                CapScope::Practitioner => SpendingCapScope::Practitioner,
+                CapScope::Practice => SpendingCapScope::Practice,
+            },
+            monthly_limit_cents: view.standing.limit_cents,
+            spent_this_month_cents: view.standing.spent_cents,
+            remaining_cents: view.remaining_cents(),
+            period_start: view.period_start,
+            period_end: view.period_end,
+        }
+    }
+}
+
+/// Sets or removes a monthly spending cap.
+#[derive(InputObject)]
+pub struct SetSpendingCapInput {
+    /// The practitioner whose wallet's purchases to cap; omit for the practice's own cap.
+    pub practitioner_id: Option<ID>,
+    /// Whole cents a month (0 to 100000000, i.e. $1,000,000); 0 allows no purchases; null
+    /// removes the cap.
+    pub monthly_limit_cents: Option<i64>,
+}
 
 /// A pack of credits on offer. Prices are in whole Australian cents, GST included.
 #[derive(SimpleObject, Clone)]
@@ -203,6 +258,26 @@ impl Credits {
     /// Credits available now.
     async fn balance(&self) -> i64 {
         self.0.wallet.balance
+    }
+
+    /// This practitioner's monthly spending cap and what is left of it.
+    async fn spending_cap(&self, ctx: &Context<'_>) -> Result<SpendingCap, ApiError> {
+        let principal = principal(ctx)?;
+        let (practitioner, _) = services(ctx)
+            .credits
+            .spending_caps(&principal.group_id, &self.0.practitioner.user_id)
+            .await?;
+        Ok(practitioner.into())
+    }
+
+    /// The practice's monthly spending cap (all practitioners together) and what is left of it.
+    async fn practice_spending_cap(&self, ctx: &Context<'_>) -> Result<SpendingCap, ApiError> {
+        let principal = principal(ctx)?;
+        let (_, practice) = services(ctx)
+            .credits
+            .spending_caps(&principal.group_id, &self.0.practitioner.user_id)
+            .await?;
+        Ok(practice.into())
     }
 
     /// Auto top-up settings and state.
@@ -463,6 +538,27 @@ impl CreditsMutation {
             from_balance: result.from_balance,
             to_balance: result.to_balance,
         })
+    }
+
+    /// Sets or removes a monthly spending cap, in cents: a practitioner's (`practitionerId`) or
+    /// the practice's. Administrators only (others get `FORBIDDEN`, audited). Purchases that
+    /// would pass a cap are then `SPENDING_LIMIT_REACHED`; lowering a cap below what the month
+    /// has spent refuses further purchases until the next month.
+    async fn set_spending_cap(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(desc = "Whose cap and how much.")] input: SetSpendingCapInput,
+    ) -> Result<SpendingCap, ApiError> {
+        let principal = principal(ctx)?;
+        Ok(services(ctx)
+            .credits
+            .set_spending_cap(
+                principal,
+                input.practitioner_id.as_ref().map(|id| id.as_str()),
+                input.monthly_limit_cents,
+            )
+            .await?
+            .into())
     }
 
     /// Configures auto top-up for a practitioner.

@@ -92,6 +92,9 @@ impl From<GatewayError> for ApiError {
                 retry_after_seconds: retry_after.map(|delay| delay.as_secs()),
             },
             GatewayError::InsufficientCredits(message) => Self::new("INSUFFICIENT_CREDITS", message),
+            GatewayError::SpendingLimitReached(message) => {
+                Self::new("SPENDING_LIMIT_REACHED", message)
+            }
             GatewayError::RecipientNotReachable(message) => Self::new("RECIPIENT_NOT_REACHABLE", message),
             GatewayError::Internal(error) => {
                 tracing::error!(error = ?error, "internal error");
@@ -158,6 +161,10 @@ mod tests {
                 retry_after: None
             }),
             "PROVIDER_UNAVAILABLE"
+        );
+        assert_eq!(
+            code_of(GatewayError::SpendingLimitReached("x".into())),
+            "SPENDING_LIMIT_REACHED"
         );
         assert_eq!(
             code_of(GatewayError::RateLimited {

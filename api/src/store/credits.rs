@@ -4,6 +4,15 @@
 //! ledger row carrying the balance after it, in the same write transaction. The database's
 //! CHECK constraints refuse a negative balance even if code were wrong; the conditional update
 //! (`… AND balance >= n`) makes a short balance a normal outcome rather than an error.
+//!
+//! Monthly spending caps are decided in the write transaction that records the purchase: it
+//! locks the practice's `groups` row (`SELECT … FOR UPDATE` on PostgreSQL; SQLite's
+//! `BEGIN IMMEDIATE` already serialises writers), then sums the month's pending and succeeded
+//! purchases and compares. Every purchase of a practice takes that one lock, so concurrent
+//! purchases are counted one after another and can never jointly pass a cap. Lock order: a
+//! send's debit holds its wallet row before it may take the group row for an auto top-up, and
+//! a purchase touches its wallet (`ensure_wallet`) before the group row, so the order is the
+//! same everywhere.
 
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::{Expr, ExprTrait, OnConflict};
@@ -13,7 +22,8 @@ use sea_orm::{
 };
 
 use super::entities::{
-    idempotency_keys, ledger_entries, payment_methods, purchases, users, wallets,
+    groups, idempotency_keys, ledger_entries, payment_methods, purchases, spending_caps, users,
+    wallets,
 };
 use super::{Store, StoreError, Transaction, from_millis, new_id, to_millis};
 use crate::domain::audit::AuditEntry;
@@ -190,15 +200,61 @@ pub struct KeyRequest<'a> {
     pub keep_until: DateTime<Utc>,
 }
 
+/// The value of `spending_caps.scope` for the practice's own cap. User ids are UUIDs, so it
+/// never names a practitioner.
+const PRACTICE_SCOPE: &str = "practice";
+
+/// Whose monthly spending a cap limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CapScope {
+    /// One practitioner's purchases (for their wallet, whoever asked).
+    Practitioner,
+    /// Every purchase of the practice.
+    Practice,
+}
+
+/// A cap a purchase would have passed. Nothing was written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CapBreach {
+    /// Which cap.
+    pub scope: CapScope,
+    /// The cap, cents a month.
+    pub limit_cents: i64,
+    /// Pending and succeeded purchases since the period started, cents.
+    pub spent_cents: i64,
+    /// What the refused purchase would have cost, cents.
+    pub attempted_cents: i64,
+}
+
+/// One cap and what its month has spent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CapStanding {
+    /// The cap, cents a month (`None`: no cap).
+    pub limit_cents: Option<i64>,
+    /// Pending and succeeded purchases since the period started, cents.
+    pub spent_cents: i64,
+}
+
+/// What [`Store::start_purchase`] did.
+#[derive(Debug, Clone)]
+pub enum PurchaseStart {
+    /// The key claim (the purchase is stored only when it is fresh).
+    Claimed(KeyClaim),
+    /// A spending cap refused it: nothing stored, the key not used up.
+    OverCap(CapBreach),
+}
+
 /// The result of a balance change. (It lives for one call, so the size of the top-up purchase
 /// in one variant does not matter.)
 #[derive(Debug, Clone)]
 #[allow(clippy::large_enum_variant)]
 pub enum DebitOutcome {
-    /// Done; the new balance, and a top-up purchase the debit triggered.
+    /// Done; the new balance, and a top-up purchase the debit triggered (or the cap that
+    /// refused the one it would have triggered).
     Debited {
         balance_after: i64,
         top_up: Option<PurchaseRow>,
+        refused_top_up: Option<CapBreach>,
     },
     /// Not enough credits; nothing changed.
     Insufficient { balance: i64 },
@@ -446,25 +502,132 @@ impl Store {
         Ok(())
     }
 
-    /// Records a new pending purchase, claiming its idempotency key in the same transaction.
-    /// Returns the claim; the purchase is stored only when the claim is fresh.
+    /// Records a new pending purchase, claiming its idempotency key in the same transaction,
+    /// if it passes no spending cap for the period starting `period_start`. Returns the claim
+    /// (the purchase is stored only when it is fresh), or the cap that refused it (then nothing
+    /// is stored and the key stays free for a retry once the cap allows it).
     pub async fn start_purchase(
         &self,
         key: Option<&KeyRequest<'_>>,
         purchase: &PurchaseRow,
-    ) -> Result<KeyClaim, StoreError> {
+        period_start: DateTime<Utc>,
+    ) -> Result<PurchaseStart, StoreError> {
         let txn = Transaction(self.begin_write().await?);
         if let Some(key) = key {
             let claim = self.claim_key(&txn, key).await?;
             if !matches!(claim, KeyClaim::Fresh) {
                 txn.rollback().await?;
-                return Ok(claim);
+                return Ok(PurchaseStart::Claimed(claim));
             }
         }
         ensure_wallet(&txn.0, &purchase.user_id, &purchase.group_id).await?;
+        if let Some(breach) = check_caps(
+            &txn.0,
+            &purchase.group_id,
+            &purchase.user_id,
+            purchase.amount_cents,
+            period_start,
+        )
+        .await?
+        {
+            txn.rollback().await?;
+            return Ok(PurchaseStart::OverCap(breach));
+        }
         insert_purchase(&txn.0, purchase).await?;
         txn.commit().await?;
-        Ok(KeyClaim::Fresh)
+        Ok(PurchaseStart::Claimed(KeyClaim::Fresh))
+    }
+
+    /// Sets (or, with `None`, removes) a monthly cap in cents, for a practitioner
+    /// (`Some(user_id)`) or the practice, with its audit event.
+    pub async fn set_spending_cap(
+        &self,
+        group_id: &str,
+        practitioner_user_id: Option<&str>,
+        monthly_limit_cents: Option<i64>,
+        updated_by_user_id: &str,
+        audit: &AuditEntry,
+    ) -> Result<(), StoreError> {
+        let scope = practitioner_user_id.unwrap_or(PRACTICE_SCOPE);
+        let txn = self.begin_write().await?;
+        match monthly_limit_cents {
+            Some(limit) => {
+                spending_caps::Entity::insert(spending_caps::ActiveModel {
+                    group_id: Set(group_id.to_owned()),
+                    scope: Set(scope.to_owned()),
+                    monthly_limit_cents: Set(limit),
+                    updated_by_user_id: Set(updated_by_user_id.to_owned()),
+                    updated_at: Set(to_millis(Utc::now())),
+                })
+                .on_conflict(
+                    OnConflict::columns([
+                        spending_caps::Column::GroupId,
+                        spending_caps::Column::Scope,
+                    ])
+                    .update_columns([
+                        spending_caps::Column::MonthlyLimitCents,
+                        spending_caps::Column::UpdatedByUserId,
+                        spending_caps::Column::UpdatedAt,
+                    ])
+                    .to_owned(),
+                )
+                .exec_without_returning(&txn)
+                .await?;
+            }
+            None => {
+                spending_caps::Entity::delete_many()
+                    .filter(spending_caps::Column::GroupId.eq(group_id))
+                    .filter(spending_caps::Column::Scope.eq(scope))
+                    .exec(&txn)
+                    .await?;
+            }
+        }
+        self.insert_audit_in(&txn, audit).await?;
+        txn.commit().await?;
+        Ok(())
+    }
+
+    /// A practitioner's cap and the practice's, each with what it has spent since
+    /// `period_start`.
+    pub async fn spending_standing(
+        &self,
+        group_id: &str,
+        user_id: &str,
+        period_start: DateTime<Utc>,
+    ) -> Result<(CapStanding, CapStanding), StoreError> {
+        let (practitioner_limit, practice_limit) =
+            cap_limits(self.connection(), group_id, user_id).await?;
+        let practitioner = CapStanding {
+            limit_cents: practitioner_limit,
+            spent_cents: spent_since(self.connection(), group_id, Some(user_id), period_start)
+                .await?,
+        };
+        let practice = CapStanding {
+            limit_cents: practice_limit,
+            spent_cents: spent_since(self.connection(), group_id, None, period_start).await?,
+        };
+        Ok((practitioner, practice))
+    }
+
+    /// Records that auto top-up was refused by a spending cap (shown as the last failure; it
+    /// does not count towards switching auto top-up off), with its audit event.
+    pub async fn note_top_up_refused(
+        &self,
+        user_id: &str,
+        message: &str,
+        audit: &AuditEntry,
+    ) -> Result<(), StoreError> {
+        let now = to_millis(Utc::now());
+        let txn = self.begin_write().await?;
+        wallets::Entity::update_many()
+            .col_expr(wallets::Column::LastTopUpFailure, Expr::value(message))
+            .col_expr(wallets::Column::LastTopUpFailureAt, Expr::value(now))
+            .filter(wallets::Column::UserId.eq(user_id))
+            .exec(&txn)
+            .await?;
+        self.insert_audit_in(&txn, audit).await?;
+        txn.commit().await?;
+        Ok(())
     }
 
     /// A purchase by id.
@@ -675,7 +838,9 @@ impl Store {
 
     /// Debits a wallet inside a write transaction the caller owns (so a message and its debit
     /// commit together). `decide_top_up` sees the wallet after the debit and may return a
-    /// pending top-up purchase to record in the same transaction.
+    /// pending top-up purchase to record in the same transaction — unless it would pass a
+    /// spending cap for the period starting `cap_period_start`, in which case it is not
+    /// recorded and the cap is returned.
     // The transaction, whose wallet, how much, why, and the top-up rule are all needed here.
     #[allow(clippy::too_many_arguments)]
     pub async fn debit_in(
@@ -686,6 +851,7 @@ impl Store {
         credits: i64,
         kind: &str,
         reference: &str,
+        cap_period_start: DateTime<Utc>,
         decide_top_up: impl FnOnce(&WalletRow) -> Option<PurchaseRow>,
     ) -> Result<DebitOutcome, StoreError> {
         ensure_wallet(&txn.0, user_id, group_id).await?;
@@ -722,7 +888,21 @@ impl Store {
             reference,
         )
         .await?;
-        let top_up = decide_top_up(&wallet);
+        let mut top_up = decide_top_up(&wallet);
+        let mut refused_top_up = None;
+        if let Some(purchase) = &top_up {
+            refused_top_up = check_caps(
+                &txn.0,
+                group_id,
+                user_id,
+                purchase.amount_cents,
+                cap_period_start,
+            )
+            .await?;
+        }
+        if refused_top_up.is_some() {
+            top_up = None;
+        }
         if let Some(purchase) = &top_up {
             wallets::Entity::update_many()
                 .col_expr(wallets::Column::TopUpPending, Expr::value(true))
@@ -734,6 +914,7 @@ impl Store {
         Ok(DebitOutcome::Debited {
             balance_after: wallet.balance,
             top_up,
+            refused_top_up,
         })
     }
 
@@ -866,6 +1047,85 @@ impl Store {
             })
             .collect())
     }
+}
+
+/// The practitioner's and the practice's monthly limits, if set.
+async fn cap_limits(
+    connection: &impl ConnectionTrait,
+    group_id: &str,
+    user_id: &str,
+) -> Result<(Option<i64>, Option<i64>), StoreError> {
+    let caps = spending_caps::Entity::find()
+        .filter(spending_caps::Column::GroupId.eq(group_id))
+        .filter(spending_caps::Column::Scope.is_in([user_id, PRACTICE_SCOPE]))
+        .all(connection)
+        .await?;
+    let limit = |scope: &str| {
+        caps.iter()
+            .find(|cap| cap.scope == scope)
+            .map(|cap| cap.monthly_limit_cents)
+    };
+    Ok((limit(user_id), limit(PRACTICE_SCOPE)))
+}
+
+/// Cents of the group's (or one practitioner's) pending and succeeded purchases created at or
+/// after `since`. Summed here rather than by `SUM()`, whose type differs between the backends
+/// (PostgreSQL answers NUMERIC for BIGINT); a month holds few purchases.
+async fn spent_since(
+    connection: &impl ConnectionTrait,
+    group_id: &str,
+    user_id: Option<&str>,
+    since: DateTime<Utc>,
+) -> Result<i64, StoreError> {
+    let mut query = purchases::Entity::find()
+        .select_only()
+        .column(purchases::Column::AmountCents)
+        .filter(purchases::Column::GroupId.eq(group_id))
+        .filter(purchases::Column::CreatedAt.gte(to_millis(since)))
+        .filter(purchases::Column::Status.is_in(["PENDING", "SUCCEEDED"]));
+    if let Some(user_id) = user_id {
+        query = query.filter(purchases::Column::UserId.eq(user_id));
+    }
+    let amounts: Vec<i64> = query.into_tuple().all(connection).await?;
+    Ok(amounts.into_iter().sum())
+}
+
+/// Inside a write transaction: locks the practice's row (every purchase of the practice queues
+/// here on PostgreSQL), then checks a purchase of `amount_cents` for `user_id` against the
+/// practitioner's cap and the practice's. The breach with the least room left, if any.
+async fn check_caps(
+    connection: &impl ConnectionTrait,
+    group_id: &str,
+    user_id: &str,
+    amount_cents: i64,
+    since: DateTime<Utc>,
+) -> Result<Option<CapBreach>, StoreError> {
+    groups::Entity::find_by_id(group_id.to_owned())
+        .lock_exclusive()
+        .one(connection)
+        .await?;
+    let (practitioner_limit, practice_limit) = cap_limits(connection, group_id, user_id).await?;
+    let mut breaches = Vec::new();
+    for (scope, limit, spender) in [
+        (CapScope::Practitioner, practitioner_limit, Some(user_id)),
+        (CapScope::Practice, practice_limit, None),
+    ] {
+        let Some(limit_cents) = limit else {
+            continue;
+        };
+        let spent_cents = spent_since(connection, group_id, spender, since).await?;
+        if spent_cents.saturating_add(amount_cents) > limit_cents {
+            breaches.push(CapBreach {
+                scope,
+                limit_cents,
+                spent_cents,
+                attempted_cents: amount_cents,
+            });
+        }
+    }
+    Ok(breaches
+        .into_iter()
+        .min_by_key(|breach| breach.limit_cents - breach.spent_cents))
 }
 
 async fn ensure_wallet(
