@@ -2,7 +2,9 @@
 //! and spoken to over loopback HTTP and WebSocket. With `TEST_DATABASE_URL=postgres://…` every
 //! test gets a fresh PostgreSQL database instead of a fresh SQLite file.
 
+mod alerts;
 mod auth;
+mod caps;
 mod credits;
 mod helpers;
 mod http_spec;

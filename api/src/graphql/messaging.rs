@@ -178,13 +178,13 @@ impl From<MessageStatus> for DomainStatus {
 #[derive(Enum, Copy, Clone, Debug, PartialEq, Eq)]
 pub enum AttentionReason {
     /// The provider accepted it, but it has not reached the recipient's endpoint in time
-    /// (default: 1 hour after `sentAt`).
+    /// (by default 1 hour after `sentAt`).
     NotDelivered,
     /// It reached the recipient's endpoint, but their system has not acknowledged it in time
-    /// (default: 48 hours after `deliveredAt`).
+    /// (by default 48 hours after `deliveredAt`).
     NotAcknowledged,
-    /// The provider accepted it but never delivered it (default: within 5 days of `sentAt`):
-    /// it is `FAILED`, and not refunded because the provider took it. Send it again.
+    /// The provider accepted it but never delivered it (by default within 5 days of `sentAt`),
+    /// so it is `FAILED`, and not refunded because the provider took it. Send it again.
     Expired,
 }
 
@@ -794,9 +794,9 @@ impl MessagingSubscription {
 
     /// Emits your sent messages as the gateway flags them: not delivered in time, not
     /// acknowledged in time, or expired. Each flag is emitted once (with `needsAttention`
-    /// set to it), from when you subscribe; messages flagged earlier are in
-    /// `messages(needsAttention: true)`. Practitioners only: only the sender sees their
-    /// messages, and never anyone of another practice.
+    /// set to it), from when you subscribe; messages flagged earlier are in `messages` with
+    /// `needsAttention` true. Practitioners only, since only the sender sees their messages
+    /// (never anyone of another practice).
     async fn message_needs_attention(
         &self,
         ctx: &Context<'_>,
