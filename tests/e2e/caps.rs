@@ -347,7 +347,7 @@ async fn auto_top_up_at_the_cap_buys_nothing_and_says_why() {
         top_up["lastFailure"]
             .as_str()
             .unwrap()
-            .contains("your practice's monthly spending cap of $22.00"),
+            .contains("refused by the practice's monthly spending cap of $22.00"),
         "{top_up}"
     );
     // Still on (a cap is not a decline), no second purchase or charge, no credits added.

@@ -1069,10 +1069,21 @@ impl CreditService {
     /// Shows a cap's refusal of auto top-up as the wallet's last failure, and audits it.
     async fn note_top_up_refused(&self, group_id: &str, user_id: &str, breach: &CapBreach) {
         let (_, period_end) = spending_period(Utc::now());
-        let message = format!(
-            "auto top-up did not buy: {}",
-            cap_refusal(breach, "this practitioner", period_end)
-        );
+        // The wallet's failure column holds 256 characters: a shorter sentence than a request's.
+        let cap = match breach.scope {
+            CapScope::Practitioner => "this practitioner's",
+            CapScope::Practice => "the practice's",
+        };
+        let message: String = format!(
+            "auto top-up refused by {cap} monthly spending cap of {}: {} spent this month, {} left until {}; an administrator can raise it with setSpendingCap",
+            dollars(breach.limit_cents),
+            dollars(breach.spent_cents),
+            dollars((breach.limit_cents - breach.spent_cents).max(0)),
+            period_end.format("%-d %B %Y"),
+        )
+        .chars()
+        .take(256)
+        .collect();
         let mut audit = AuditEntry::by_gateway(
             group_id,
             actions::PURCHASE_CREDITS,
