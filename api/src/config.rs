@@ -848,7 +848,11 @@ impl Settings {
 
     /// How often the alert worker looks for overdue messages.
     pub fn attention_check_interval(&self) -> std::time::Duration {
-        let default = if self.mode == Mode::Dev { 2_000 } else { 60_000 };
+        let default = if self.mode == Mode::Dev {
+            2_000
+        } else {
+            60_000
+        };
         std::time::Duration::from_millis(
             self.messaging
                 .attention_check_interval_ms

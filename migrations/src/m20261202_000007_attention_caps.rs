@@ -99,8 +99,16 @@ impl MigrationTrait for Migration {
             .create_table(
                 Table::create()
                     .table(SpendingCaps::Table)
-                    .col(ColumnDef::new(SpendingCaps::GroupId).string_len(128).not_null())
-                    .col(ColumnDef::new(SpendingCaps::Scope).string_len(36).not_null())
+                    .col(
+                        ColumnDef::new(SpendingCaps::GroupId)
+                            .string_len(128)
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(SpendingCaps::Scope)
+                            .string_len(36)
+                            .not_null(),
+                    )
                     .col(
                         ColumnDef::new(SpendingCaps::MonthlyLimitCents)
                             .big_integer()
@@ -112,7 +120,11 @@ impl MigrationTrait for Migration {
                             .string_len(36)
                             .not_null(),
                     )
-                    .col(ColumnDef::new(SpendingCaps::UpdatedAt).big_integer().not_null())
+                    .col(
+                        ColumnDef::new(SpendingCaps::UpdatedAt)
+                            .big_integer()
+                            .not_null(),
+                    )
                     .primary_key(
                         Index::create()
                             .col(SpendingCaps::GroupId)
@@ -154,7 +166,10 @@ impl MigrationTrait for Migration {
         for (name, table) in [
             ("ix_purchases_group_created", Purchases::Table.into_iden()),
             ("ix_purchases_user_created", Purchases::Table.into_iden()),
-            ("ix_messages_status_delivered_at", Messages::Table.into_iden()),
+            (
+                "ix_messages_status_delivered_at",
+                Messages::Table.into_iden(),
+            ),
             ("ix_messages_status_sent_at", Messages::Table.into_iden()),
         ] {
             manager

@@ -20,8 +20,7 @@ const SLOW_DELIVERY: &str = "8003619999900050";
 /// Delivered five sandbox seconds after acceptance, never acknowledged.
 const NEVER_ACKNOWLEDGES: &str = "8003619999900043";
 
-const ATTENTION: &str =
-    "subscription { messageNeedsAttention { id status refunded failureReason needsAttention { reason since } } }";
+const ATTENTION: &str = "subscription { messageNeedsAttention { id status refunded failureReason needsAttention { reason since } } }";
 
 fn key() -> String {
     uuid::Uuid::new_v4().to_string()
@@ -52,7 +51,10 @@ impl TestApp {
                 json!({"key": key()}),
             )
             .await;
-        assert_eq!(bought["data"]["purchaseCredits"]["balance"], 100, "{bought}");
+        assert_eq!(
+            bought["data"]["purchaseCredits"]["balance"], 100,
+            "{bought}"
+        );
         sender
     }
 
@@ -142,12 +144,18 @@ async fn an_undelivered_message_is_flagged_once_then_expires_failed_without_a_re
     let first = watching.next_data().await["messageNeedsAttention"].clone();
     assert_eq!(first["id"], id.as_str(), "{first}");
     assert_eq!(first["status"], "SENT", "{first}");
-    assert_eq!(first["needsAttention"]["reason"], "NOT_DELIVERED", "{first}");
+    assert_eq!(
+        first["needsAttention"]["reason"], "NOT_DELIVERED",
+        "{first}"
+    );
     // The next event is the expiry, two seconds and many worker passes (on two nodes) later:
     // NOT_DELIVERED is never announced twice.
     let second_event = watching.next_data().await["messageNeedsAttention"].clone();
     assert_eq!(second_event["id"], id.as_str(), "{second_event}");
-    assert_eq!(second_event["needsAttention"]["reason"], "EXPIRED", "{second_event}");
+    assert_eq!(
+        second_event["needsAttention"]["reason"], "EXPIRED",
+        "{second_event}"
+    );
     assert_eq!(second_event["status"], "FAILED", "{second_event}");
     assert_eq!(second_event["refunded"], false, "{second_event}");
     assert!(
@@ -185,10 +193,17 @@ async fn an_undelivered_message_is_flagged_once_then_expires_failed_without_a_re
     let admin = administrator("manager", "clinic-1");
     let audit = app.attention_audit(&admin, &id).await;
     assert_eq!(audit.len(), 2, "{audit:?}");
-    assert!(audit.iter().any(|detail| detail.starts_with("NOT_DELIVERED")));
+    assert!(
+        audit
+            .iter()
+            .any(|detail| detail.starts_with("NOT_DELIVERED"))
+    );
     assert!(audit.iter().any(|detail| detail.starts_with("EXPIRED")));
     // The provider got the message once; nothing was sent again.
-    assert_eq!(app.provider_requests("argus", "/argus/v1/messages").await, 1);
+    assert_eq!(
+        app.provider_requests("argus", "/argus/v1/messages").await,
+        1
+    );
     second.stop().await;
 }
 
@@ -205,8 +220,10 @@ async fn a_delivered_message_not_acknowledged_in_time_is_flagged_and_an_acknowle
         .await;
     let silent = app.send_to(&chen, NEVER_ACKNOWLEDGES).await;
     let normal = app.send_to(&chen, &chen.recipient).await;
-    app.wait_for_message_status(&chen.token, &silent, "SENT").await;
-    app.wait_for_message_status(&chen.token, &normal, "SENT").await;
+    app.wait_for_message_status(&chen.token, &silent, "SENT")
+        .await;
+    app.wait_for_message_status(&chen.token, &normal, "SENT")
+        .await;
     app.advance_sandbox_clock(30).await;
     app.wait_for_message_status(&chen.token, &normal, "ACKNOWLEDGED")
         .await;
@@ -227,7 +244,10 @@ async fn a_delivered_message_not_acknowledged_in_time_is_flagged_and_an_acknowle
     assert!(rest[0]["needsAttention"].is_null(), "{rest:?}");
     // Not delivered in time was never said of either (600 s deadline), and nothing refunded.
     let admin = administrator("manager", "clinic-1");
-    assert_eq!(app.attention_audit(&admin, &normal).await, Vec::<String>::new());
+    assert_eq!(
+        app.attention_audit(&admin, &normal).await,
+        Vec::<String>::new()
+    );
     let audit = app.attention_audit(&admin, &silent).await;
     assert_eq!(audit.len(), 1, "{audit:?}");
     assert!(audit[0].starts_with("NOT_ACKNOWLEDGED"), "{audit:?}");

@@ -124,9 +124,17 @@ async fn only_administrators_set_spending_caps_and_a_refused_attempt_changes_not
     }
     let caps = app.caps(&chen, None).await;
     assert!(caps["spendingCap"]["monthlyLimitCents"].is_null(), "{caps}");
-    assert!(caps["practiceSpendingCap"]["monthlyLimitCents"].is_null(), "{caps}");
+    assert!(
+        caps["practiceSpendingCap"]["monthlyLimitCents"].is_null(),
+        "{caps}"
+    );
     assert_eq!(app.count_rows("spending_caps").await, 0);
-    assert_eq!(app.audited(&admin, "SET_SPENDING_CAP", "DENIED").await.len(), 2);
+    assert_eq!(
+        app.audited(&admin, "SET_SPENDING_CAP", "DENIED")
+            .await
+            .len(),
+        2
+    );
 
     // Bad amounts are refused before anything is stored; a practitioner of another practice
     // is not found.
@@ -139,15 +147,26 @@ async fn only_administrators_set_spending_caps_and_a_refused_attempt_changes_not
     assert_eq!(app.count_rows("spending_caps").await, 0);
 
     let set = app.set_cap(&admin, Some("dr-chen"), Some(5_000)).await;
-    assert_eq!(set["data"]["setSpendingCap"]["scope"], "PRACTITIONER", "{set}");
-    assert_eq!(set["data"]["setSpendingCap"]["remainingCents"], 5_000, "{set}");
+    assert_eq!(
+        set["data"]["setSpendingCap"]["scope"], "PRACTITIONER",
+        "{set}"
+    );
+    assert_eq!(
+        set["data"]["setSpendingCap"]["remainingCents"], 5_000,
+        "{set}"
+    );
     let removed = app.set_cap(&admin, Some("dr-chen"), None).await;
     assert!(
         removed["data"]["setSpendingCap"]["monthlyLimitCents"].is_null(),
         "{removed}"
     );
     assert_eq!(app.count_rows("spending_caps").await, 0);
-    assert_eq!(app.audited(&admin, "SET_SPENDING_CAP", "SUCCESS").await.len(), 2);
+    assert_eq!(
+        app.audited(&admin, "SET_SPENDING_CAP", "SUCCESS")
+            .await
+            .len(),
+        2
+    );
 }
 
 #[tokio::test]
@@ -165,7 +184,11 @@ async fn a_purchase_past_a_practitioners_cap_is_refused_charges_nothing_and_keep
     }
     let retried_key = key();
     let refused = app.purchase(&chen, &retried_key, None).await;
-    assert_eq!(error_code(&refused), Some("SPENDING_LIMIT_REACHED"), "{refused}");
+    assert_eq!(
+        error_code(&refused),
+        Some("SPENDING_LIMIT_REACHED"),
+        "{refused}"
+    );
     let message = refused["errors"][0]["message"].as_str().unwrap();
     for part in [
         "$22.00",
@@ -226,8 +249,16 @@ async fn thirty_parallel_purchases_over_http_never_pass_the_practices_cap() {
         5 * PACK_100_CENTS,
         "{caps}"
     );
-    assert_eq!(caps["practiceSpendingCap"]["remainingCents"], PACK_100_CENTS / 2);
-    assert_eq!(app.audited(&admin, "PURCHASE_CREDITS", "DENIED").await.len(), 25);
+    assert_eq!(
+        caps["practiceSpendingCap"]["remainingCents"],
+        PACK_100_CENTS / 2
+    );
+    assert_eq!(
+        app.audited(&admin, "PURCHASE_CREDITS", "DENIED")
+            .await
+            .len(),
+        25
+    );
 }
 
 #[tokio::test]
@@ -237,7 +268,8 @@ async fn parallel_purchases_over_websockets_never_pass_a_practitioners_cap() {
     let chen = practitioner("dr-chen", "clinic-1");
     app.provision(&chen).await;
     app.approve_card(&chen).await;
-    app.set_cap(&admin, Some("dr-chen"), Some(3 * PACK_100_CENTS)).await;
+    app.set_cap(&admin, Some("dr-chen"), Some(3 * PACK_100_CENTS))
+        .await;
 
     // Four sockets, six purchases on each, all at once.
     let mut sockets = Vec::new();
@@ -288,7 +320,11 @@ async fn buying_at_send_time_past_the_cap_is_refused_and_nothing_is_sent_stored_
     app.set_cap(&admin, Some("dr-chen"), Some(0)).await;
 
     let refused = app.send_note(&sender, &key(), true).await;
-    assert_eq!(error_code(&refused), Some("SPENDING_LIMIT_REACHED"), "{refused}");
+    assert_eq!(
+        error_code(&refused),
+        Some("SPENDING_LIMIT_REACHED"),
+        "{refused}"
+    );
     assert!(
         refused["errors"][0]["message"]
             .as_str()
@@ -299,10 +335,16 @@ async fn buying_at_send_time_past_the_cap_is_refused_and_nothing_is_sent_stored_
     assert_eq!(app.count_rows("messages").await, 0);
     assert_eq!(app.count_rows("purchases").await, 0);
     assert_eq!(app.charges_with_status("succeeded").await, 0);
-    assert_eq!(app.provider_requests("argus", "/argus/v1/messages").await, 0);
+    assert_eq!(
+        app.provider_requests("argus", "/argus/v1/messages").await,
+        0
+    );
     let denied = app.audited(&admin, "PURCHASE_CREDITS", "DENIED").await;
     assert_eq!(denied.len(), 1, "{denied:?}");
-    assert!(denied[0].starts_with("SPENDING_LIMIT_REACHED: BUY_AT_SEND"), "{denied:?}");
+    assert!(
+        denied[0].starts_with("SPENDING_LIMIT_REACHED: BUY_AT_SEND"),
+        "{denied:?}"
+    );
 }
 
 #[tokio::test]
@@ -323,11 +365,17 @@ async fn auto_top_up_at_the_cap_buys_nothing_and_says_why() {
             json!({}),
         )
         .await;
-    assert_eq!(auto["data"]["setAutoTopUp"]["autoTopUp"]["enabled"], true, "{auto}");
+    assert_eq!(
+        auto["data"]["setAutoTopUp"]["autoTopUp"]["enabled"], true,
+        "{auto}"
+    );
 
     // The send itself is paid from the balance; the top-up it would trigger is refused.
     let sent = app.send_note(&sender, &key(), false).await;
-    assert_eq!(sent["data"]["sendSecureMessage"]["creditsRemaining"], 97, "{sent}");
+    assert_eq!(
+        sent["data"]["sendSecureMessage"]["creditsRemaining"], 97,
+        "{sent}"
+    );
     let failure = eventually(Duration::from_secs(10), || async {
         let response = app
             .gql(
@@ -358,5 +406,8 @@ async fn auto_top_up_at_the_cap_buys_nothing_and_says_why() {
     assert_eq!(app.charges_with_status("succeeded").await, 1);
     let denied = app.audited(&admin, "PURCHASE_CREDITS", "DENIED").await;
     assert_eq!(denied.len(), 1, "{denied:?}");
-    assert!(denied[0].starts_with("SPENDING_LIMIT_REACHED: AUTO_TOP_UP"), "{denied:?}");
+    assert!(
+        denied[0].starts_with("SPENDING_LIMIT_REACHED: AUTO_TOP_UP"),
+        "{denied:?}"
+    );
 }

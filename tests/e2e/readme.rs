@@ -394,7 +394,13 @@ struct Walk {
 
 impl Walk {
     async fn start() -> Walk {
-        let app = spawn_app().await;
+        // The alerts walkthrough waits for a message to be late; two seconds stand in for the
+        // default hour.
+        let app = spawn_app_configured(Options::default(), |settings| {
+            settings.messaging.undelivered_alert_after_seconds = 2;
+            settings.messaging.attention_check_interval_ms = Some(200);
+        })
+        .await;
         // What dev mode does at start-up: the demo practice and its users exist.
         smd_gateway::dev::seed_demo_practice(&app.store)
             .await

@@ -634,8 +634,14 @@ impl CreditService {
             Some(key.as_str()),
             Some(method.token_ciphertext),
         );
-        self.start_and_drive(principal, &target.subject, &target.name, &key_request, purchase)
-            .await
+        self.start_and_drive(
+            principal,
+            &target.subject,
+            &target.name,
+            &key_request,
+            purchase,
+        )
+        .await
     }
 
     /// Records a purchase (checking the spending caps in the same transaction) and charges it,
@@ -717,7 +723,8 @@ impl CreditService {
         monthly_limit_cents: Option<i64>,
     ) -> Result<SpendingCapView, GatewayError> {
         if principal.role != Role::Administrator {
-            self.audit_denied(principal, actions::SET_SPENDING_CAP).await;
+            self.audit_denied(principal, actions::SET_SPENDING_CAP)
+                .await;
             return Err(GatewayError::Forbidden(
                 "only an administrator of your practice can set spending caps".into(),
             ));

@@ -163,7 +163,10 @@ impl MessagingService {
             let Some(reason) = attention_due(&policy, &message, now) else {
                 continue;
             };
-            if self.flag(&message, message.status, reason, now, &policy).await? {
+            if self
+                .flag(&message, message.status, reason, now, &policy)
+                .await?
+            {
                 flagged += 1;
             }
         }
@@ -185,7 +188,8 @@ impl MessagingService {
             tracing::error!(error = ?error, "could not record an audit event");
         }
         if let Some(owner) = &message.owner_user_id {
-            self.events.message_needs_attention(&message.group_id, owner);
+            self.events
+                .message_needs_attention(&message.group_id, owner);
         }
     }
 
@@ -214,7 +218,8 @@ impl MessagingService {
             .await?;
         if flagged {
             tracing::info!(message = %message.id, reason = reason.code(), "message needs attention");
-            self.events.message_needs_attention(&message.group_id, owner);
+            self.events
+                .message_needs_attention(&message.group_id, owner);
         }
         Ok(flagged)
     }
@@ -362,18 +367,42 @@ mod tests {
             ..AttentionMarks::default()
         };
         let rows = [
-            (message(Sent, Some(7200), None, undelivered_flagged()), Some((AttentionReason::NotDelivered, ago(60)))),
+            (
+                message(Sent, Some(7200), None, undelivered_flagged()),
+                Some((AttentionReason::NotDelivered, ago(60))),
+            ),
             // Delivered after the flag: the reason is gone until acknowledgement is late.
-            (message(Delivered, Some(7200), Some(100), undelivered_flagged()), None),
-            (message(Delivered, Some(7200), Some(100), unacknowledged_flagged()), Some((AttentionReason::NotAcknowledged, ago(60)))),
-            (message(Acknowledged, Some(7200), Some(100), unacknowledged_flagged()), None),
-            (message(Failed, Some(7200), None, expired), Some((AttentionReason::Expired, ago(10)))),
+            (
+                message(Delivered, Some(7200), Some(100), undelivered_flagged()),
+                None,
+            ),
+            (
+                message(Delivered, Some(7200), Some(100), unacknowledged_flagged()),
+                Some((AttentionReason::NotAcknowledged, ago(60))),
+            ),
+            (
+                message(
+                    Acknowledged,
+                    Some(7200),
+                    Some(100),
+                    unacknowledged_flagged(),
+                ),
+                None,
+            ),
+            (
+                message(Failed, Some(7200), None, expired),
+                Some((AttentionReason::Expired, ago(10))),
+            ),
             // FAILED for another reason (refused, undeliverable) is not an expiry alert.
-            (message(Failed, Some(7200), None, undelivered_flagged()), None),
+            (
+                message(Failed, Some(7200), None, undelivered_flagged()),
+                None,
+            ),
         ];
         for (message, expected) in rows {
             assert_eq!(
-                needs_attention(&message).map(|attention| (attention.reason, Some(attention.since))),
+                needs_attention(&message)
+                    .map(|attention| (attention.reason, Some(attention.since))),
                 expected,
                 "{:?} {:?}",
                 message.status,

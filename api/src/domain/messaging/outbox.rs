@@ -603,7 +603,8 @@ mod tests {
             attempts,
             next_attempt_at: Some(at(30)),
             created_at,
-            sent_at: (status != MessageStatus::Queued).then_some(created_at + chrono::Duration::seconds(1)),
+            sent_at: (status != MessageStatus::Queued)
+                .then_some(created_at + chrono::Duration::seconds(1)),
             delivered_at: (status == MessageStatus::Delivered).then(|| at(-5)),
             acknowledged_at: None,
             addressed_hpii: None,
