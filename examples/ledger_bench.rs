@@ -321,6 +321,8 @@ async fn debit_loop(
                 CREDITS_PER_DEBIT,
                 "SEND_DEBIT",
                 &reference,
+                // The spending-cap period start: no top-up is ever decided here.
+                chrono::Utc::now(),
                 |_| None,
             )
             .await?;

@@ -85,7 +85,7 @@ pub fn dollars(cents: i64) -> String {
     let whole = (cents / 100).to_string();
     let mut grouped = String::new();
     for (index, digit) in whole.chars().enumerate() {
-        if index > 0 && (whole.len() - index) % 3 == 0 {
+        if index > 0 && (whole.len() - index).is_multiple_of(3) {
             grouped.push(',');
         }
         grouped.push(digit);
@@ -132,7 +132,9 @@ fn cap_refusal(breach: &CapBreach, whose: &str, period_end: DateTime<Utc>) -> St
 }
 
 /// What a send's debit did about auto top-up; hand it to [`CreditService::after_commit`].
+/// (It lives for one call, so the size of the purchase in one variant does not matter.)
 #[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)]
 pub enum TopUp {
     /// Nothing to buy.
     None,
