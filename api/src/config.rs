@@ -1002,6 +1002,46 @@ mod tests {
     }
 
     #[test]
+    fn alert_deadlines_default_to_an_hour_two_days_and_five_days_and_come_from_the_environment() {
+        let settings = load(&[]).unwrap();
+        assert_eq!(settings.messaging.undelivered_alert_after_seconds, 3_600);
+        assert_eq!(
+            settings.messaging.unacknowledged_alert_after_seconds,
+            172_800
+        );
+        assert_eq!(settings.messaging.expire_after_seconds, 432_000);
+        assert_eq!(
+            settings.attention_check_interval(),
+            std::time::Duration::from_secs(2)
+        );
+        let settings = load(&[
+            ("SMD_UNDELIVERED_ALERT_AFTER_SECONDS", "20"),
+            ("SMD_UNACKNOWLEDGED_ALERT_AFTER_SECONDS", "60"),
+            ("SMD_EXPIRE_UNDELIVERED_AFTER_SECONDS", "600"),
+            ("SMD_ATTENTION_CHECK_INTERVAL_MS", "500"),
+        ])
+        .unwrap();
+        settings.validate().unwrap();
+        assert_eq!(settings.messaging.undelivered_alert_after_seconds, 20);
+        assert_eq!(settings.messaging.unacknowledged_alert_after_seconds, 60);
+        assert_eq!(settings.messaging.expire_after_seconds, 600);
+        assert_eq!(
+            settings.attention_check_interval(),
+            std::time::Duration::from_millis(500)
+        );
+        // A zero deadline would flag every message at once.
+        let error = load(&[("SMD_UNDELIVERED_ALERT_AFTER_SECONDS", "0")])
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(
+            error.0.contains("SMD_UNDELIVERED_ALERT_AFTER_SECONDS"),
+            "{error}"
+        );
+        assert!(load(&[("SMD_EXPIRE_UNDELIVERED_AFTER_SECONDS", "soon")]).is_err());
+    }
+
+    #[test]
     fn a_short_hs256_secret_is_refused() {
         let error = load(&[("SMD_JWT_HS256_SECRET", "short")])
             .unwrap()

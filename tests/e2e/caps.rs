@@ -253,6 +253,18 @@ async fn thirty_parallel_purchases_over_http_never_pass_the_practices_cap() {
         caps["practiceSpendingCap"]["remainingCents"],
         PACK_100_CENTS / 2
     );
+    let practice = app
+        .gql(
+            Some(&admin),
+            "{ practiceSpendingCap { scope monthlyLimitCents spentThisMonthCents remainingCents } }",
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        practice["data"]["practiceSpendingCap"],
+        json!({"scope": "PRACTICE", "monthlyLimitCents": cap, "spentThisMonthCents": 5 * PACK_100_CENTS, "remainingCents": PACK_100_CENTS / 2}),
+        "{practice}"
+    );
     assert_eq!(
         app.audited(&admin, "PURCHASE_CREDITS", "DENIED")
             .await

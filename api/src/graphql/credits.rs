@@ -425,6 +425,17 @@ impl CreditsQuery {
         Ok(Credits(view))
     }
 
+    /// The practice's monthly spending cap (all practitioners together) and what is left of
+    /// it this month; anyone of the practice may see it.
+    async fn practice_spending_cap(&self, ctx: &Context<'_>) -> Result<SpendingCap, ApiError> {
+        let principal = principal(ctx)?;
+        let (_, practice) = services(ctx)
+            .credits
+            .spending_caps(&principal.group_id, &principal.user_id)
+            .await?;
+        Ok(practice.into())
+    }
+
     /// The practice's practitioners (balances for administrators, and your own).
     async fn practitioners(&self, ctx: &Context<'_>) -> Result<Vec<Practitioner>, ApiError> {
         let principal = principal(ctx)?;
