@@ -14,6 +14,7 @@
 //! (pushed delivery receipts). This file holds what they share: settings, the service, reading
 //! messages and the caller's HPI-I.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -61,8 +62,11 @@ pub mod actions {
     pub const ASSIGN_MESSAGE: &str = "ASSIGN_MESSAGE";
 }
 
-/// How many due messages one outbox pass takes on.
-pub const OUTBOX_BATCH: usize = 50;
+/// How many due messages one outbox pass claims (in one transaction) and records (in another).
+pub const OUTBOX_BATCH: usize = 256;
+
+/// How many provider calls one outbox pass has in flight at once.
+pub const OUTBOX_CONCURRENCY: usize = 32;
 
 /// How long a practice's directory pages are reused (aliases, paging, repeated sends to one
 /// recipient). Directories change over days; a minute keeps them fresh enough.
@@ -107,6 +111,8 @@ pub struct MessagingService {
     integrations: IntegrationService,
     settings: MessagingSettings,
     directory: DirectoryCache,
+    /// Wakes this node's outbox when a send commits, so a message does not wait for its tick.
+    outbox_wake: Arc<tokio::sync::Notify>,
 }
 
 fn practitioner_only(principal: &Principal, what: &str) -> Result<(), GatewayError> {
@@ -136,7 +142,14 @@ impl MessagingService {
             integrations,
             settings,
             directory: DirectoryCache::new(DIRECTORY_CACHE_TTL),
+            outbox_wake: Arc::new(tokio::sync::Notify::new()),
         }
+    }
+
+    /// Resolves when a send on this node has queued a message since the outbox last looked
+    /// (a send made through another node is found by the outbox's tick).
+    pub async fn outbox_woken(&self) {
+        self.outbox_wake.notified().await;
     }
 
     fn open_payload(&self, row: &MessageRow) -> Result<StoredPayload, GatewayError> {
