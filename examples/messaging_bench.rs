@@ -970,7 +970,9 @@ impl Backend {
             Backend::Sqlite => {
                 let memory = Database::connect("sqlite::memory:").await?;
                 let version = server_version(&memory, "SELECT sqlite_version() AS v").await?;
-                format!("SQLite {version} (file in a temporary directory, WAL; the gateway: synchronous=NORMAL plus its group-commit WAL flush before answering; the bare mutation: synchronous=FULL)")
+                format!(
+                    "SQLite {version} (file in a temporary directory, WAL; the gateway: synchronous=NORMAL plus its group-commit WAL flush before answering; the bare mutation: synchronous=FULL)"
+                )
             }
             Backend::Postgres { admin, .. } => {
                 server_version(admin, "SELECT version() AS v").await?
@@ -1104,8 +1106,7 @@ impl BareMutation {
     }
 }
 
-type BareSchema =
-    async_graphql::Schema<BareQuery, BareMutation, async_graphql::EmptySubscription>;
+type BareSchema = async_graphql::Schema<BareQuery, BareMutation, async_graphql::EmptySubscription>;
 
 /// The bare server's one route: verify the bearer token (HS256, `exp`, `iss`, `aud`, as the
 /// gateway does), then run the operation.
@@ -1123,13 +1124,15 @@ async fn bare_graphql(
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.strip_prefix("Bearer "));
-    let Some(claims) = token
-        .and_then(|token| jsonwebtoken::decode::<BareClaims>(token, &key, &validation).ok())
+    let Some(claims) =
+        token.and_then(|token| jsonwebtoken::decode::<BareClaims>(token, &key, &validation).ok())
     else {
         return axum::http::StatusCode::UNAUTHORIZED.into_response();
     };
-    async_graphql_axum::GraphQLResponse::from(schema.execute(request.into_inner().data(claims)).await)
-        .into_response()
+    async_graphql_axum::GraphQLResponse::from(
+        schema.execute(request.into_inner().data(claims)).await,
+    )
+    .into_response()
 }
 
 /// A bare authenticated async-graphql server whose one mutation inserts one row in one
@@ -1154,13 +1157,10 @@ async fn spawn_bare_durable(
         "CREATE TABLE IF NOT EXISTS bare_sends (id TEXT PRIMARY KEY, group_id TEXT NOT NULL, user_id TEXT NOT NULL, idempotency_key TEXT NOT NULL, created_at BIGINT NOT NULL)",
     )
     .await?;
-    let schema = async_graphql::Schema::build(
-        BareQuery,
-        BareMutation,
-        async_graphql::EmptySubscription,
-    )
-    .data(db.clone())
-    .finish();
+    let schema =
+        async_graphql::Schema::build(BareQuery, BareMutation, async_graphql::EmptySubscription)
+            .data(db.clone())
+            .finish();
     let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
     validation.set_issuer(&[ISSUER]);
     validation.set_audience(&[AUDIENCE]);
@@ -1182,8 +1182,7 @@ async fn spawn_bare_durable(
     Ok((url, stop, db))
 }
 
-const BARE_MUTATION: &str =
-    "mutation($key: String!) { recordSend(idempotencyKey: $key) }";
+const BARE_MUTATION: &str = "mutation($key: String!) { recordSend(idempotencyKey: $key) }";
 
 /// Calls the bare mutation until `deadline`, one call at a time.
 async fn bare_send_loop(
@@ -1205,7 +1204,10 @@ async fn bare_send_loop(
             Ok(response) => response.json().await.ok(),
             Err(_) => None,
         };
-        match body.as_ref().and_then(|body| body["data"]["recordSend"].as_str()) {
+        match body
+            .as_ref()
+            .and_then(|body| body["data"]["recordSend"].as_str())
+        {
             Some(id) => {
                 outcome.latencies.push(started.elapsed());
                 outcome.message_ids.push(id.to_owned());
@@ -1549,8 +1551,7 @@ impl Bench {
             GatewayCell {
                 backend: backend.label(),
                 clients,
-                handed_over_per_second: handed_over as f64
-                    / gateway_phase.wall_time.as_secs_f64(),
+                handed_over_per_second: handed_over as f64 / gateway_phase.wall_time.as_secs_f64(),
                 gateway: gateway_phase,
                 bare: bare_phase,
                 sorted_delivery_latencies,

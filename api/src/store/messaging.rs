@@ -582,7 +582,10 @@ impl Store {
         let txn = self.begin_write().await?;
         let mut applied = Vec::with_capacity(updates.len());
         for (id, from_status, update) in updates {
-            applied.push(self.update_message_in(&txn, id, *from_status, update).await?);
+            applied.push(
+                self.update_message_in(&txn, id, *from_status, update)
+                    .await?,
+            );
         }
         txn.commit().await?;
         Ok(applied)

@@ -362,13 +362,14 @@ impl MessagingService {
         let mut credentials: HashMap<(String, Provider), Option<ProviderCredentials>> =
             HashMap::new();
         for message in &claimed {
-            let key = (message.group_id.clone(), message.provider);
-            if !credentials.contains_key(&key) {
-                let found = self
-                    .integrations
-                    .active_group_credentials(&message.group_id, message.provider)
-                    .await?;
-                credentials.insert(key, found);
+            if let std::collections::hash_map::Entry::Vacant(entry) =
+                credentials.entry((message.group_id.clone(), message.provider))
+            {
+                entry.insert(
+                    self.integrations
+                        .active_group_credentials(&message.group_id, message.provider)
+                        .await?,
+                );
             }
         }
         let policy = OutboxPolicy::from_settings(&self.settings);
@@ -835,17 +836,15 @@ mod tests {
             sent_at: Some(at(-seconds)),
             ..message(MessageStatus::Sent, Fresh, 1, false)
         };
-        let next_check = |message: &MessageRow| {
-            match next_step(
-                &POLICY,
-                message,
-                &Outcome::Delivery(DeliveryState::Accepted),
-                now(),
-                Jitter::NONE,
-            ) {
-                Transition::Write(update) => update.next_attempt_at,
-                other => panic!("expected a write, got {other:?}"),
-            }
+        let next_check = |message: &MessageRow| match next_step(
+            &POLICY,
+            message,
+            &Outcome::Delivery(DeliveryState::Accepted),
+            now(),
+            Jitter::NONE,
+        ) {
+            Transition::Write(update) => update.next_attempt_at,
+            other => panic!("expected a write, got {other:?}"),
         };
         // Just handed over: a second; then the wait doubles the elapsed time; never past the
         // configured interval (5 s here), however long ago it was sent.
