@@ -68,10 +68,6 @@ pub const OUTBOX_BATCH: usize = 256;
 /// How many provider calls one outbox pass has in flight at once.
 pub const OUTBOX_CONCURRENCY: usize = 32;
 
-/// How long a practice's directory pages are reused (aliases, paging, repeated sends to one
-/// recipient). Directories change over days; a minute keeps them fresh enough.
-const DIRECTORY_CACHE_TTL: Duration = Duration::from_secs(60);
-
 /// Tunables.
 #[derive(Debug, Clone)]
 pub struct MessagingSettings {
@@ -93,6 +89,10 @@ pub struct MessagingSettings {
     pub webhook_tolerance: Duration,
     /// Test-only fault point: stop after the provider accepted, before recording it.
     pub fail_after_send: bool,
+    /// How long a practice's directory pages are reused (aliases, paging, repeated sends to
+    /// one recipient; zero: not at all). Directories change over days; the default minute keeps
+    /// them fresh enough.
+    pub directory_cache_ttl: Duration,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -134,6 +134,7 @@ impl MessagingService {
         integrations: IntegrationService,
         settings: MessagingSettings,
     ) -> Self {
+        let directory_cache_ttl = settings.directory_cache_ttl;
         Self {
             store,
             providers,
@@ -141,7 +142,7 @@ impl MessagingService {
             credits,
             integrations,
             settings,
-            directory: DirectoryCache::new(DIRECTORY_CACHE_TTL),
+            directory: DirectoryCache::new(directory_cache_ttl),
             outbox_wake: Arc::new(tokio::sync::Notify::new()),
         }
     }
