@@ -228,6 +228,9 @@ impl App {
                 public_url: Some(public_url.clone()),
                 webhook_tolerance: Duration::from_secs(300),
                 fail_after_send: settings.messaging.fail_after_send,
+                directory_cache_ttl: Duration::from_secs(
+                    settings.messaging.directory_cache_seconds,
+                ),
             },
         )
         .announcing_to(events.clone());

@@ -179,6 +179,10 @@ pub struct MessagingConfig {
     /// Provider order when a send names none (e.g. `["argus", "referralnet"]`); empty: the one
     /// with the better recent delivery record.
     pub provider_preference: Vec<String>,
+    /// How long a practice reuses a provider directory page it fetched (searches and the
+    /// recipient check before each send), seconds; 0 turns the cache off. Failed lookups are
+    /// never cached.
+    pub directory_cache_seconds: u64,
 }
 
 impl Default for MessagingConfig {
@@ -194,6 +198,7 @@ impl Default for MessagingConfig {
             attention_check_interval_ms: None,
             fail_after_send: false,
             provider_preference: Vec::new(),
+            directory_cache_seconds: 60,
         }
     }
 }
@@ -490,6 +495,10 @@ impl Settings {
             self.providers.timeout_ms = parse_number("SMD_PROVIDER_TIMEOUT_MS", &timeout)?;
         }
         set_opt(&mut self.public_url, get("SMD_PUBLIC_URL"));
+        if let Some(seconds) = get("SMD_DIRECTORY_CACHE_SECONDS") {
+            self.messaging.directory_cache_seconds =
+                parse_number("SMD_DIRECTORY_CACHE_SECONDS", &seconds)?;
+        }
         if let Some(order) = get("SMD_PROVIDER_PREFERENCE") {
             self.messaging.provider_preference = split_list(&order).map(str::to_owned).collect();
         }

@@ -84,25 +84,36 @@ pub(crate) fn spawn_purchase_recovery(
 }
 
 /// Starts the outbox: queued messages go to providers, sent ones are followed to `DELIVERED` and
-/// `ACKNOWLEDGED`. It has its own task so that a slow inbox never holds up sending.
+/// `ACKNOWLEDGED`. It has its own task so that a slow inbox never holds up sending. It wakes on
+/// its tick (to find work made by other nodes and delivery checks falling due) and at once when
+/// a send on this node commits; while passes come back full it keeps going.
 pub(crate) fn spawn_outbox(
     service: MessagingService,
     poll_interval: Duration,
-    shutdown: watch::Receiver<bool>,
+    mut shutdown: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
     let tick = (poll_interval / 2).clamp(Duration::from_millis(50), Duration::from_secs(2));
-    spawn_periodic("outbox", tick, shutdown, move || {
-        let service = service.clone();
-        async move {
-            // While passes come back full there is a backlog: keep going instead of sleeping a
-            // tick between batches (bounded, so a shutdown is noticed between rounds).
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(tick) => {}
+                () = service.outbox_woken() => {}
+                _ = shutdown.changed() => break,
+            }
+            if *shutdown.borrow() {
+                break;
+            }
+            // Bounded, so a shutdown is noticed between rounds even under a steady backlog.
             for _ in 0..20 {
-                let worked = service.process_outbox(Utc::now()).await?;
-                if worked < crate::domain::messaging::OUTBOX_BATCH {
-                    break;
+                match service.process_outbox(Utc::now()).await {
+                    Ok(worked) if worked < crate::domain::messaging::OUTBOX_BATCH => break,
+                    Ok(_) => {}
+                    Err(error) => {
+                        tracing::error!(worker = "outbox", error = ?error, "background pass failed; retrying next tick");
+                        break;
+                    }
                 }
             }
-            Ok(())
         }
     })
 }

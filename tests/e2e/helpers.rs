@@ -412,7 +412,6 @@ impl TestApp {
             .await;
     }
 
-    /// Counts rows in a table (to prove nothing was stored).
     /// The requests a sandbox provider (`argus`, `referralnet`, `payments`) received whose
     /// path is `path`.
     pub async fn provider_requests(&self, provider: &str, path: &str) -> usize {
@@ -434,6 +433,7 @@ impl TestApp {
             .count()
     }
 
+    /// Counts rows in a table (to prove nothing was stored).
     pub async fn count_rows(&self, table: &str) -> i64 {
         self.store.count_rows_for_tests(table).await
     }

@@ -1152,3 +1152,59 @@ async fn a_hanging_inbox_does_not_hold_up_sending() {
     .await;
     assert_eq!(app.sandbox_messages().await.len(), 1);
 }
+
+#[tokio::test]
+async fn referralnet_is_logged_into_once_per_session_however_many_sends_checks_and_searches() {
+    const SESSIONS: &str = "/referralnet/api/sessions";
+    const DISPATCH: &str = "/referralnet/api/dispatch";
+    let app = spawn_app().await;
+    let Practice { chen, note_id } = app.practice("clinic-1").await;
+    // Linking checks the account with a fresh login each time (a password change must show).
+    let after_linking = app.provider_requests("referralnet", SESSIONS).await;
+    let recipient = app.recipient_on(&chen, &["REFERRALNET"]).await;
+
+    let mut ids = Vec::new();
+    for _ in 0..6 {
+        let sent = app
+            .send(
+                &chen,
+                &note_id,
+                &["history"],
+                &recipient,
+                Some("REFERRALNET"),
+                &key(),
+            )
+            .await;
+        ids.push(
+            sent["data"]["sendSecureMessage"]["message"]["id"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{sent}"))
+                .to_owned(),
+        );
+        app.search(&chen, "smith").await;
+    }
+    for id in &ids {
+        eventually(Duration::from_secs(15), || async {
+            (app.message_status(&chen, id).await != "QUEUED").then_some(())
+        })
+        .await;
+    }
+
+    // Six hand-overs, delivery checks, searches and the inbox poller's visits, all on the
+    // session that linking started: no login per call (the sandbox's sessions last 15 minutes;
+    // the gateway reuses one for 10).
+    assert_eq!(
+        app.provider_requests("referralnet", DISPATCH).await,
+        6,
+        "each message handed over once"
+    );
+    assert_eq!(
+        app.provider_requests("referralnet", SESSIONS).await,
+        after_linking,
+        "no login after linking: every later call reused the session"
+    );
+    assert!(
+        after_linking <= 2,
+        "linking logged in {after_linking} times (its fresh account check, and at most one session)"
+    );
+}

@@ -24,7 +24,9 @@ pub struct AuditRow {
 impl Store {
     /// Appends an audit event on its own (for outcomes that changed nothing else).
     pub async fn insert_audit(&self, entry: &AuditEntry) -> Result<(), StoreError> {
-        self.insert_audit_in(self.connection(), entry).await
+        self.insert_audit_in(self.connection(), entry).await?;
+        self.flushed().await?;
+        Ok(())
     }
 
     /// Appends an audit event inside the caller's transaction.

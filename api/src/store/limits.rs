@@ -124,6 +124,7 @@ impl Store {
             .filter(attempt_slots::Column::Id.is_in(slots.iter().map(String::as_str)))
             .exec(self.connection())
             .await?;
+        self.flushed().await?;
         Ok(())
     }
 }

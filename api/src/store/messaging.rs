@@ -536,6 +536,94 @@ impl Store {
             .collect()
     }
 
+    /// Claims up to `limit` due outbound messages for this node until `lease_until`, counting
+    /// an attempt on each, in one write transaction: one commit for the whole batch. On
+    /// PostgreSQL the rows are read `FOR UPDATE SKIP LOCKED`, so nodes claiming at the same
+    /// moment take different messages instead of queueing on each other; on SQLite the
+    /// transaction holds the write lock from its first statement. The rows come back as
+    /// claimed (attempt counted, lease set).
+    pub async fn claim_due_messages(
+        &self,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: u64,
+    ) -> Result<Vec<MessageRow>, StoreError> {
+        use sea_orm::sea_query::{LockBehavior, LockType};
+        let due_statuses = [
+            MessageStatus::Queued,
+            MessageStatus::Sent,
+            MessageStatus::Delivered,
+        ]
+        .map(MessageStatus::code);
+        let txn = self.begin_write().await?;
+        let due: Vec<messages::Model> = messages::Entity::find()
+            .filter(messages::Column::Direction.eq(Direction::Outbound.code()))
+            .filter(messages::Column::Status.is_in(due_statuses))
+            .filter(messages::Column::NextAttemptAt.lte(to_millis(now)))
+            .order_by_asc(messages::Column::NextAttemptAt)
+            .limit(limit)
+            .lock_with_behavior(LockType::Update, LockBehavior::SkipLocked)
+            .all(&txn)
+            .await?;
+        if due.is_empty() {
+            txn.rollback().await?;
+            return Ok(Vec::new());
+        }
+        let ids: Vec<String> = due.iter().map(|model| model.id.clone()).collect();
+        let updated = messages::Entity::update_many()
+            .col_expr(
+                messages::Column::NextAttemptAt,
+                Expr::value(to_millis(lease_until)),
+            )
+            .col_expr(
+                messages::Column::Attempts,
+                Expr::col(messages::Column::Attempts).add(1),
+            )
+            .filter(messages::Column::Id.is_in(ids))
+            .exec(&txn)
+            .await?
+            .rows_affected;
+        if updated != due.len() as u64 {
+            // The rows were read and locked in this transaction; anything else is a bug.
+            txn.rollback().await?;
+            return Err(StoreError::Corrupt {
+                table: "messages",
+                problem: format!("claimed {} due messages but updated {updated}", due.len()),
+            });
+        }
+        txn.commit().await?;
+        due.into_iter()
+            .map(|model| {
+                message_from_model(model).map(|row| MessageRow {
+                    attempts: row.attempts + 1,
+                    next_attempt_at: Some(lease_until),
+                    ..row
+                })
+            })
+            .collect()
+    }
+
+    /// Applies many delivery updates in one write transaction (one commit), each conditional
+    /// on the status its message was claimed in. Returns, in order, whether each applied.
+    pub async fn update_messages(
+        &self,
+        updates: &[(MessageId, MessageStatus, MessageUpdate)],
+    ) -> Result<Vec<bool>, StoreError> {
+        if updates.is_empty() {
+            return Ok(Vec::new());
+        }
+        let txn = self.begin_write().await?;
+        let mut applied = Vec::with_capacity(updates.len());
+        for (id, from_status, update) in updates {
+            applied.push(
+                self.update_message_in(&txn, id, *from_status, update)
+                    .await?,
+            );
+        }
+        txn.commit().await?;
+        Ok(applied)
+    }
+
     /// Claims a due message for this node until `lease_until` (compare-and-set on
     /// `next_attempt_at`), counting the attempt. Only one node's claim can succeed.
     pub async fn claim_message(

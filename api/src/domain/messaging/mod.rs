@@ -14,6 +14,7 @@
 //! (pushed delivery receipts). This file holds what they share: settings, the service, reading
 //! messages and the caller's HPI-I.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -66,12 +67,11 @@ pub mod actions {
     pub const MESSAGE_NEEDS_ATTENTION: &str = "MESSAGE_NEEDS_ATTENTION";
 }
 
-/// How many due messages one outbox pass takes on.
-pub const OUTBOX_BATCH: usize = 50;
+/// How many due messages one outbox pass claims (in one transaction) and records (in another).
+pub const OUTBOX_BATCH: usize = 256;
 
-/// How long a practice's directory pages are reused (aliases, paging, repeated sends to one
-/// recipient). Directories change over days; a minute keeps them fresh enough.
-const DIRECTORY_CACHE_TTL: Duration = Duration::from_secs(60);
+/// How many provider calls one outbox pass has in flight at once.
+pub const OUTBOX_CONCURRENCY: usize = 32;
 
 /// Tunables.
 #[derive(Debug, Clone)]
@@ -101,6 +101,10 @@ pub struct MessagingSettings {
     pub webhook_tolerance: Duration,
     /// Test-only fault point: stop after the provider accepted, before recording it.
     pub fail_after_send: bool,
+    /// How long a practice's directory pages are reused (aliases, paging, repeated sends to
+    /// one recipient; zero: not at all). Directories change over days; the default minute keeps
+    /// them fresh enough.
+    pub directory_cache_ttl: Duration,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -120,6 +124,8 @@ pub struct MessagingService {
     settings: MessagingSettings,
     directory: DirectoryCache,
     events: EventBus,
+    /// Wakes this node's outbox when a send commits, so a message does not wait for its tick.
+    outbox_wake: Arc<tokio::sync::Notify>,
 }
 
 fn practitioner_only(principal: &Principal, what: &str) -> Result<(), GatewayError> {
@@ -141,6 +147,7 @@ impl MessagingService {
         integrations: IntegrationService,
         settings: MessagingSettings,
     ) -> Self {
+        let directory_cache_ttl = settings.directory_cache_ttl;
         Self {
             store,
             providers,
@@ -148,14 +155,21 @@ impl MessagingService {
             credits,
             integrations,
             settings,
-            directory: DirectoryCache::new(DIRECTORY_CACHE_TTL),
+            directory: DirectoryCache::new(directory_cache_ttl),
             events: EventBus::new(),
+            outbox_wake: Arc::new(tokio::sync::Notify::new()),
         }
     }
 
     /// Announces flagged and expired messages on `events` (subscriptions listen there).
     pub fn announcing_to(self, events: EventBus) -> Self {
         Self { events, ..self }
+    }
+
+    /// Resolves when a send on this node has queued a message since the outbox last looked
+    /// (a send made through another node is found by the outbox's tick).
+    pub async fn outbox_woken(&self) {
+        self.outbox_wake.notified().await;
     }
 
     fn open_payload(&self, row: &MessageRow) -> Result<StoredPayload, GatewayError> {

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use super::{MessagingService, MessagingSettings, OUTBOX_BATCH, actions};
+use super::{MessagingService, MessagingSettings, OUTBOX_BATCH, OUTBOX_CONCURRENCY, actions};
 use crate::domain::audit::{AuditEntry, AuditOutcome};
 use crate::domain::types::MessageStatus;
 use crate::domain::{GatewayError, later, safe_word};
@@ -142,6 +142,26 @@ fn backoff(
     (base + base.mul_f64(jitter.0)).max(retry_after.unwrap_or_default().min(policy.retry_max))
 }
 
+/// The first delivery check after a hand-over: most deliveries take seconds, so the first look
+/// is soon (or at `status_poll_interval`, if that is sooner).
+const FIRST_STATUS_CHECK: Duration = Duration::from_secs(1);
+
+/// When to ask again where a sent message is. Backed-off polling: the wait grows with the time
+/// since the message was handed over (so checks come at about 1, 2, 4, 8 … seconds after it),
+/// from [`FIRST_STATUS_CHECK`] up to `status_poll_interval`. A provider that pushes receipts
+/// moves the message at once; these checks are then only the safety net.
+fn next_status_check(
+    policy: &OutboxPolicy,
+    message: &MessageRow,
+    now: DateTime<Utc>,
+) -> DateTime<Utc> {
+    let first = FIRST_STATUS_CHECK.min(policy.status_poll_interval);
+    let since_sent = (now - message.sent_at.unwrap_or(message.created_at))
+        .to_std()
+        .unwrap_or_default();
+    later(now, since_sent.clamp(first, policy.status_poll_interval))
+}
+
 /// Which provider call a due message needs.
 pub(crate) fn next_call(policy: &OutboxPolicy, message: &MessageRow, now: DateTime<Utc>) -> Call {
     match message.status {
@@ -227,7 +247,10 @@ pub(crate) fn next_step(
                 status: Some(MessageStatus::Sent),
                 provider_reference: Some(reference.clone()),
                 sent_at: Some(now),
-                next_attempt_at: Some(Some(later(now, policy.status_poll_interval))),
+                next_attempt_at: Some(Some(later(
+                    now,
+                    FIRST_STATUS_CHECK.min(policy.status_poll_interval),
+                ))),
                 ..MessageUpdate::default()
             })
         }
@@ -277,7 +300,7 @@ pub(crate) fn next_step(
         // the decision): look again at the next poll.
         (MessageStatus::Sent | MessageStatus::Delivered, Outcome::NotAsked) => {
             Transition::Write(MessageUpdate {
-                next_attempt_at: Some(Some(later(now, policy.status_poll_interval))),
+                next_attempt_at: Some(Some(next_status_check(policy, message, now))),
                 ..MessageUpdate::default()
             })
         }
@@ -313,7 +336,7 @@ fn delivery_update(
     state: &DeliveryState,
     now: DateTime<Utc>,
 ) -> MessageUpdate {
-    let poll_again = Some(Some(later(now, policy.status_poll_interval)));
+    let poll_again = Some(Some(next_status_check(policy, message, now)));
     match state {
         DeliveryState::Accepted => MessageUpdate {
             next_attempt_at: poll_again,
@@ -354,102 +377,151 @@ fn delivery_update(
 }
 
 impl MessagingService {
-    /// One pass of the outbox: sends queued messages and tracks sent ones. Returns how many
-    /// messages it worked on.
+    /// One pass of the outbox: claims up to [`OUTBOX_BATCH`] due messages in one transaction,
+    /// asks their providers concurrently (up to [`OUTBOX_CONCURRENCY`] calls at once), then
+    /// records every plain outcome in one transaction; failures that refund take their own
+    /// transaction each (message and ledger together). Returns how many messages it claimed.
     pub async fn process_outbox(&self, now: DateTime<Utc>) -> Result<usize, GatewayError> {
+        use std::collections::HashMap;
+
         use futures::StreamExt;
-        let due = self.store.due_messages(now, OUTBOX_BATCH as u64).await?;
-        let results: Vec<Result<bool, GatewayError>> = futures::stream::iter(due)
-            .map(|message| async move {
-                // Timed from the claim itself: a late claim in a long pass must not start
-                // with a lease that has already run out.
-                let lease_until = later(Utc::now(), self.settings.outbox_lease);
-                if !self.store.claim_message(&message, lease_until).await? {
-                    return Ok(false);
-                }
-                let message = MessageRow {
-                    next_attempt_at: Some(lease_until),
-                    attempts: message.attempts + 1,
-                    ..message
-                };
-                self.work_on(&message, now).await?;
-                Ok(true)
-            })
-            .buffer_unordered(8)
-            .collect()
-            .await;
-        let mut worked = 0;
-        for result in results {
-            match result {
-                Ok(true) => worked += 1,
-                Ok(false) => {}
+
+        use crate::domain::types::Provider;
+        use crate::domain::types::ProviderCredentials;
+
+        let lease_until = later(Utc::now(), self.settings.outbox_lease);
+        let claimed = self
+            .store
+            .claim_due_messages(now, lease_until, OUTBOX_BATCH as u64)
+            .await?;
+        if claimed.is_empty() {
+            return Ok(0);
+        }
+        // Each practice's credentials once per pass, not once per message.
+        let mut credentials: HashMap<(String, Provider), Option<ProviderCredentials>> =
+            HashMap::new();
+        for message in &claimed {
+            if let std::collections::hash_map::Entry::Vacant(entry) =
+                credentials.entry((message.group_id.clone(), message.provider))
+            {
+                entry.insert(
+                    self.integrations
+                        .active_group_credentials(&message.group_id, message.provider)
+                        .await?,
+                );
+            }
+        }
+        let policy = OutboxPolicy::from_settings(&self.settings);
+        let credentials = &credentials;
+        let asked: Vec<(MessageRow, Result<Outcome, GatewayError>)> =
+            futures::stream::iter(claimed)
+                .map(|message| async move {
+                    let found = credentials
+                        .get(&(message.group_id.clone(), message.provider))
+                        .and_then(Option::as_ref);
+                    let outcome = self.ask(&policy, &message, found, now).await;
+                    (message, outcome)
+                })
+                .buffer_unordered(OUTBOX_CONCURRENCY)
+                .collect()
+                .await;
+        let worked = asked.len();
+        let mut writes = Vec::with_capacity(worked);
+        // The message behind each write that expires it, to announce once it applied.
+        let mut expiring = Vec::with_capacity(worked);
+        let mut refunds = Vec::new();
+        for (message, outcome) in asked {
+            let outcome = match outcome {
+                Ok(outcome) => outcome,
                 Err(error) => {
-                    tracing::error!(error = ?error, "outbox step failed; it will be retried")
+                    // Nothing is written: the lease runs out and the message is looked at again.
+                    tracing::error!(message = %message.id, error = ?error, "outbox step failed; it will be retried");
+                    continue;
                 }
+            };
+            if let (MessageStatus::Sent, Outcome::Delivery(DeliveryState::Failed(reason))) =
+                (message.status, &outcome)
+            {
+                tracing::info!(message = %message.id, provider = %message.provider, reason = %reason, "provider reports the message undeliverable");
+            }
+            match next_step(&policy, &message, &outcome, now, Jitter::random()) {
+                Transition::Write(update) => {
+                    expiring.push(update.expired_at.is_some().then(|| message.clone()));
+                    writes.push((message.id, message.status, update));
+                }
+                Transition::FailAndRefund { reason } => refunds.push((message, reason)),
+                Transition::Nothing => {}
+            }
+        }
+        let applied = self.store.update_messages(&writes).await?;
+        for (message, applied) in expiring.into_iter().zip(applied) {
+            if let (Some(message), true) = (message, applied) {
+                self.announce_expiry(&message).await;
+            }
+        }
+        for (message, reason) in refunds {
+            if let Err(error) = self.fail_and_refund(&message, &reason).await {
+                tracing::error!(message = %message.id, error = ?error, "failing and refunding a message failed; it will be retried");
             }
         }
         Ok(worked)
     }
 
-    /// Works on one claimed message: asks the provider what [`next_call`] says, then applies
-    /// what [`next_step`] decides.
-    async fn work_on(&self, message: &MessageRow, now: DateTime<Utc>) -> Result<(), GatewayError> {
-        let policy = OutboxPolicy::from_settings(&self.settings);
+    /// Asks the provider what [`next_call`] says a claimed message needs.
+    async fn ask(
+        &self,
+        policy: &OutboxPolicy,
+        message: &MessageRow,
+        credentials: Option<&crate::domain::types::ProviderCredentials>,
+        now: DateTime<Utc>,
+    ) -> Result<Outcome, GatewayError> {
         let provider = message.provider;
-        let outcome = match self
-            .integrations
-            .active_group_credentials(&message.group_id, provider)
-            .await?
-        {
-            None => Outcome::NotConnected,
-            Some(credentials) => {
-                let adapter = self.providers.get(provider);
-                match next_call(&policy, message, now) {
-                    Call::Send => {
-                        let payload = self.open_payload(message)?;
-                        let sent = adapter
-                            .send(
-                                &credentials,
-                                &OutboundMessage {
-                                    client_message_id: message.id.as_str(),
-                                    recipient_hpii: &message.counterpart_hpii,
-                                    payload: &payload.hl7,
-                                },
-                            )
-                            .await;
-                        match sent {
-                            Ok(_) if self.settings.fail_after_send => {
-                                return Err(GatewayError::internal(anyhow::anyhow!(
-                                    "test fault point: stopped after the provider accepted"
-                                )));
-                            }
-                            Ok(reference) => Outcome::Accepted { reference },
-                            Err(error) => {
-                                tracing::warn!(message = %message.id, %provider, error = %error, "send failed");
-                                Outcome::SendFailed(error)
-                            }
-                        }
+        let Some(credentials) = credentials else {
+            return Ok(Outcome::NotConnected);
+        };
+        let adapter = self.providers.get(provider);
+        Ok(match next_call(policy, message, now) {
+            Call::Send => {
+                let payload = self.open_payload(message)?;
+                let sent = adapter
+                    .send(
+                        credentials,
+                        &OutboundMessage {
+                            client_message_id: message.id.as_str(),
+                            recipient_hpii: &message.counterpart_hpii,
+                            payload: &payload.hl7,
+                        },
+                    )
+                    .await;
+                match sent {
+                    Ok(_) if self.settings.fail_after_send => {
+                        return Err(GatewayError::internal(anyhow::anyhow!(
+                            "test fault point: stopped after the provider accepted"
+                        )));
                     }
-                    Call::CheckDelivery => {
-                        let Some(reference) = message.provider_reference.as_deref() else {
-                            return Err(GatewayError::internal(anyhow::anyhow!(
-                                "sent message without a provider reference"
-                            )));
-                        };
-                        match adapter.delivery_state(&credentials, reference).await {
-                            Ok(state) => Outcome::Delivery(state),
-                            Err(error) => {
-                                tracing::warn!(message = %message.id, error = %error, "delivery status check failed; will retry");
-                                Outcome::DeliveryCheckFailed
-                            }
-                        }
+                    Ok(reference) => Outcome::Accepted { reference },
+                    Err(error) => {
+                        tracing::warn!(message = %message.id, %provider, error = %error, "send failed");
+                        Outcome::SendFailed(error)
                     }
-                    Call::Nothing => Outcome::NotAsked,
                 }
             }
-        };
-        let transition = next_step(&policy, message, &outcome, now, Jitter::random());
-        self.apply(message, &outcome, transition).await
+            Call::CheckDelivery => {
+                let Some(reference) = message.provider_reference.as_deref() else {
+                    return Err(GatewayError::internal(anyhow::anyhow!(
+                        "sent message without a provider reference"
+                    )));
+                };
+                match adapter.delivery_state(credentials, reference).await {
+                    Ok(state) => Outcome::Delivery(state),
+                    Err(error) => {
+                        tracing::warn!(message = %message.id, error = %error, "delivery status check failed; will retry");
+                        Outcome::DeliveryCheckFailed
+                    }
+                }
+            }
+            Call::Nothing => Outcome::NotAsked,
+        })
     }
 
     /// Writes a transition (conditional on the status the message was read in).
@@ -710,7 +782,8 @@ mod tests {
             status: Some(Sent),
             provider_reference: Some("AR-7".into()),
             sent_at: Some(now()),
-            next_attempt_at: Some(Some(at(5))),
+            // The first delivery check comes a second after the hand-over.
+            next_attempt_at: Some(Some(at(1))),
             ..MessageUpdate::default()
         });
         let acknowledged = |delivered_at| {
@@ -832,6 +905,51 @@ mod tests {
                     label(&outcome)
                 );
             }
+        }
+    }
+
+    #[test]
+    fn delivery_checks_back_off_with_the_time_since_the_hand_over() {
+        let sent_ago = |seconds: i64| MessageRow {
+            sent_at: Some(at(-seconds)),
+            ..message(MessageStatus::Sent, Fresh, 1, false)
+        };
+        let next_check = |message: &MessageRow| match next_step(
+            &POLICY,
+            message,
+            &Outcome::Delivery(DeliveryState::Accepted),
+            now(),
+            Jitter::NONE,
+        ) {
+            Transition::Write(update) => update.next_attempt_at,
+            other => panic!("expected a write, got {other:?}"),
+        };
+        // Just handed over: a second; then the wait doubles the elapsed time; never past the
+        // configured interval (5 s here), however long ago it was sent.
+        assert_eq!(next_check(&sent_ago(0)), Some(Some(at(1))));
+        assert_eq!(next_check(&sent_ago(1)), Some(Some(at(1))));
+        assert_eq!(next_check(&sent_ago(2)), Some(Some(at(2))));
+        assert_eq!(next_check(&sent_ago(4)), Some(Some(at(4))));
+        assert_eq!(next_check(&sent_ago(3600)), Some(Some(at(5))));
+        // A message stamped sent in the future (clock skew between nodes) is checked soon.
+        assert_eq!(next_check(&sent_ago(-30)), Some(Some(at(1))));
+        // With an interval shorter than a second, every check waits that interval.
+        let fast = OutboxPolicy {
+            status_poll_interval: Duration::from_millis(20),
+            ..POLICY
+        };
+        match next_step(
+            &fast,
+            &sent_ago(600),
+            &Outcome::Delivery(DeliveryState::Accepted),
+            now(),
+            Jitter::NONE,
+        ) {
+            Transition::Write(update) => assert_eq!(
+                update.next_attempt_at,
+                Some(Some(now() + chrono::Duration::milliseconds(20)))
+            ),
+            other => panic!("expected a write, got {other:?}"),
         }
     }
 

@@ -303,6 +303,7 @@ impl MessagingService {
                     ));
                     self.store.audit_in(&txn, &audit).await?;
                     txn.commit().await?;
+                    self.outbox_wake.notify_one();
                     self.credits.after_commit(top_up);
                     return Ok(SendResult {
                         message: row,
