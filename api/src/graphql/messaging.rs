@@ -346,7 +346,7 @@ pub struct SendSecureMessageInput {
     pub top_up_if_short: Option<bool>,
     /// Send as this practitioner (their user id), who granted you a live sending delegation:
     /// their note, HPI-I and credits are used, the message is theirs, and the audit names
-    /// you both. Without a live grant: `FORBIDDEN`, nothing sent or charged.
+    /// you both. Without a live grant it is `FORBIDDEN`, and nothing is sent or charged.
     pub on_behalf_of: Option<ID>,
 }
 
@@ -397,8 +397,9 @@ pub struct SecureMessagePreview {
     pub buy_at_send_pack: Option<super::credits::CreditPack>,
     /// Whether the input asked to buy when short.
     pub top_up_if_short: bool,
-    /// The HL7 v2 referral as it would leave. Its control id (MSH-10) reads `PREVIEW` and its
-    /// time (MSH-7) is now: a send sets both afresh; every other segment is what is sent.
+    /// The HL7 v2 referral as it would leave. Its control id (MSH-10, RF1-6) reads `PREVIEW`
+    /// and its time (MSH-7, RF1-7) is now, as a send sets both afresh. Every other segment (the
+    /// PRD, PID, OBR and OBX segments) is exactly what is sent.
     pub hl7: String,
 }
 
