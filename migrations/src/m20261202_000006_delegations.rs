@@ -3,7 +3,7 @@
 //!
 //! One row per (practitioner, delegate) pair, unique: granting again renews the row (new
 //! expiry, revocation cleared) instead of piling up rows, so "is there a live grant" is a
-//! single-row read that a send locks (`FOR SHARE` on PostgreSQL; SQLite's write transaction
+//! single-row read that a send locks (`FOR UPDATE` on PostgreSQL; SQLite's write transaction
 //! already serialises it) in the transaction that debits the practitioner's wallet. A revoke
 //! updates that row, so it waits for sends holding it and every later send sees it revoked.
 //! The history of grants and revokes is in the audit trail.

@@ -141,10 +141,13 @@ impl Store {
             .map(from_model))
     }
 
-    /// A pair's delegation read inside a write transaction and held there: `FOR SHARE` on
-    /// PostgreSQL, so a concurrent revoke waits for this transaction to end (and a send that
-    /// starts after the revoke committed reads it revoked); SQLite's `BEGIN IMMEDIATE` write
-    /// lock serialises the two anyway.
+    /// A pair's delegation read inside a write transaction and held there: `FOR UPDATE` on
+    /// PostgreSQL, so a concurrent revoke waits for this transaction to end, and a send that
+    /// locks the row after the revoke committed reads it revoked. (Not `FOR SHARE`: a stream of
+    /// sends holding share locks could keep a waiting revoke out indefinitely, while exclusive
+    /// lockers queue in order; sends for one practitioner already queue on their wallet row,
+    /// so this costs no concurrency.) SQLite's `BEGIN IMMEDIATE` write lock serialises the two
+    /// anyway.
     pub async fn delegation_in(
         &self,
         txn: &Transaction,
@@ -154,7 +157,7 @@ impl Store {
         Ok(sending_delegations::Entity::find()
             .filter(sending_delegations::Column::PractitionerUserId.eq(practitioner_user_id))
             .filter(sending_delegations::Column::DelegateUserId.eq(delegate_user_id))
-            .lock_shared()
+            .lock_exclusive()
             .one(&txn.0)
             .await?
             .map(from_model))
