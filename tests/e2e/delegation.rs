@@ -846,3 +846,81 @@ async fn previewing_needs_the_same_grant_as_sending_and_says_when_credits_would_
     assert_eq!(previews[0]["onBehalfOf"], "dr-chen");
     assert_eq!(events(&trail, "PREVIEW_MESSAGE", "DENIED").len(), 0);
 }
+
+/// Collects what a test's log subscriber writes.
+#[derive(Clone, Default)]
+struct CapturedLog(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for CapturedLog {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn previews_and_delegated_sends_and_reads_write_no_clinical_content_to_the_logs() {
+    // Everything the gateway logs, at every level, while this test's runtime (one thread)
+    // runs it. The sandbox stands for the provider: its own logs are not the gateway's.
+    let captured = CapturedLog::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .json()
+        .with_ansi(false)
+        .with_env_filter(tracing_subscriber::EnvFilter::new(
+            "info,smd_gateway=trace,smd_sandbox=off",
+        ))
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let app = spawn_app().await;
+    let clinic = Clinic::open(&app, "clinic-1").await;
+    app.grant_to(&clinic.chen, "manager", None).await;
+    let preview = app
+        .gql(
+            Some(&clinic.admin),
+            PREVIEW,
+            json!({"input": clinic.preview_input(true)}),
+        )
+        .await;
+    assert!(
+        preview["data"]["previewSecureMessage"]["hl7"].is_string(),
+        "{preview}"
+    );
+    let notes = app
+        .gql(Some(&clinic.admin), NOTES, json!({"for": "dr-chen"}))
+        .await;
+    assert!(notes["errors"].is_null(), "{notes}");
+    let sent = app
+        .gql(
+            Some(&clinic.admin),
+            SEND,
+            json!({"input": clinic.input(&key(), true)}),
+        )
+        .await;
+    assert!(sent["errors"].is_null(), "{sent}");
+    eventually(Duration::from_secs(15), || async {
+        (!app.received_by_providers().await.is_empty()).then_some(())
+    })
+    .await;
+
+    let log = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        log.contains("graphql operation finished"),
+        "the capture sees the gateway's log lines"
+    );
+    for clinical in [
+        "Chest pain",
+        "Aspirin",
+        PRIVATE_TEXT,
+        "O'Brien",
+        "O\\'Brien",
+        "1961",
+    ] {
+        assert!(!log.contains(clinical), "{clinical:?} reached the log");
+    }
+}
