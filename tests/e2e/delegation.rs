@@ -861,22 +861,32 @@ impl std::io::Write for CapturedLog {
     }
 }
 
+/// Everything the gateway logs from now on, at every level, in every test of this binary.
+/// A process-wide subscriber, because a thread-scoped one misses events whose callsites other
+/// tests' threads registered first (tracing caches each callsite's interest). The sandbox
+/// stands for the provider: its own logs are not the gateway's.
+fn gateway_log() -> &'static CapturedLog {
+    static LOG: std::sync::OnceLock<CapturedLog> = std::sync::OnceLock::new();
+    LOG.get_or_init(|| {
+        let captured = CapturedLog::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_ansi(false)
+            .with_env_filter(tracing_subscriber::EnvFilter::new(
+                "info,smd_gateway=trace,smd_sandbox=off",
+            ))
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::set_global_default(subscriber)
+            .expect("no other test installs a global subscriber");
+        captured
+    })
+}
+
 #[tokio::test]
 async fn previews_and_delegated_sends_and_reads_write_no_clinical_content_to_the_logs() {
-    // Everything the gateway logs, at every level, while this test's runtime (one thread)
-    // runs it. The sandbox stands for the provider: its own logs are not the gateway's.
-    let captured = CapturedLog::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .json()
-        .with_ansi(false)
-        .with_env_filter(tracing_subscriber::EnvFilter::new(
-            "info,smd_gateway=trace,smd_sandbox=off",
-        ))
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
-
+    let captured = gateway_log();
     let app = spawn_app().await;
     let clinic = Clinic::open(&app, "clinic-1").await;
     app.grant_to(&clinic.chen, "manager", None).await;
