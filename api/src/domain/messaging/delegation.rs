@@ -349,7 +349,7 @@ impl MessagingService {
                 &audit,
             )
             .await?;
-        Ok(self.view(row, now).await?)
+        self.view(row, now).await
     }
 
     /// Revokes the calling practitioner's delegation to `delegate`. Once this returns, no send
@@ -387,7 +387,7 @@ impl MessagingService {
             .revoke_delegation(&principal.user_id, &delegate_user.id, &audit)
             .await?
             .ok_or_else(not_found)?;
-        Ok(self.view(row, Utc::now()).await?)
+        self.view(row, Utc::now()).await
     }
 
     /// What the caller granted (practitioners) and what they hold, newest first.
