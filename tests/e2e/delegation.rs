@@ -788,7 +788,8 @@ async fn a_preview_shows_exactly_what_a_send_transmits_and_charges_and_stores_no
 }
 
 #[tokio::test]
-async fn previewing_needs_the_same_grant_as_sending_and_says_when_credits_would_be_bought() {
+async fn previewing_needs_the_same_grant_as_sending_says_when_credits_would_be_bought_and_the_send_buys_them_for_the_practitioner()
+ {
     let app = spawn_app().await;
     let clinic = Clinic::open(&app, "clinic-1").await;
 
@@ -845,6 +846,32 @@ async fn previewing_needs_the_same_grant_as_sending_and_says_when_credits_would_
     assert_eq!(previews[0]["actor"], "manager");
     assert_eq!(previews[0]["onBehalfOf"], "dr-chen");
     assert_eq!(events(&trail, "PREVIEW_MESSAGE", "DENIED").len(), 0);
+
+    // The send it previewed follows Dr Chen's wallet rules: short without topUpIfShort...
+    let short = app
+        .gql(
+            Some(&clinic.admin),
+            SEND,
+            json!({"input": clinic.input(&key(), true)}),
+        )
+        .await;
+    assert_eq!(error_code(&short), Some("INSUFFICIENT_CREDITS"), "{short}");
+    assert_eq!(app.count_rows("messages").await, 0);
+    assert_eq!(app.count_rows("purchases").await, 1);
+    // ...and with it, buys the previewed pack for her and pays from it.
+    let mut topped = clinic.input(&key(), true);
+    topped["topUpIfShort"] = json!(true);
+    let bought = app
+        .gql(Some(&clinic.admin), SEND, json!({"input": topped}))
+        .await;
+    assert_eq!(
+        bought["data"]["sendSecureMessage"]["creditsRemaining"],
+        1 + 100 - 3,
+        "{bought}"
+    );
+    assert_eq!(app.own_balance(&clinic.chen).await, 98);
+    assert_eq!(app.count_rows("purchases").await, 2);
+    assert_eq!(app.count_rows("messages").await, 1);
 }
 
 /// Collects what a test's log subscriber writes.

@@ -300,7 +300,7 @@ impl MessagingService {
                         format!("practitioner:{}", acting.owner.subject),
                         AuditOutcome::Success,
                     )
-                    .with_detail(format!("listed {} notes", notes.len())),
+                    .with_detail("listed a page of their notes"),
             )
             .await;
         }
