@@ -4,6 +4,7 @@
 
 mod auth;
 mod credits;
+mod delegation;
 mod helpers;
 mod http_spec;
 mod inbox;
