@@ -357,6 +357,7 @@ async fn insert_loop(
             outcome: AuditOutcome::Success,
             detail: None,
             request_id: format!("bench-t{task}-{}", latencies.len()),
+            on_behalf_of: None,
         };
         let started = Instant::now();
         store.insert_audit(&entry).await?;

@@ -1593,6 +1593,7 @@ impl Bench {
                 outcome: AuditOutcome::Success,
                 detail: None,
                 request_id: format!("bench-probe-{inserted}"),
+                on_behalf_of: None,
             };
             async move { Ok(store.insert_audit(&entry).await?) }
         })

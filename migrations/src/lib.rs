@@ -9,6 +9,7 @@ mod m20261125_000002_credits;
 mod m20261125_000003_messaging;
 mod m20261201_000004_limits;
 mod m20261201_000005_hpii_inbox;
+mod m20261202_000006_delegations;
 mod m20261202_000007_attention_caps;
 
 /// Applies the gateway's migrations, in order.
@@ -23,6 +24,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261125_000003_messaging::Migration),
             Box::new(m20261201_000004_limits::Migration),
             Box::new(m20261201_000005_hpii_inbox::Migration),
+            Box::new(m20261202_000006_delegations::Migration),
             Box::new(m20261202_000007_attention_caps::Migration),
         ]
     }

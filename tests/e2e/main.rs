@@ -6,6 +6,7 @@ mod alerts;
 mod auth;
 mod caps;
 mod credits;
+mod delegation;
 mod helpers;
 mod http_spec;
 mod inbox;

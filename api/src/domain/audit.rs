@@ -102,6 +102,9 @@ pub struct AuditEntry {
     pub detail: Option<String>,
     /// Correlates with logs.
     pub request_id: String,
+    /// The practitioner (their `sub`) the actor acted for under a sending delegation; `None`
+    /// when the actor acted in their own name.
+    pub on_behalf_of: Option<String>,
 }
 
 impl AuditEntry {
@@ -116,6 +119,7 @@ impl AuditEntry {
             outcome,
             detail: None,
             request_id: principal.request_id.clone(),
+            on_behalf_of: None,
         }
     }
 
@@ -130,7 +134,14 @@ impl AuditEntry {
             outcome,
             detail: None,
             request_id: uuid::Uuid::new_v4().to_string(),
+            on_behalf_of: None,
         }
+    }
+
+    /// Names the practitioner the actor acted for (a delegated send, preview or note read).
+    pub fn on_behalf_of(mut self, practitioner_subject: Option<&str>) -> Self {
+        self.on_behalf_of = practitioner_subject.map(str::to_owned);
+        self
     }
 
     /// Adds a short, safe explanation.

@@ -1126,6 +1126,17 @@ impl CreditService {
         self.buy_at_send(principal, reference).await
     }
 
+    /// The pack a send short of credits buys for this wallet: its auto top-up pack, or the
+    /// smallest (what `sendSecureMessage` with `topUpIfShort` buys, and what a preview shows).
+    pub fn buy_at_send_pack(&self, wallet: &WalletRow) -> CreditPack {
+        wallet
+            .top_up_pack_id
+            .as_deref()
+            .and_then(|id| self.catalogue().find(id))
+            .unwrap_or_else(|| self.catalogue().smallest())
+            .clone()
+    }
+
     /// Gives a message's credits back inside the caller's transaction.
     pub async fn refund_in(
         &self,
@@ -1193,12 +1204,7 @@ impl CreditService {
         reference: &str,
     ) -> Result<(), GatewayError> {
         let wallet = self.store.wallet(&principal.user_id).await?;
-        let pack = wallet
-            .top_up_pack_id
-            .as_deref()
-            .and_then(|id| self.catalogue().find(id))
-            .unwrap_or_else(|| self.catalogue().smallest())
-            .clone();
+        let pack = self.buy_at_send_pack(&wallet);
         // One purchase per (practitioner, send): the same send retried, or sent twice at once,
         // finds this key and does not buy again.
         let digest = {

@@ -15,6 +15,9 @@ pub struct AuditEvent {
     pub id: String,
     /// Who acted: a user's `sub`, or `gateway` for the gateway's own background work.
     pub actor: String,
+    /// The practitioner (`sub`) the actor acted for under a sending delegation (a delegated
+    /// send, preview or note read); null when the actor acted in their own name.
+    pub on_behalf_of: Option<String>,
     /// What was done, e.g. `LINK_GROUP_ACCOUNT`, `VALIDATE_LOGIN`.
     pub action: String,
     /// What it was done to, e.g. `provider:ARGUS`.
@@ -99,6 +102,7 @@ impl AuditQuery {
                 node: AuditEvent {
                     id: row.id,
                     actor: row.entry.actor_subject,
+                    on_behalf_of: row.entry.on_behalf_of,
                     action: row.entry.action,
                     target: row.entry.target,
                     outcome: row.entry.outcome.code().to_owned(),

@@ -9,7 +9,8 @@ use super::types::Provider;
 use super::{principal, services};
 use crate::domain::credits::IdempotencyKey;
 use crate::domain::messaging::{
-    Attention, ClinicalNote as DomainNote, NoteSection, SendRequest, flags_of, needs_attention,
+    Attention, ClinicalNote as DomainNote, NoteSection, PreviewRequest, SendRequest, flags_of,
+    needs_attention,
 };
 use crate::domain::types::{
     AttentionReason as DomainReason, Direction, MessageId, MessageStatus as DomainStatus,
@@ -402,6 +403,63 @@ pub struct SendSecureMessageInput {
     pub idempotency_key: String,
     /// Buy credits (your auto top-up pack, or the smallest) if you have fewer than 3.
     pub top_up_if_short: Option<bool>,
+    /// Send as this practitioner (their user id), who granted you a live sending delegation:
+    /// their note, HPI-I and credits are used, the message is theirs, and the audit names
+    /// you both. Without a live grant it is `FORBIDDEN`, and nothing is sent or charged.
+    pub on_behalf_of: Option<ID>,
+}
+
+/// What `sendSecureMessage` would be given, without its idempotency key.
+#[derive(InputObject)]
+pub struct PreviewSecureMessageInput {
+    /// The clinical note.
+    pub note_id: ID,
+    /// The sections of the note to share.
+    pub section_keys: Vec<String>,
+    /// The recipient's id from `searchPractitioners` (their HPI-I).
+    pub recipient_id: ID,
+    /// The provider to send through; omit to see which one the gateway would choose.
+    pub provider: Option<Provider>,
+    /// Whether the send would buy credits if short (shown back; the preview buys nothing).
+    pub top_up_if_short: Option<bool>,
+    /// Preview as this practitioner (their user id), under the live sending delegation they
+    /// granted you.
+    pub on_behalf_of: Option<ID>,
+}
+
+/// Exactly what a `sendSecureMessage` of the same input would transmit and cost. Nothing was
+/// sent, charged or stored (one audit row records that a preview was made).
+#[derive(SimpleObject)]
+pub struct SecureMessagePreview {
+    /// Whose message it would be (user id): you, or the practitioner named in `onBehalfOf`.
+    pub sender_id: ID,
+    /// The sender's name, as the referral carries it.
+    pub sender_name: String,
+    /// The sender's HPI-I (the referral's sending provider).
+    pub sender_hpii: String,
+    /// The recipient's HPI-I.
+    pub recipient_id: ID,
+    /// The recipient's name.
+    pub recipient_name: String,
+    /// The provider it would go through (after routing, when the input named none).
+    pub provider: Provider,
+    /// The sections that would leave the gateway, in the note's order.
+    pub sections: Vec<Section>,
+    /// What the send costs, in credits.
+    pub cost_credits: i64,
+    /// The sender's credit balance now.
+    pub balance: i64,
+    /// Whether the balance is short of the cost: the send then buys `buyAtSendPack` when
+    /// `topUpIfShort` is true, and is `INSUFFICIENT_CREDITS` otherwise.
+    pub buy_at_send_needed: bool,
+    /// The pack a short send would buy (null when the balance covers the cost).
+    pub buy_at_send_pack: Option<super::credits::CreditPack>,
+    /// Whether the input asked to buy when short.
+    pub top_up_if_short: bool,
+    /// The HL7 v2 referral as it would leave. Its control id (MSH-10, RF1-6) reads `PREVIEW`
+    /// and its time (MSH-7, RF1-7) is now, as a send sets both afresh. Every other segment (the
+    /// PRD, PID, OBR and OBX segments) is exactly what is sent.
+    pub hl7: String,
 }
 
 fn paging(first: Option<i32>, max: i32) -> Result<u64, ApiError> {
@@ -459,12 +517,21 @@ impl MessagingQuery {
         ctx: &Context<'_>,
         #[graphql(desc = "How many (1–50, default 20).")] first: Option<i32>,
         #[graphql(desc = "Continue after this cursor.")] after: Option<String>,
+        #[graphql(
+            desc = "Read this practitioner's notes (their user id), under the live sending delegation they granted you; each read is audited naming you both."
+        )]
+        on_behalf_of: Option<ID>,
     ) -> Result<ClinicalNoteConnection, ApiError> {
         let principal = principal(ctx)?;
         let first = paging(first, 50)?;
         let mut notes = services(ctx)
             .messaging
-            .notes(principal, after.as_deref(), first + 1)
+            .notes(
+                principal,
+                after.as_deref(),
+                first + 1,
+                on_behalf_of.as_ref().map(|id| id.as_str()),
+            )
             .await?;
         let has_next_page = notes.len() as u64 > first;
         notes.truncate(first as usize);
@@ -489,9 +556,70 @@ impl MessagingQuery {
         &self,
         ctx: &Context<'_>,
         #[graphql(desc = "Note id.")] id: ID,
+        #[graphql(
+            desc = "Read a note of this practitioner (their user id), under the live sending delegation they granted you; audited naming you both."
+        )]
+        on_behalf_of: Option<ID>,
     ) -> Result<ClinicalNote, ApiError> {
         let principal = principal(ctx)?;
-        Ok(services(ctx).messaging.note(principal, &id).await?.into())
+        Ok(services(ctx)
+            .messaging
+            .note(principal, &id, on_behalf_of.as_ref().map(|id| id.as_str()))
+            .await?
+            .into())
+    }
+
+    /// Exactly what `sendSecureMessage` with the same input would send — recipient, provider
+    /// after routing, the chosen sections, the cost, whether credits would be bought, and the
+    /// HL7 text — without sending, charging or storing anything but an audit row. The same
+    /// permissions as a send apply (administrators need `onBehalfOf` and a live grant).
+    async fn preview_secure_message(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(desc = "A send's input without its idempotency key.")]
+        input: PreviewSecureMessageInput,
+    ) -> Result<SecureMessagePreview, ApiError> {
+        let principal = principal(ctx)?;
+        let preview = services(ctx)
+            .messaging
+            .preview(
+                principal,
+                PreviewRequest {
+                    note_id: input.note_id.to_string(),
+                    section_keys: input.section_keys,
+                    recipient_hpii: input.recipient_id.to_string(),
+                    provider: input.provider.map(Into::into),
+                    top_up_if_short: input.top_up_if_short.unwrap_or(false),
+                    on_behalf_of: input.on_behalf_of.map(|id| id.to_string()),
+                },
+            )
+            .await?;
+        Ok(SecureMessagePreview {
+            sender_id: ID(preview.sender_subject),
+            sender_name: preview.sender_name,
+            sender_hpii: preview.sender_hpii.as_str().to_owned(),
+            recipient_id: ID(preview.recipient_hpii),
+            recipient_name: preview.recipient_name,
+            provider: preview.provider.into(),
+            sections: preview
+                .sections
+                .into_iter()
+                .map(|section| Section {
+                    key: section.key,
+                    title: section.title,
+                    body: section.body,
+                })
+                .collect(),
+            cost_credits: preview.cost_credits,
+            balance: preview.balance,
+            buy_at_send_needed: preview.buy_at_send_needed,
+            buy_at_send_pack: preview
+                .buy_at_send_pack
+                .as_ref()
+                .map(super::credits::CreditPack::from),
+            top_up_if_short: preview.top_up_if_short,
+            hl7: preview.hl7,
+        })
     }
 
     /// Searches the directories of every provider your practice is ACTIVE on and merges them
@@ -737,7 +865,8 @@ impl MessagingMutation {
     }
 
     /// Sends the chosen sections of a clinical note as a secure message (3 credits from your
-    /// own balance, in the same transaction that queues it). Practitioners only.
+    /// own balance, in the same transaction that queues it). Practitioners, or a user sending
+    /// on a practitioner's behalf (`onBehalfOf`) under the live delegation they granted.
     async fn send_secure_message(
         &self,
         ctx: &Context<'_>,
@@ -757,6 +886,7 @@ impl MessagingMutation {
                     provider: input.provider.map(Into::into),
                     idempotency_key,
                     top_up_if_short: input.top_up_if_short.unwrap_or(false),
+                    on_behalf_of: input.on_behalf_of.map(|id| id.to_string()),
                 },
             )
             .await?;

@@ -4,6 +4,7 @@
 
 mod audit;
 mod credits;
+mod delegations;
 pub mod error;
 mod integrations;
 pub mod limits;
@@ -32,6 +33,7 @@ pub struct Query(
     integrations::IntegrationQuery,
     credits::CreditsQuery,
     messaging::MessagingQuery,
+    delegations::DelegationQuery,
     audit::AuditQuery,
 );
 
@@ -41,6 +43,7 @@ pub struct Mutation(
     integrations::IntegrationMutation,
     credits::CreditsMutation,
     messaging::MessagingMutation,
+    delegations::DelegationMutation,
 );
 
 /// Live updates over WebSocket (graphql-transport-ws; send the token in `connection_init`).

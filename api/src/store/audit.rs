@@ -45,6 +45,7 @@ impl Store {
             outcome: Set(entry.outcome.code().to_owned()),
             detail: Set(entry.detail.clone()),
             request_id: Set(entry.request_id.clone()),
+            on_behalf_of_subject: Set(entry.on_behalf_of.clone()),
             created_at: Set(to_millis(Utc::now())),
         })
         .exec_without_returning(connection)
@@ -119,6 +120,7 @@ impl Store {
                         outcome,
                         detail: model.detail,
                         request_id: model.request_id,
+                        on_behalf_of: model.on_behalf_of_subject,
                     },
                 })
             })

@@ -110,6 +110,7 @@ pub mod audit_events {
         pub detail: Option<String>,
         pub request_id: String,
         pub created_at: i64,
+        pub on_behalf_of_subject: Option<String>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -380,6 +381,28 @@ pub mod attempt_slots {
         pub id: String,
         pub bucket: String,
         pub created_at: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod sending_delegations {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "sending_delegations")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: String,
+        pub group_id: String,
+        pub practitioner_user_id: String,
+        pub delegate_user_id: String,
+        pub granted_at: i64,
+        pub expires_at: Option<i64>,
+        pub revoked_at: Option<i64>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -23,6 +23,7 @@
 pub mod accounts;
 pub mod audit;
 pub mod credits;
+pub mod delegations;
 pub(crate) mod entities;
 pub mod limits;
 pub mod messaging;
@@ -304,7 +305,7 @@ impl Store {
     /// prove nothing was stored; the table name is checked against the known tables.
     #[doc(hidden)]
     pub async fn count_rows_for_tests(&self, table: &str) -> i64 {
-        const TABLES: [&str; 14] = [
+        const TABLES: [&str; 15] = [
             "groups",
             "users",
             "provider_accounts",
@@ -319,6 +320,7 @@ impl Store {
             "clinical_notes",
             "messages",
             "spending_caps",
+            "sending_delegations",
         ];
         assert!(TABLES.contains(&table), "unknown table {table}");
         let statement = sea_orm::Statement::from_string(

@@ -156,6 +156,15 @@ impl Store {
             .transpose()
     }
 
+    /// A user of a group by their `sub` (any role).
+    pub async fn user_by_subject(
+        &self,
+        group_id: &str,
+        subject: &str,
+    ) -> Result<Option<UserRow>, StoreError> {
+        self.find_user(group_id, subject).await
+    }
+
     /// The practitioner of a group with this HPI-I.
     pub async fn practitioner_by_hpii(
         &self,

@@ -9,7 +9,8 @@
 //! refuses outright is `FAILED` and its credits refunded in the same transaction.
 //!
 //! One file per workflow, all methods of [`MessagingService`]: `notes` (patients and notes),
-//! `directory` (search, reach, routing; `directory_cache` below it), `send`, `outbox` (the pure
+//! `directory` (search, reach, routing; `directory_cache` below it), `send`, `preview` (what a
+//! send would transmit), `delegation` (sending on a practitioner's behalf), `outbox` (the pure
 //! state machine and its worker), `inbox` (receiving, the unassigned inbox) and `receipts`
 //! (pushed delivery receipts). This file holds what they share: settings, the service, reading
 //! messages and the caller's HPI-I.
@@ -33,17 +34,21 @@ use crate::store::messaging::MessageRow;
 use crate::store::users::HpiiChange;
 
 mod attention;
+pub mod delegation;
 mod directory;
 mod directory_cache;
 mod inbox;
 mod notes;
 mod outbox;
+mod preview;
 mod receipts;
 mod send;
 
 pub use attention::{ATTENTION_BATCH, Attention, flags_of, needs_attention};
+pub use delegation::{Delegation, DelegationParty, DelegationStatus, Delegations};
 pub use directory::{PractitionerHit, SearchResult};
 pub use notes::{ClinicalNote, NoteSection, Patient};
+pub use preview::{PREVIEW_CONTROL_ID, Preview, PreviewRequest};
 pub use send::{SendRequest, SendResult};
 
 use directory_cache::DirectoryCache;
@@ -63,6 +68,13 @@ pub mod actions {
     /// A received message was taken from the practice's unassigned inbox (or a claim of one
     /// was refused because another claim won).
     pub const ASSIGN_MESSAGE: &str = "ASSIGN_MESSAGE";
+    /// What a send would transmit was previewed (nothing sent or charged).
+    pub const PREVIEW_MESSAGE: &str = "PREVIEW_MESSAGE";
+    /// A practitioner granted (or renewed) a delegation to send on their behalf, or a
+    /// non-practitioner's attempt to grant one was refused.
+    pub const GRANT_SENDING_DELEGATION: &str = "GRANT_SENDING_DELEGATION";
+    /// A practitioner revoked a sending delegation.
+    pub const REVOKE_SENDING_DELEGATION: &str = "REVOKE_SENDING_DELEGATION";
     /// A sent message was flagged as needing attention (detail: the reason), or expired.
     pub const MESSAGE_NEEDS_ATTENTION: &str = "MESSAGE_NEEDS_ATTENTION";
 }

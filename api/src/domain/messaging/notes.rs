@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{MessagingService, actions, practitioner_only};
 use crate::domain::GatewayError;
-use crate::domain::audit::{AuditEntry, AuditOutcome, Principal};
+use crate::domain::audit::{AuditOutcome, Principal};
 use crate::store::messaging::{NoteRow, PatientRow};
 use crate::store::new_id;
 
@@ -231,21 +231,35 @@ impl MessagingService {
         Ok(note)
     }
 
-    /// One of the practitioner's own notes (reading it is audited).
+    /// One of the practitioner's own notes (reading it is audited), or, with `on_behalf_of`,
+    /// one of the practitioner's who granted the caller a live sending delegation (audited
+    /// naming both).
     pub async fn note(
         &self,
         principal: &Principal,
         id: &str,
+        on_behalf_of: Option<&str>,
     ) -> Result<ClinicalNote, GatewayError> {
-        practitioner_only(principal, "read clinical notes")?;
+        let acting = self
+            .acting(
+                principal,
+                on_behalf_of,
+                actions::READ_NOTE,
+                "read clinical notes",
+            )
+            .await?;
         let row = self
             .store
-            .find_note(&principal.user_id, id)
+            .find_note(&acting.owner.user_id, id)
             .await?
-            .ok_or_else(|| GatewayError::NotFound(format!("you have no clinical note {id:?}")))?;
+            .ok_or_else(|| {
+                GatewayError::NotFound(match acting.on_behalf_of() {
+                    Some(owner) => format!("{owner} has no clinical note {id:?}"),
+                    None => format!("you have no clinical note {id:?}"),
+                })
+            })?;
         let note = self.open_note(&row)?;
-        self.audit(AuditEntry::by(
-            principal,
+        self.audit(acting.audit(
             actions::READ_NOTE,
             format!("note:{id}"),
             AuditOutcome::Success,
@@ -254,19 +268,42 @@ impl MessagingService {
         Ok(note)
     }
 
-    /// The practitioner's notes, newest first.
+    /// The practitioner's notes, newest first; with `on_behalf_of`, those of the practitioner
+    /// who granted the caller a live sending delegation (each such listing is audited).
     pub async fn notes(
         &self,
         principal: &Principal,
         after: Option<&str>,
         first: u64,
+        on_behalf_of: Option<&str>,
     ) -> Result<Vec<ClinicalNote>, GatewayError> {
-        practitioner_only(principal, "read clinical notes")?;
-        self.store
-            .list_notes(&principal.user_id, after, first)
+        let acting = self
+            .acting(
+                principal,
+                on_behalf_of,
+                actions::READ_NOTE,
+                "read clinical notes",
+            )
+            .await?;
+        let notes = self
+            .store
+            .list_notes(&acting.owner.user_id, after, first)
             .await?
             .iter()
             .map(|row| self.open_note(row))
-            .collect()
+            .collect::<Result<Vec<_>, _>>()?;
+        if acting.delegated() {
+            self.audit(
+                acting
+                    .audit(
+                        actions::READ_NOTE,
+                        format!("practitioner:{}", acting.owner.subject),
+                        AuditOutcome::Success,
+                    )
+                    .with_detail("listed a page of their notes"),
+            )
+            .await;
+        }
+        Ok(notes)
     }
 }
