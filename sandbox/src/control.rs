@@ -389,10 +389,12 @@ async fn load_scenario(namespace: CurrentNamespace, body: Bytes) -> Result<Respo
         .map_err(|_| ControlError::BadRequest("a scenario must be UTF-8 TOML text".to_owned()))?;
     let scenario = Scenario::parse(text, "request body")
         .map_err(|error| ControlError::BadRequest(error.to_string()))?;
-    if scenario.namespace() != namespace.name() && scenario.namespace() != "default" {
+    if let Some(named) = scenario
+        .named_namespace()
+        .filter(|named| *named != namespace.name())
+    {
         return Err(ControlError::BadRequest(format!(
-            "the scenario names namespace {:?} but was sent to {:?}: send it there, or leave namespace out",
-            scenario.namespace(),
+            "request body: the scenario names namespace {named:?} but was sent to {:?}: send it there, or leave namespace out",
             namespace.name()
         )));
     }

@@ -493,6 +493,11 @@ impl Scenario {
             .map_or(crate::namespace::DEFAULT_NAMESPACE, NamespaceName::as_str)
     }
 
+    /// The `namespace` the file names, if it names one.
+    pub(crate) fn named_namespace(&self) -> Option<&str> {
+        self.namespace.as_ref().map(NamespaceName::as_str)
+    }
+
     pub(crate) fn namespace_name(&self) -> NamespaceName {
         NamespaceName::parse(self.namespace()).expect("checked when parsed")
     }
