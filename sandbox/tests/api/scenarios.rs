@@ -160,6 +160,37 @@ async fn the_happy_path_finds_the_cardiologist_sends_and_receives_the_reply_at_t
         )))
         .await;
     assert_eq!(message["status"], "ACKNOWLEDGED", "{message}");
+
+    // The request log works in a scenario's namespace as anywhere: method, path without the
+    // query, status, time; never credentials or bodies.
+    let (_, requests) = sandbox
+        .send(sandbox.get("/_sandbox/requests?provider=argus"))
+        .await;
+    let seen: Vec<(&str, &str, u64)> = requests
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|record| {
+            (
+                record["method"].as_str().unwrap(),
+                record["path"].as_str().unwrap(),
+                record["status"].as_u64().unwrap(),
+            )
+        })
+        .take(2)
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("GET", "/argus/v1/directory", 200),
+            ("POST", "/argus/v1/messages", 202)
+        ]
+    );
+    let log = requests.to_string();
+    assert!(
+        !log.contains(ARGUS_DEMO_PASSWORD) && !log.contains("cardiology"),
+        "{log}"
+    );
 }
 
 #[tokio::test]
