@@ -190,5 +190,31 @@ mod tests {
         );
         let back: ScheduledEvent = serde_json::from_str(&text).unwrap();
         assert_eq!(username(&back), "bondi.clinic");
+
+        let answer = crate::faults::FaultAnswer::check(
+            crate::faults::FaultKind::RateLimited,
+            None,
+            Some(120),
+            None,
+        )
+        .unwrap();
+        let fault = Fault::queued(
+            crate::provider::Service::ReferralNet,
+            crate::faults::FaultRoute::Dispatch,
+            answer,
+            2,
+            &mut crate::random::NamespaceRandom::seeded(1, "default"),
+        );
+        let mut schedule = Schedule::of(vec![ScheduledEvent {
+            at: start,
+            action: ScheduledAction::Fault { fault },
+        }]);
+        schedule.record(schedule.take_due(start).unwrap(), "done".to_owned());
+        let text = serde_json::to_string(&schedule).unwrap();
+        let back: Schedule = serde_json::from_str(&text).unwrap();
+        assert_eq!(serde_json::to_string(&back).unwrap(), text);
+        assert!(text.contains(r#""kind":"fault","fault":{"id":"#), "{text}");
+        assert!(text.contains(r#""retryAfterSeconds":120"#), "{text}");
+        assert!(text.contains(r#""outcome":"done""#), "{text}");
     }
 }
