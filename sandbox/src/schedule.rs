@@ -209,7 +209,8 @@ mod tests {
             at: start,
             action: ScheduledAction::Fault { fault },
         }]);
-        schedule.record(schedule.take_due(start).unwrap(), "done".to_owned());
+        let due = schedule.take_due(start).unwrap();
+        schedule.record(due, "done".to_owned());
         let text = serde_json::to_string(&schedule).unwrap();
         let back: Schedule = serde_json::from_str(&text).unwrap();
         assert_eq!(serde_json::to_string(&back).unwrap(), text);
