@@ -160,7 +160,8 @@ pub struct SandboxOptions {
     pub save_interval: Option<Duration>,
 }
 
-/// Why a sandbox did not start. Nothing was served and no state file was written.
+/// Why a sandbox did not start. Nothing was served, and an existing state file was not
+/// touched.
 #[derive(Debug)]
 pub enum StartError {
     /// A scenario does not fit this sandbox (a directory entry that is already there, two
@@ -343,6 +344,9 @@ pub async fn spawn_with(
     let bound_address = listener
         .local_addr()
         .map_err(|source| StartError::Listen { address, source })?;
+    if let Some(path) = &options.state_file {
+        write_first_state(&sandbox, path, &fingerprint).map_err(StartError::State)?;
+    }
     let persistence = options.state_file.map(|path| {
         let write_lock = Arc::new(Mutex::new(()));
         let saver_task = tokio::spawn(run_saver(
@@ -378,6 +382,29 @@ pub async fn spawn_with(
         server_task: Some(server_task),
         persistence,
     })
+}
+
+/// Writes the state file at once when there is none yet (creating its directory), so a path
+/// that cannot be written stops the start instead of failing at the first save.
+fn write_first_state(
+    sandbox: &namespace::SandboxState,
+    path: &std::path::Path,
+    fingerprint: &state::SandboxFingerprint,
+) -> Result<(), StateError> {
+    if path.exists() {
+        return Ok(());
+    }
+    let cannot_write = |error: std::io::Error| StateError {
+        path: path.to_owned(),
+        message: format!("cannot be written: {error}"),
+    };
+    if let Some(parent) = path
+        .parent()
+        .filter(|parent| !parent.as_os_str().is_empty())
+    {
+        std::fs::create_dir_all(parent).map_err(cannot_write)?;
+    }
+    state::write_atomically(path, &state::render(sandbox, fingerprint)).map_err(cannot_write)
 }
 
 fn clone_fingerprint(fingerprint: &state::SandboxFingerprint) -> state::SandboxFingerprint {

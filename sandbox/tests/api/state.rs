@@ -229,8 +229,9 @@ async fn accounts_sessions_messages_and_charges_are_there_after_a_restart_and_no
 #[tokio::test]
 async fn changes_reach_the_file_while_the_sandbox_runs() {
     let directory = TemporaryDirectory::new();
-    let state_file = directory.join("state.json");
+    let state_file = directory.join("new-directory").join("state.json");
     let sandbox = spawn_sandbox_from(config(), options(state_file.clone())).await;
+    assert!(state_file.exists(), "the first state is written at start");
     sandbox
         .register_argus("", "early.clinic", "SANDBOX-PROMO")
         .await;
@@ -244,7 +245,7 @@ async fn changes_reach_the_file_while_the_sandbox_runs() {
         assert!(Instant::now() < deadline, "the change was never written");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let leftovers: Vec<_> = std::fs::read_dir(&directory.0)
+    let leftovers: Vec<_> = std::fs::read_dir(state_file.parent().unwrap())
         .unwrap()
         .map(|entry| entry.unwrap().file_name())
         .filter(|name| name != "state.json")
@@ -279,6 +280,21 @@ async fn a_damaged_foreign_or_mismatched_state_file_stops_the_start_and_is_left_
         assert!(refusal.to_string().contains("state.json"), "{refusal}");
         assert_eq!(std::fs::read_to_string(&state_file).unwrap(), text);
     }
+
+    // A state file that can be neither read nor written stops the start too, at once.
+    let blocked = directory.join("a-file-not-a-directory");
+    std::fs::write(&blocked, "x").unwrap();
+    let refusal = try_spawn_sandbox_from(config(), options(blocked.join("state.json")))
+        .await
+        .err()
+        .expect("an unusable path is refused");
+    assert!(matches!(refusal, StartError::State(_)), "{refusal}");
+    assert!(
+        refusal
+            .to_string()
+            .contains("a-file-not-a-directory/state.json"),
+        "{refusal}"
+    );
 
     // A good file from a sandbox with another seed does not fit this one's directory.
     std::fs::remove_file(&state_file).unwrap();
