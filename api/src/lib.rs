@@ -6,6 +6,7 @@ pub mod auth;
 pub mod config;
 pub mod crypto;
 pub mod dev;
+pub mod drain;
 pub mod domain;
 pub mod events;
 pub mod graphql;

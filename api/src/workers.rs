@@ -91,12 +91,17 @@ pub(crate) fn spawn_outbox(
     shutdown: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
     let tick = (poll_interval / 2).clamp(Duration::from_millis(50), Duration::from_secs(2));
+    let stopping = shutdown.clone();
     spawn_periodic("outbox", tick, shutdown, move || {
         let service = service.clone();
+        let stopping = stopping.clone();
         async move {
             // While passes come back full there is a backlog: keep going instead of sleeping a
-            // tick between batches (bounded, so a shutdown is noticed between rounds).
+            // tick between batches (bounded, and a stopping node claims no further batch).
             for _ in 0..20 {
+                if *stopping.borrow() {
+                    break;
+                }
                 let worked = service.process_outbox(Utc::now()).await?;
                 if worked < crate::domain::messaging::OUTBOX_BATCH {
                     break;

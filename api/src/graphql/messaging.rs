@@ -10,6 +10,7 @@ use super::{principal, services};
 use crate::domain::credits::IdempotencyKey;
 use crate::domain::messaging::{ClinicalNote as DomainNote, NoteSection, SendRequest};
 use crate::domain::types::{Direction, MessageId, MessageStatus as DomainStatus};
+use crate::events::Event;
 use crate::store::messaging::MessageRow;
 
 /// A patient of the signed-in practitioner.
@@ -731,17 +732,19 @@ impl MessagingSubscription {
 /// When the transport received the client's request to subscribe.
 pub(crate) struct SubscribedAt(pub chrono::DateTime<Utc>);
 
-/// Re-reads the subscriber's latest messages on a short tick and yields what changed. Reading
-/// the database (rather than an in-process signal) makes changes made by any gateway node
-/// visible.
+/// Waits for change notifications (see `crate::events`) and yields the subscriber's messages
+/// whose state changed. A notification names a message; the watch re-reads that one message
+/// through the caller's own scope (so another practitioner's or practice's message is never
+/// shown), and after a resync re-reads the caller's latest messages. No timer re-reads the
+/// database: an idle subscription costs nothing.
 struct MessageWatch {
+    events: crate::events::Subscriber,
     service: crate::domain::messaging::MessagingService,
     principal: crate::domain::audit::Principal,
     only: Option<String>,
     received_only: bool,
     seen: std::collections::HashMap<MessageId, DomainStatus>,
     pending: std::collections::VecDeque<MessageRow>,
-    refresh: std::time::Duration,
 }
 
 impl MessageWatch {
@@ -752,18 +755,21 @@ impl MessageWatch {
     ) -> Result<Self, ApiError> {
         let principal = principal(ctx)?.clone();
         let services = services(ctx).clone();
+        // Listening starts before the first read, so a change committed in between is heard.
+        let events = services.events.subscribe();
         let rows = services
             .messaging
             .messages(&principal, None, None, None, 100)
             .await?;
         Ok(Self {
+            events,
             service: services.messaging,
             principal,
             only,
             received_only,
             // Messages created after the client asked to subscribe are news even if they exist
             // by the time this first read runs: the subscriber sees their state on the first
-            // tick instead of losing it to the starting picture.
+            // event instead of losing it to the starting picture.
             seen: rows
                 .into_iter()
                 .filter(|row| {
@@ -773,9 +779,6 @@ impl MessageWatch {
                 .map(|row| (row.id, row.status))
                 .collect(),
             pending: std::collections::VecDeque::new(),
-            refresh: services
-                .subscription_refresh
-                .min(std::time::Duration::from_secs(1)),
         })
     }
 
@@ -794,31 +797,57 @@ impl MessageWatch {
             if let Some(row) = self.pending.pop_front() {
                 return Some(SecureMessage::from_row(row, None));
             }
-            tokio::time::sleep(self.refresh).await;
-            let direction = self.received_only.then_some(Direction::Inbound);
-            let Ok(rows) = self
-                .service
-                .messages(&self.principal, direction, None, None, 100)
-                .await
-            else {
-                continue;
+            let event = tokio::select! {
+                event = self.events.next_for(&self.principal.group_id) => event?,
+                () = super::token_expiry(&self.principal) => return None,
             };
-            for row in rows.into_iter().rev() {
-                if self
-                    .only
-                    .as_ref()
-                    .is_some_and(|only| only != row.id.as_str())
-                {
-                    continue;
+            let rows = match event {
+                Event::MessageChanged { message_id, .. } => {
+                    if self.only.as_ref().is_some_and(|only| *only != message_id) {
+                        continue;
+                    }
+                    match self.service.own_message(&self.principal, &message_id).await {
+                        Ok(row) => row.into_iter().collect(),
+                        Err(_) => continue,
+                    }
                 }
-                let changed = match self.seen.get(&row.id) {
-                    None => true,
-                    Some(status) => !self.received_only && *status != row.status,
-                };
-                if changed {
-                    self.seen.insert(row.id.clone(), row.status);
-                    self.pending.push_back(row);
+                Event::Resync => {
+                    let direction = self.received_only.then_some(Direction::Inbound);
+                    match self
+                        .service
+                        .messages(&self.principal, direction, None, None, 100)
+                        .await
+                    {
+                        Ok(rows) => rows,
+                        Err(_) => continue,
+                    }
                 }
+                Event::IntegrationChanged { .. } => continue,
+            };
+            self.consider(rows);
+        }
+    }
+
+    /// Queues, oldest first, each row that is news to the subscriber.
+    fn consider(&mut self, rows: Vec<MessageRow>) {
+        for row in rows.into_iter().rev() {
+            if self
+                .only
+                .as_ref()
+                .is_some_and(|only| only != row.id.as_str())
+            {
+                continue;
+            }
+            if self.received_only && row.direction != Direction::Inbound {
+                continue;
+            }
+            let changed = match self.seen.get(&row.id) {
+                None => true,
+                Some(status) => !self.received_only && *status != row.status,
+            };
+            if changed {
+                self.seen.insert(row.id.clone(), row.status);
+                self.pending.push_back(row);
             }
         }
     }

@@ -427,9 +427,14 @@ impl MessagingService {
         }
         match transition {
             Transition::Write(update) => {
-                self.store
+                let applied = self
+                    .store
                     .update_message(&message.id, message.status, &update)
                     .await?;
+                if applied && update.status.is_some_and(|status| status != message.status) {
+                    self.events
+                        .message_changed(&message.group_id, message.id.as_str());
+                }
                 Ok(())
             }
             Transition::FailAndRefund { reason } => self.fail_and_refund(message, &reason).await,
@@ -485,6 +490,8 @@ impl MessagingService {
         audit.actor_user_id = None;
         self.store.audit_in(&txn, &audit).await?;
         txn.commit().await?;
+        self.events
+            .message_changed(&message.group_id, message.id.as_str());
         self.credits.refund_committed(message.credits_charged);
         Ok(())
     }

@@ -302,6 +302,8 @@ impl MessagingService {
                     ));
                     self.store.audit_in(&txn, &audit).await?;
                     txn.commit().await?;
+                    self.events
+                        .message_changed(&row.group_id, row.id.as_str());
                     self.credits.after_commit(top_up);
                     return Ok(SendResult {
                         message: row,
