@@ -24,12 +24,14 @@ pub struct Migration;
 const UP: &str = r#"
 CREATE OR REPLACE FUNCTION smd_notify_message_changed() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-  IF TG_OP = 'INSERT'
-     OR NEW.status IS DISTINCT FROM OLD.status
-     OR NEW.owner_user_id IS DISTINCT FROM OLD.owner_user_id THEN
-    PERFORM pg_notify('smd_changes', json_build_object(
-      'kind', 'message_changed', 'group_id', NEW.group_id, 'message_id', NEW.id)::text);
+  IF TG_OP = 'UPDATE' THEN
+    IF NEW.status IS NOT DISTINCT FROM OLD.status
+       AND NEW.owner_user_id IS NOT DISTINCT FROM OLD.owner_user_id THEN
+      RETURN NULL;
+    END IF;
   END IF;
+  PERFORM pg_notify('smd_changes', json_build_object(
+    'kind', 'message_changed', 'group_id', NEW.group_id, 'message_id', NEW.id)::text);
   RETURN NULL;
 END
 $$;
@@ -47,10 +49,14 @@ BEGIN
   ELSE
     changed := NEW;
   END IF;
-  IF TG_TABLE_NAME = 'provider_accounts' AND TG_OP = 'UPDATE'
-     AND NEW.status IS NOT DISTINCT FROM OLD.status
-     AND NEW.username IS NOT DISTINCT FROM OLD.username THEN
-    RETURN NULL;
+  -- (Nested: PL/pgSQL may evaluate every operand, and OLD is unset on INSERT.)
+  IF TG_TABLE_NAME = 'provider_accounts' THEN
+    IF TG_OP = 'UPDATE' THEN
+      IF NEW.status IS NOT DISTINCT FROM OLD.status
+         AND NEW.username IS NOT DISTINCT FROM OLD.username THEN
+        RETURN NULL;
+      END IF;
+    END IF;
   END IF;
   PERFORM pg_notify('smd_changes', json_build_object(
     'kind', 'integration_changed', 'group_id', changed.group_id, 'provider', changed.provider)::text);
