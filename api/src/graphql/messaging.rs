@@ -761,25 +761,24 @@ impl MessageWatch {
             .messaging
             .messages(&principal, None, None, None, 100)
             .await?;
-        Ok(Self {
+        // Messages created after the client asked to subscribe are news even if they exist by
+        // the time this first read runs (their event may have gone by before listening began):
+        // the subscriber gets them first instead of losing them to the starting picture.
+        let asked = ctx.data_opt::<SubscribedAt>().map(|asked| asked.0);
+        let (news, known): (Vec<MessageRow>, Vec<MessageRow>) = rows
+            .into_iter()
+            .partition(|row| asked.is_some_and(|asked| row.created_at >= asked));
+        let mut watch = Self {
             events,
             service: services.messaging,
             principal,
             only,
             received_only,
-            // Messages created after the client asked to subscribe are news even if they exist
-            // by the time this first read runs: the subscriber sees their state on the first
-            // event instead of losing it to the starting picture.
-            seen: rows
-                .into_iter()
-                .filter(|row| {
-                    ctx.data_opt::<SubscribedAt>()
-                        .is_none_or(|asked| row.created_at < asked.0)
-                })
-                .map(|row| (row.id, row.status))
-                .collect(),
+            seen: known.into_iter().map(|row| (row.id, row.status)).collect(),
             pending: std::collections::VecDeque::new(),
-        })
+        };
+        watch.consider(news);
+        Ok(watch)
     }
 
     fn into_stream(self) -> impl futures::Stream<Item = SecureMessage> {
