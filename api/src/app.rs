@@ -149,7 +149,9 @@ impl App {
         let events_listener = store
             .listen_for_changes(events.clone(), events_shutdown_receiver)
             .await
-            .map_err(|error| anyhow::anyhow!("cannot listen for change notifications: {error:?}"))?;
+            .map_err(|error| {
+                anyhow::anyhow!("cannot listen for change notifications: {error:?}")
+            })?;
         let poll_interval = settings.approval_poll_interval();
         let payments = HttpPaymentGateway::new(
             settings.payments.base_url.as_deref().unwrap_or_default(),
@@ -535,7 +537,10 @@ impl App {
         drain.start();
         drain.close_connections();
         let workers_done = futures::future::join_all(workers.iter_mut());
-        if tokio::time::timeout(drain_timeout, workers_done).await.is_err() {
+        if tokio::time::timeout(drain_timeout, workers_done)
+            .await
+            .is_err()
+        {
             tracing::warn!("stopping: a worker pass did not finish in time; its leases expire");
             for worker in &workers {
                 worker.abort();

@@ -250,9 +250,7 @@ mod tests {
         }
         // The triggers' shape (see the migration).
         assert_eq!(
-            Event::from_payload(
-                r#"{"kind":"message_changed","group_id":"g2","message_id":"m2"}"#
-            ),
+            Event::from_payload(r#"{"kind":"message_changed","group_id":"g2","message_id":"m2"}"#),
             Event::MessageChanged {
                 group_id: "g2".into(),
                 message_id: "m2".into()

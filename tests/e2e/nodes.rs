@@ -119,9 +119,7 @@ fn postgres_only(test: &str, because: &str) -> Option<String> {
     match std::env::var("TEST_DATABASE_URL") {
         Ok(url) if !url.trim().is_empty() => Some(url.trim().to_owned()),
         _ => {
-            eprintln!(
-                "skipped {test} on SQLite: {because} (set TEST_DATABASE_URL; .ci/run does)"
-            );
+            eprintln!("skipped {test} on SQLite: {because} (set TEST_DATABASE_URL; .ci/run does)");
             None
         }
     }
@@ -335,7 +333,10 @@ async fn a_subscriber_on_one_node_sees_sends_through_another_at_once_and_every_l
             json!({"input": {"username": RN_USER, "password": RN_PASSWORD}}),
         )
         .await;
-    assert_eq!(linked["data"]["linkReferralNet"]["status"], "ACTIVE", "{linked}");
+    assert_eq!(
+        linked["data"]["linkReferralNet"]["status"], "ACTIVE",
+        "{linked}"
+    );
     let own = next_of(&mut stranger, "i").await;
     assert_eq!(own["integrationStatusChanged"]["provider"], "REFERRALNET");
     // … and got nothing of clinic-1's seven messages and their status changes.
@@ -356,18 +357,18 @@ async fn concurrent_sends_spread_over_three_nodes_are_each_delivered_once_and_ch
     // 24 sends, each sent twice at once through two different nodes (a client retrying
     // elsewhere after a load balancer timeout), all 48 requests in parallel.
     let keys: Vec<String> = (0..24).map(|_| key()).collect();
-    let clients = [
-        app.base_url.clone(),
-        b.base_url.clone(),
-        c.base_url.clone(),
-    ];
+    let clients = [app.base_url.clone(), b.base_url.clone(), c.base_url.clone()];
     let http = reqwest::Client::new();
     let requests = keys.iter().enumerate().flat_map(|(index, key)| {
         let input = send_input(&sender, key);
         [index, index + 1].map(|node| {
             let url = clients[node % 3].clone();
-            let (http, token, input, key) =
-                (http.clone(), sender.token.clone(), input.clone(), key.clone());
+            let (http, token, input, key) = (
+                http.clone(),
+                sender.token.clone(),
+                input.clone(),
+                key.clone(),
+            );
             async move {
                 let response = gql_at(&http, &url, &token, SEND_MESSAGE, input).await;
                 (key, response)
@@ -405,13 +406,15 @@ async fn concurrent_sends_spread_over_three_nodes_are_each_delivered_once_and_ch
     for url in &clients {
         assert_eq!(balance_at(url, &sender.token).await, 100 - 24 * 3);
     }
-    assert_eq!(succeeded_charges(&app).await.len(), 1, "only the first pack");
+    assert_eq!(
+        succeeded_charges(&app).await.len(),
+        1,
+        "only the first pack"
+    );
     // Once the outboxes are idle nothing more went out.
     eventually(Duration::from_secs(30), || async {
-        let rows = futures::future::join_all(
-            ids.values().map(|id| app.store.message_by_id(id)),
-        )
-        .await;
+        let rows =
+            futures::future::join_all(ids.values().map(|id| app.store.message_by_id(id))).await;
         rows.into_iter()
             .all(|row| {
                 row.ok().flatten().is_some_and(|row| {
@@ -443,13 +446,24 @@ async fn a_node_stopped_abruptly_mid_flight_leaves_its_messages_and_purchase_to_
 
     let mut victim = start_node(settings.clone()).await;
     // Every send and the charge hang at the providers, so the victim dies holding them.
-    app.inject_fault("argus", "messages", "timeout", 5, json!({"holdSeconds": 60}))
-        .await;
-    app.inject_fault("payments", "charges", "timeout", 1, json!({"holdSeconds": 60}))
-        .await;
-    let sends = (0..5).map(|_| {
-        victim.gql(&sender.token, SEND_MESSAGE, send_input(&sender, &key()))
-    });
+    app.inject_fault(
+        "argus",
+        "messages",
+        "timeout",
+        5,
+        json!({"holdSeconds": 60}),
+    )
+    .await;
+    app.inject_fault(
+        "payments",
+        "charges",
+        "timeout",
+        1,
+        json!({"holdSeconds": 60}),
+    )
+    .await;
+    let sends =
+        (0..5).map(|_| victim.gql(&sender.token, SEND_MESSAGE, send_input(&sender, &key())));
     let ids: Vec<String> = futures::future::join_all(sends)
         .await
         .iter()
@@ -556,7 +570,11 @@ async fn nodes_started_at_the_same_moment_on_an_empty_database_all_come_up_with_
             .unwrap();
         assert_eq!(ready.status(), 200);
         let me = node
-            .gql(&practitioner("dr-chen", "clinic-1"), "{ me { id } }", json!({}))
+            .gql(
+                &practitioner("dr-chen", "clinic-1"),
+                "{ me { id } }",
+                json!({}),
+            )
             .await;
         assert!(me["data"]["me"]["id"].is_string(), "{me}");
     }
@@ -717,7 +735,11 @@ async fn a_stopping_node_is_not_ready_closes_websockets_going_away_and_finishes_
     }
     // The request in flight got its answer (the provider's timeout), not a cut connection.
     let answered = in_flight.await.unwrap();
-    assert_eq!(error_code(&answered), Some("PROVIDER_UNAVAILABLE"), "{answered}");
+    assert_eq!(
+        error_code(&answered),
+        Some("PROVIDER_UNAVAILABLE"),
+        "{answered}"
+    );
     node.stopped().await.expect("a clean stop");
     assert!(
         node.client

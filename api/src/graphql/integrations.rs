@@ -10,7 +10,6 @@ use super::error::ApiError;
 use super::types::{AccountOrigin, ConnectionStatus, DisconnectScope, Provider};
 use super::{principal, services};
 use crate::domain::audit::Principal;
-use crate::events::Event;
 use crate::domain::integrations::{
     IntegrationService, IntegrationView, LoginValidation as DomainValidation,
 };
@@ -18,6 +17,7 @@ use crate::domain::types::{
     ContactEmail, PracticeName, PromoCode, Provider as DomainProvider, ProviderCredentials,
     ProviderPassword, ProviderUsername, Registration, Role as DomainRole,
 };
+use crate::events::Event;
 
 /// A provider connection: the practice's account and the caller's own link to it.
 #[derive(SimpleObject, Clone, PartialEq)]

@@ -45,7 +45,7 @@ pub enum StoreError {
 
 /// The advisory lock key migrations run under on PostgreSQL (an arbitrary constant, ASCII
 /// "smdmigr" as a number).
-const MIGRATION_LOCK_KEY: i64 = 0x736d_646d_6967_72;
+const MIGRATION_LOCK_KEY: i64 = 0x0073_6d64_6d69_6772;
 
 /// A sqlx error (from the few places that use sea-orm's sqlx pool directly) as a store error.
 fn sqlx_error(error: sea_orm::sqlx::Error) -> StoreError {

@@ -115,8 +115,7 @@ impl MessagingService {
             .update_message(&row.id, MessageStatus::Delivered, &update)
             .await?
         {
-            self.events
-                .message_changed(&row.group_id, row.id.as_str());
+            self.events.message_changed(&row.group_id, row.id.as_str());
         }
         Ok(self
             .store
@@ -225,8 +224,7 @@ impl MessagingService {
                     tracing::warn!(provider = %account.provider, error = %error, "inbox acknowledgement failed; the duplicate will be dropped next time");
                 }
                 if is_new {
-                    self.events
-                        .message_changed(&row.group_id, row.id.as_str());
+                    self.events.message_changed(&row.group_id, row.id.as_str());
                     received += 1;
                 }
             }
