@@ -22,6 +22,7 @@
 //! [`Event::published_by_database`].
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
@@ -128,7 +129,9 @@ pub trait SharedChannel: Send + Sync + std::fmt::Debug {
 /// The publish side shared by services, the database listener and subscriptions.
 #[derive(Debug, Clone)]
 pub struct EventBus {
-    local: broadcast::Sender<Event>,
+    /// Each event with its delivery number on this node.
+    local: broadcast::Sender<(u64, Event)>,
+    delivered: Arc<AtomicU64>,
     shared: Option<Arc<dyn SharedChannel>>,
 }
 
@@ -147,6 +150,7 @@ impl EventBus {
         let (local, _) = broadcast::channel(BUFFER);
         Self {
             local,
+            delivered: Arc::default(),
             shared: None,
         }
     }
@@ -157,6 +161,7 @@ impl EventBus {
         let (local, _) = broadcast::channel(BUFFER);
         Self {
             local,
+            delivered: Arc::default(),
             shared: Some(shared),
         }
     }
@@ -173,7 +178,8 @@ impl EventBus {
     /// Hands an event to this node's subscribers (the database listener calls it; so does
     /// [`EventBus::publish`] on a node alone). Having no subscribers is fine.
     pub fn deliver(&self, event: Event) {
-        let _ = self.local.send(event);
+        let number = self.delivered.fetch_add(1, Ordering::Relaxed) + 1;
+        let _ = self.local.send((number, event));
     }
 
     /// Announces that a group's provider connection changed.
@@ -194,7 +200,10 @@ impl EventBus {
 
     /// Starts listening: every event from now on, in order.
     pub fn subscribe(&self) -> Subscriber {
-        Subscriber(self.local.subscribe())
+        Subscriber {
+            receiver: self.local.subscribe(),
+            last: 0,
+        }
     }
 
     /// Open subscribers on this node (diagnostics).
@@ -205,17 +214,30 @@ impl EventBus {
 
 /// One subscription's view of the bus.
 #[derive(Debug)]
-pub struct Subscriber(broadcast::Receiver<Event>);
+pub struct Subscriber {
+    receiver: broadcast::Receiver<(u64, Event)>,
+    last: u64,
+}
 
 impl Subscriber {
     /// Waits for the next event; a subscriber that fell behind gets [`Event::Resync`] instead
     /// of what it missed. `None` when the bus is gone (the node is stopping).
     pub async fn next(&mut self) -> Option<Event> {
-        match self.0.recv().await {
-            Ok(event) => Some(event),
+        match self.receiver.recv().await {
+            Ok((number, event)) => {
+                self.last = number;
+                Some(event)
+            }
             Err(broadcast::error::RecvError::Lagged(_)) => Some(Event::Resync),
             Err(broadcast::error::RecvError::Closed) => None,
         }
+    }
+
+    /// The node-wide delivery number of the last event [`Subscriber::next`] returned: every
+    /// subscriber sees the same number for the same delivery, and a later delivery has a
+    /// larger one (subscribers woken by one event may share one re-read started after it).
+    pub fn last_number(&self) -> u64 {
+        self.last
     }
 
     /// Waits for the next event that concerns `group_id` (or a resync).

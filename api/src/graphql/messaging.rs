@@ -739,6 +739,7 @@ pub(crate) struct SubscribedAt(pub chrono::DateTime<Utc>);
 /// database: an idle subscription costs nothing.
 struct MessageWatch {
     events: crate::events::Subscriber,
+    reads: SharedReads,
     service: crate::domain::messaging::MessagingService,
     principal: crate::domain::audit::Principal,
     only: Option<String>,
@@ -770,6 +771,7 @@ impl MessageWatch {
             .partition(|row| asked.is_some_and(|asked| row.created_at >= asked));
         let mut watch = Self {
             events,
+            reads: ctx.data_unchecked::<SharedReads>().clone(),
             service: services.messaging,
             principal,
             only,
@@ -805,10 +807,12 @@ impl MessageWatch {
                     if self.only.as_ref().is_some_and(|only| *only != message_id) {
                         continue;
                     }
-                    match self.service.own_message(&self.principal, &message_id).await {
-                        Ok(row) => row.into_iter().collect(),
-                        Err(_) => continue,
-                    }
+                    let number = self.events.last_number();
+                    self.reads
+                        .own_message(&self.service, &self.principal, number, &message_id)
+                        .await
+                        .into_iter()
+                        .collect()
                 }
                 Event::Resync => {
                     let direction = self.received_only.then_some(Direction::Inbound);
@@ -849,5 +853,88 @@ impl MessageWatch {
                 self.pending.push_back(row);
             }
         }
+    }
+}
+
+/// What identifies one shared re-read: the delivery that woke the subscribers, whose scope the
+/// read is made in (user, group, whether a practitioner) and which message.
+type ReadKey = (u64, String, String, bool, String);
+
+type ReadFuture = futures::future::BoxFuture<'static, Option<MessageRow>>;
+type SharedRead = futures::future::Shared<ReadFuture>;
+type ReadsInFlight = std::collections::HashMap<ReadKey, futures::future::WeakShared<ReadFuture>>;
+
+/// Re-reads of one message shared by the subscriptions one delivery woke: a practitioner's many
+/// subscriptions (tabs, devices, or a thousand in a benchmark) read the message once per change
+/// instead of once each. A read is shared only by subscribers woken by the same delivery and
+/// starts after it, so none is handed a state older than the change that woke it; it is made
+/// in the subscriber's own scope like any other.
+#[derive(Clone, Default)]
+pub(crate) struct SharedReads(std::sync::Arc<std::sync::Mutex<ReadsInFlight>>);
+
+/// Forgets a shared read when it ends (finished, or dropped by every subscriber).
+struct ForgetRead(SharedReads, ReadKey);
+
+impl Drop for ForgetRead {
+    fn drop(&mut self) {
+        self.0.lock().remove(&self.1);
+    }
+}
+
+impl SharedReads {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ReadsInFlight> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The caller's message `id` as of delivery `number` or later (`None`: not theirs, or the
+    /// read failed; the next event reads again).
+    async fn own_message(
+        &self,
+        service: &crate::domain::messaging::MessagingService,
+        principal: &crate::domain::audit::Principal,
+        number: u64,
+        id: &str,
+    ) -> Option<MessageRow> {
+        use futures::FutureExt;
+        let key: ReadKey = (
+            number,
+            principal.user_id.clone(),
+            principal.group_id.clone(),
+            principal.role == crate::domain::types::Role::Practitioner,
+            id.to_owned(),
+        );
+        let read: SharedRead = {
+            let mut reads = self.lock();
+            match reads
+                .get(&key)
+                .and_then(futures::future::WeakShared::upgrade)
+            {
+                Some(read) => read,
+                None => {
+                    let forget = ForgetRead(self.clone(), key.clone());
+                    let (service, principal, id) =
+                        (service.clone(), principal.clone(), id.to_owned());
+                    let read = async move {
+                        let _forget = forget;
+                        match service.own_message(&principal, &id).await {
+                            Ok(row) => row,
+                            Err(error) => {
+                                tracing::warn!(error = ?error, "subscription re-read failed; the next change reads again");
+                                None
+                            }
+                        }
+                    }
+                    .boxed()
+                    .shared();
+                    if let Some(weak) = read.downgrade() {
+                        reads.insert(key, weak);
+                    }
+                    read
+                }
+            }
+        };
+        read.await
     }
 }

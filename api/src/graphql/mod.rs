@@ -98,6 +98,7 @@ pub fn build_schema(services: Services, limits: Limits) -> AppSchema {
     let mut builder = schema_builder()
         .data(services.integrations.clone())
         .data(services)
+        .data(messaging::SharedReads::default())
         .extension(limits::Limiter::new(
             limits.operation,
             limits.user_requests,
