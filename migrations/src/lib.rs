@@ -10,6 +10,7 @@ mod m20261125_000003_messaging;
 mod m20261201_000004_limits;
 mod m20261201_000005_hpii_inbox;
 mod m20261202_000006_delegations;
+mod m20261202_000008_change_notifications;
 
 /// Applies the gateway's migrations, in order.
 pub struct Migrator;
@@ -24,6 +25,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261201_000004_limits::Migration),
             Box::new(m20261201_000005_hpii_inbox::Migration),
             Box::new(m20261202_000006_delegations::Migration),
+            Box::new(m20261202_000008_change_notifications::Migration),
         ]
     }
 }

@@ -125,6 +125,8 @@ pub struct MessagingService {
     directory: DirectoryCache,
     /// Wakes this node's outbox when a send commits, so a message does not wait for its tick.
     outbox_wake: Arc<tokio::sync::Notify>,
+    /// Where committed changes are announced (the integrations' bus).
+    events: crate::events::EventBus,
 }
 
 fn practitioner_only(principal: &Principal, what: &str) -> Result<(), GatewayError> {
@@ -152,6 +154,7 @@ impl MessagingService {
             providers,
             secrets,
             credits,
+            events: integrations.events().clone(),
             integrations,
             settings,
             directory: DirectoryCache::new(directory_cache_ttl),
@@ -190,6 +193,22 @@ impl MessagingService {
             .store
             .list_messages(&principal.user_id, direction, status, after, first)
             .await?)
+    }
+
+    /// One of the caller's messages by id, envelope only (what a subscription re-reads when
+    /// it hears the message changed): `None` unless it is the caller's. Not audited, like
+    /// [`MessagingService::messages`]: no content is opened.
+    pub async fn own_message(
+        &self,
+        principal: &Principal,
+        id: &str,
+    ) -> Result<Option<MessageRow>, GatewayError> {
+        practitioner_only(principal, "read secure messages")?;
+        Ok(self
+            .store
+            .find_message(&principal.user_id, id)
+            .await?
+            .filter(|row| row.group_id == principal.group_id))
     }
 
     /// One message with its content (reading content is audited).

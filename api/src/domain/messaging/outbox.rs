@@ -347,8 +347,7 @@ impl MessagingService {
 
         use futures::StreamExt;
 
-        use crate::domain::types::Provider;
-        use crate::domain::types::ProviderCredentials;
+        use crate::domain::types::{MessageId, Provider, ProviderCredentials};
 
         let lease_until = later(Utc::now(), self.settings.outbox_lease);
         let claimed = self
@@ -387,6 +386,10 @@ impl MessagingService {
                 .collect()
                 .await;
         let worked = asked.len();
+        let groups: HashMap<MessageId, String> = asked
+            .iter()
+            .map(|(message, _)| (message.id.clone(), message.group_id.clone()))
+            .collect();
         let mut writes = Vec::with_capacity(worked);
         let mut refunds = Vec::new();
         for (message, outcome) in asked {
@@ -409,7 +412,12 @@ impl MessagingService {
                 Transition::Nothing => {}
             }
         }
-        self.store.update_messages(&writes).await?;
+        let applied = self.store.update_messages(&writes).await?;
+        for ((id, from_status, update), applied) in writes.iter().zip(applied) {
+            if applied && update.status.is_some_and(|status| status != *from_status) {
+                self.events.message_changed(&groups[id], id.as_str());
+            }
+        }
         for (message, reason) in refunds {
             if let Err(error) = self.fail_and_refund(&message, &reason).await {
                 tracing::error!(message = %message.id, error = ?error, "failing and refunding a message failed; it will be retried");
@@ -489,9 +497,14 @@ impl MessagingService {
         }
         match transition {
             Transition::Write(update) => {
-                self.store
+                let applied = self
+                    .store
                     .update_message(&message.id, message.status, &update)
                     .await?;
+                if applied && update.status.is_some_and(|status| status != message.status) {
+                    self.events
+                        .message_changed(&message.group_id, message.id.as_str());
+                }
                 Ok(())
             }
             Transition::FailAndRefund { reason } => self.fail_and_refund(message, &reason).await,
@@ -547,6 +560,8 @@ impl MessagingService {
         audit.actor_user_id = None;
         self.store.audit_in(&txn, &audit).await?;
         txn.commit().await?;
+        self.events
+            .message_changed(&message.group_id, message.id.as_str());
         self.credits.refund_committed(message.credits_charged);
         Ok(())
     }
