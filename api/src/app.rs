@@ -9,14 +9,14 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::auth::TokenVerifier;
-use crate::config::{Mode, Settings};
+use crate::config::{Mode, Settings, ShutdownSettings};
 use crate::crypto::SecretBox;
 use crate::domain::credits::{CreditService, CreditSettings};
 use crate::domain::integrations::{IntegrationService, IntegrationSettings};
 use crate::domain::messaging::{MessagingService, MessagingSettings};
 use crate::domain::pricing::{Catalogue, DEFAULT_TIERS};
 use crate::domain::types::Provider;
-use crate::events::EventBus;
+use crate::drain::Drain;
 use crate::graphql::limits::OperationLimits;
 use crate::graphql::{Limits, Services, build_schema};
 use crate::http::{CorsPolicy, HttpState, router};
@@ -39,6 +39,11 @@ pub struct App {
     store: Store,
     shutdown: watch::Sender<bool>,
     workers: Vec<tokio::task::JoinHandle<()>>,
+    /// Stops the change-notification listener (after the server has stopped).
+    events_shutdown: watch::Sender<bool>,
+    events_listener: Option<tokio::task::JoinHandle<()>>,
+    drain: Drain,
+    shutdown_settings: ShutdownSettings,
     sandbox: Option<smd_sandbox::SandboxHandle>,
     banner: Option<String>,
     credits: CreditService,
@@ -137,7 +142,16 @@ impl App {
             },
             Arc::new(metrics.clone()),
         )?;
-        let events = EventBus::new();
+        // Shared between nodes through PostgreSQL's NOTIFY, in-process on SQLite; listening
+        // starts before the port is bound, so no change after start-up goes unheard.
+        let events = store.event_bus();
+        let (events_shutdown, events_shutdown_receiver) = watch::channel(false);
+        let events_listener = store
+            .listen_for_changes(events.clone(), events_shutdown_receiver)
+            .await
+            .map_err(|error| {
+                anyhow::anyhow!("cannot listen for change notifications: {error:?}")
+            })?;
         let poll_interval = settings.approval_poll_interval();
         let payments = HttpPaymentGateway::new(
             settings.payments.base_url.as_deref().unwrap_or_default(),
@@ -232,8 +246,7 @@ impl App {
                     settings.messaging.directory_cache_seconds,
                 ),
             },
-        )
-        .announcing_to(events.clone());
+        );
         let schema = build_schema(
             Services {
                 integrations: integrations.clone(),
@@ -241,9 +254,6 @@ impl App {
                 messaging: messaging.clone(),
                 store: store.clone(),
                 events,
-                subscription_refresh: poll_interval
-                    .max(Duration::from_secs(1))
-                    .min(Duration::from_secs(10)),
             },
             Limits {
                 operation: OperationLimits {
@@ -368,6 +378,7 @@ impl App {
             CorsPolicy::List(settings.cors_allowed_origins.clone())
         };
         let open_operations = OpenOperations::default();
+        let drain = Drain::new();
         let metrics_access = match &settings.metrics.token {
             Some(token) => MetricsAccess::Token(token.as_str().into()),
             None if settings.metrics_open() => MetricsAccess::Open,
@@ -403,6 +414,7 @@ impl App {
                 max_body_bytes: settings.graphql.max_body_bytes,
                 principals: Arc::default(),
                 metrics,
+                drain: drain.clone(),
             },
             cors,
             settings.graphql.max_body_bytes,
@@ -415,6 +427,10 @@ impl App {
             store,
             shutdown,
             workers,
+            events_shutdown,
+            events_listener,
+            drain,
+            shutdown_settings: settings.shutdown.clone(),
             sandbox,
             banner,
             credits,
@@ -460,7 +476,19 @@ impl App {
         self.run_until(shutdown_signal()).await
     }
 
-    /// Serves until `stop` completes.
+    /// Whether the node is draining (tests and diagnostics).
+    pub fn drain(&self) -> Drain {
+        self.drain.clone()
+    }
+
+    /// Serves until `stop` completes, then stops in order:
+    /// 1. `/readyz` answers 503 and the workers stop claiming work (their current pass
+    ///    finishes, recording each outcome, which ends that message's or purchase's lease);
+    /// 2. after `shutdown.readiness_grace_ms` the port stops accepting and every WebSocket is
+    ///    closed with 1001 (going away);
+    /// 3. in-flight requests finish (up to `shutdown.drain_timeout_ms`; the rest are cut, and
+    ///    what they held is left to lease expiry, as after a crash);
+    /// 4. the workers' passes end (same limit), then the change listener and the sandbox.
     pub async fn run_until(
         self,
         stop: impl std::future::Future<Output = ()> + Send + 'static,
@@ -469,24 +497,83 @@ impl App {
             listener,
             router,
             shutdown,
-            workers,
+            mut workers,
+            events_shutdown,
+            events_listener,
+            drain,
+            shutdown_settings,
             sandbox,
             ..
         } = self;
+        let grace = Duration::from_millis(shutdown_settings.readiness_grace_ms);
+        let drain_timeout = Duration::from_millis(shutdown_settings.drain_timeout_ms);
+        let (stop_accepting, accepting_stopped) = tokio::sync::oneshot::channel::<()>();
+        let control = {
+            let drain = drain.clone();
+            tokio::spawn(async move {
+                stop.await;
+                tracing::info!(
+                    grace_ms = grace.as_millis() as u64,
+                    "stopping: not ready any more; workers stop claiming work"
+                );
+                drain.start();
+                let _ = shutdown.send(true);
+                tokio::time::sleep(grace).await;
+                tracing::info!("stopping: no new connections; closing WebSockets (1001)");
+                drain.close_connections();
+                let _ = stop_accepting.send(());
+            })
+        };
         // Client addresses feed the per-address request limits.
-        axum::serve(
+        let server = axum::serve(
             listener,
             router.into_make_service_with_connect_info::<SocketAddr>(),
         )
-        .with_graceful_shutdown(stop)
-        .await?;
-        let _ = shutdown.send(true);
-        for worker in workers {
-            let _ = worker.await;
+        .with_graceful_shutdown(async move {
+            let _ = accepting_stopped.await;
+        });
+        let served = std::future::IntoFuture::into_future(server);
+        tokio::pin!(served);
+        // Until the stop begins the server runs unbounded; from then on, `drain_timeout`.
+        let result = tokio::select! {
+            result = &mut served => Some(result),
+            () = drain.closing() => None,
+        };
+        let result = match result {
+            Some(result) => result,
+            None => match tokio::time::timeout(drain_timeout, &mut served).await {
+                Ok(result) => result,
+                Err(_) => {
+                    tracing::warn!(
+                        timeout_ms = drain_timeout.as_millis() as u64,
+                        "stopping: in-flight requests did not finish in time; cut"
+                    );
+                    Ok(())
+                }
+            },
+        };
+        control.abort();
+        drain.start();
+        drain.close_connections();
+        let workers_done = futures::future::join_all(workers.iter_mut());
+        if tokio::time::timeout(drain_timeout, workers_done)
+            .await
+            .is_err()
+        {
+            tracing::warn!("stopping: a worker pass did not finish in time; its leases expire");
+            for worker in &workers {
+                worker.abort();
+            }
+        }
+        drain.websockets_closed(Duration::from_secs(5)).await;
+        let _ = events_shutdown.send(true);
+        if let Some(events_listener) = events_listener {
+            let _ = events_listener.await;
         }
         if let Some(sandbox) = sandbox {
             sandbox.shutdown().await;
         }
+        result?;
         tracing::info!("stopped");
         Ok(())
     }

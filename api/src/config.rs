@@ -317,6 +317,28 @@ pub struct MetricsSettings {
     pub token: Option<String>,
 }
 
+/// How a node stops (SIGTERM / Ctrl-C).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShutdownSettings {
+    /// After the signal, how long the node keeps serving while `/readyz` already answers 503,
+    /// so a load balancer stops sending new requests before the port closes, milliseconds.
+    pub readiness_grace_ms: u64,
+    /// How long in-flight requests and the workers' current pass may take to finish once the
+    /// node stopped accepting, milliseconds; what is still running then is dropped (its
+    /// leases expire and another node finishes the work).
+    pub drain_timeout_ms: u64,
+}
+
+impl Default for ShutdownSettings {
+    fn default() -> Self {
+        Self {
+            readiness_grace_ms: 0,
+            drain_timeout_ms: 30_000,
+        }
+    }
+}
+
 /// Everything the gateway can be told.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -364,6 +386,8 @@ pub struct Settings {
     pub log: LogSettings,
     /// Who may read `/metrics`.
     pub metrics: MetricsSettings,
+    /// Stopping: readiness grace and drain timeout.
+    pub shutdown: ShutdownSettings,
 }
 
 impl Default for Settings {
@@ -390,6 +414,7 @@ impl Default for Settings {
             print_banner: true,
             log: LogSettings::default(),
             metrics: MetricsSettings::default(),
+            shutdown: ShutdownSettings::default(),
         }
     }
 }
@@ -541,6 +566,12 @@ impl Settings {
             };
         }
         set_opt(&mut self.metrics.token, get("SMD_METRICS_TOKEN"));
+        if let Some(grace) = get("SMD_SHUTDOWN_GRACE_MS") {
+            self.shutdown.readiness_grace_ms = parse_number("SMD_SHUTDOWN_GRACE_MS", &grace)?;
+        }
+        if let Some(timeout) = get("SMD_SHUTDOWN_TIMEOUT_MS") {
+            self.shutdown.drain_timeout_ms = parse_number("SMD_SHUTDOWN_TIMEOUT_MS", &timeout)?;
+        }
         if let Some(limit) = get("SMD_VALIDATE_LOGIN_PER_MINUTE") {
             self.validate_login_per_minute = parse_number("SMD_VALIDATE_LOGIN_PER_MINUTE", &limit)?;
         }

@@ -42,6 +42,8 @@ pub(crate) struct HttpState {
     pub principals: Arc<crate::principal_cache::PrincipalCache>,
     /// Counts and logs every operation, on both transports.
     pub metrics: crate::metrics::Metrics,
+    /// Whether the node is stopping (readiness, WebSockets).
+    pub drain: crate::drain::Drain,
 }
 
 /// Which browser origins may call the API.
@@ -366,6 +368,7 @@ async fn graphql_ws(
             open: state.open_operations.clone(),
             address: address.ip(),
             metrics: state.metrics.clone(),
+            drain: state.drain.clone(),
         };
         crate::ws::serve(socket, connection, subprotocol_ok, |payload| async move {
             let authorization = ["Authorization", "authorization"]
@@ -426,6 +429,10 @@ async fn referralnet_webhook(
 }
 
 async fn readyz(State(state): State<HttpState>) -> Response {
+    // A stopping node takes no new work: the load balancer should send it elsewhere.
+    if state.drain.is_draining() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response();
+    }
     match state.store.ping().await {
         Ok(()) => (StatusCode::OK, "ready").into_response(),
         Err(error) => {

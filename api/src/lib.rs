@@ -7,6 +7,7 @@ pub mod config;
 pub mod crypto;
 pub mod dev;
 pub mod domain;
+pub mod drain;
 pub mod events;
 pub mod graphql;
 mod graphql_over_http;

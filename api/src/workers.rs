@@ -103,8 +103,12 @@ pub(crate) fn spawn_outbox(
             if *shutdown.borrow() {
                 break;
             }
-            // Bounded, so a shutdown is noticed between rounds even under a steady backlog.
+            // Bounded, so a shutdown is noticed between rounds even under a steady backlog;
+            // a stopping node claims no further batch.
             for _ in 0..20 {
+                if *shutdown.borrow() {
+                    break;
+                }
                 match service.process_outbox(Utc::now()).await {
                     Ok(worked) if worked < crate::domain::messaging::OUTBOX_BATCH => break,
                     Ok(_) => {}

@@ -24,6 +24,11 @@ use crate::domain::audit::Principal;
 use crate::graphql::limits::ClientAddress;
 use crate::graphql::{AppSchema, Caller};
 
+/// The close code a stopping node sends (RFC 6455 "going away"); clients reconnect, and the
+/// load balancer sends them to another node.
+const GOING_AWAY: u16 = 1001;
+const GOING_AWAY_REASON: &str = "the server is shutting down; reconnect";
+
 /// The only subprotocol spoken.
 pub(crate) const PROTOCOL: &str = "graphql-transport-ws";
 
@@ -126,6 +131,8 @@ pub(crate) struct Connection {
     pub open: OpenOperations,
     pub address: IpAddr,
     pub metrics: crate::metrics::Metrics,
+    /// The node's stop: every connection closes with 1001 (going away) when it starts.
+    pub drain: crate::drain::Drain,
 }
 
 /// The client closed: send the reply to its close frame, which the WebSocket library has
@@ -156,14 +163,25 @@ pub(crate) async fn serve<A, Fut>(
     A: FnOnce(Value) -> Fut,
     Fut: std::future::Future<Output = Option<Principal>>,
 {
+    let _open = connection.drain.websocket_opened();
     if !subprotocol_ok {
         close(&mut socket, 4406, "Subprotocol not acceptable").await;
         return;
     }
+    let drain = connection.drain.clone();
+    let going_away = drain.closing();
+    tokio::pin!(going_away);
     // Before the acknowledgement: only `connection_init` (and pings) until the deadline.
     let deadline = tokio::time::Instant::now() + connection.limits.init_timeout;
     let principal = loop {
-        let message = match tokio::time::timeout_at(deadline, socket.recv()).await {
+        let received = tokio::select! {
+            () = &mut going_away => {
+                close(&mut socket, GOING_AWAY, GOING_AWAY_REASON).await;
+                return;
+            }
+            received = tokio::time::timeout_at(deadline, socket.recv()) => received,
+        };
+        let message = match received {
             Err(_) => {
                 close(&mut socket, 4408, "Connection initialisation timeout").await;
                 return;
@@ -223,8 +241,15 @@ async fn run_acknowledged(mut socket: WebSocket, connection: Connection, princip
             .unwrap_or(Duration::ZERO);
     let token_expiry = tokio::time::sleep_until(expires);
     tokio::pin!(token_expiry);
+    let drain = connection.drain.clone();
+    let going_away = drain.closing();
+    tokio::pin!(going_away);
     loop {
         tokio::select! {
+            () = &mut going_away => {
+                close(&mut socket, GOING_AWAY, GOING_AWAY_REASON).await;
+                break;
+            }
             () = &mut token_expiry => {
                 close(&mut socket, 4403, "Forbidden: the token expired; reconnect with a fresh one").await;
                 break;

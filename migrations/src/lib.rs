@@ -11,6 +11,7 @@ mod m20261201_000004_limits;
 mod m20261201_000005_hpii_inbox;
 mod m20261202_000006_delegations;
 mod m20261202_000007_attention_caps;
+mod m20261202_000008_change_notifications;
 
 /// Applies the gateway's migrations, in order.
 pub struct Migrator;
@@ -26,6 +27,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261201_000005_hpii_inbox::Migration),
             Box::new(m20261202_000006_delegations::Migration),
             Box::new(m20261202_000007_attention_caps::Migration),
+            Box::new(m20261202_000008_change_notifications::Migration),
         ]
     }
 }

@@ -6,11 +6,18 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::OnceLock;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD_NO_PAD;
+use hmac::{Hmac, Mac};
+use rand::RngCore;
+use sha2::Sha256;
 
 use chrono::{DateTime, Duration, SubsecRound, Utc};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::provider::{Provider, ProviderErrorCode};
@@ -46,28 +53,148 @@ pub(crate) const REFERRALNET_DEMO_ACCOUNT: DemoAccount = DemoAccount {
     practice_name: "Sandbox Demo Medical Centre",
 };
 
+/// How many PBKDF2-HMAC-SHA256 rounds a stored password hash takes.
+const PASSWORD_HASH_ROUNDS: u32 = 20_000;
+
+/// The prefix of a stored password hash: `pbkdf2-sha256$<rounds>$<salt>$<digest>` (base64).
+const PASSWORD_HASH_SCHEME: &str = "pbkdf2-sha256";
+
 /// A password, compared without an early exit and never printed.
+///
+/// A password set through the API or a scenario is held in clear in memory only. A state file
+/// gets a salted PBKDF2 hash of it instead ([`Password::stored_hash`]); a password restored
+/// from one is checked against the hash, and remembered in memory once a login matches it.
 #[derive(Clone)]
-pub(crate) struct Password(String);
+pub(crate) struct Password {
+    clear: OnceLock<String>,
+    hash: OnceLock<StoredPasswordHash>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct StoredPasswordHash {
+    rounds: u32,
+    salt: Vec<u8>,
+    digest: [u8; 32],
+}
+
+impl StoredPasswordHash {
+    fn of(password: &str, rounds: u32, salt: Vec<u8>) -> StoredPasswordHash {
+        let digest = pbkdf2_sha256(password.as_bytes(), &salt, rounds);
+        StoredPasswordHash {
+            rounds,
+            salt,
+            digest,
+        }
+    }
+
+    fn to_text(&self) -> String {
+        format!(
+            "{PASSWORD_HASH_SCHEME}${}${}${}",
+            self.rounds,
+            STANDARD_NO_PAD.encode(&self.salt),
+            STANDARD_NO_PAD.encode(self.digest)
+        )
+    }
+
+    fn parse(text: &str) -> Option<StoredPasswordHash> {
+        let mut parts = text.split('$');
+        if parts.next()? != PASSWORD_HASH_SCHEME {
+            return None;
+        }
+        let rounds: u32 = parts.next()?.parse().ok().filter(|rounds| *rounds > 0)?;
+        let salt = STANDARD_NO_PAD.decode(parts.next()?).ok()?;
+        let digest = STANDARD_NO_PAD
+            .decode(parts.next()?)
+            .ok()?
+            .try_into()
+            .ok()?;
+        if parts.next().is_some() || salt.len() < 8 {
+            return None;
+        }
+        Some(StoredPasswordHash {
+            rounds,
+            salt,
+            digest,
+        })
+    }
+}
+
+/// PBKDF2 (RFC 8018) with HMAC-SHA256, one 32-byte block.
+fn pbkdf2_sha256(password: &[u8], salt: &[u8], rounds: u32) -> [u8; 32] {
+    let keyed = Hmac::<Sha256>::new_from_slice(password).expect("HMAC takes keys of any length");
+    let mut first = keyed.clone();
+    first.update(salt);
+    first.update(&1_u32.to_be_bytes());
+    let mut block: [u8; 32] = first.finalize().into_bytes().into();
+    let mut result = block;
+    for _ in 1..rounds {
+        let mut round = keyed.clone();
+        round.update(&block);
+        block = round.finalize().into_bytes().into();
+        for (result_byte, block_byte) in result.iter_mut().zip(block) {
+            *result_byte ^= block_byte;
+        }
+    }
+    result
+}
+
+/// Compares in time that depends only on the lengths.
+fn constant_time_equal(expected: &[u8], candidate: &[u8]) -> bool {
+    let longest = expected.len().max(candidate.len());
+    let mut difference = u8::from(expected.len() != candidate.len());
+    for index in 0..longest {
+        let expected_byte = expected.get(index).copied().unwrap_or(0);
+        let candidate_byte = candidate.get(index).copied().unwrap_or(0);
+        difference |= expected_byte ^ candidate_byte;
+    }
+    std::hint::black_box(difference) == 0
+}
 
 impl Password {
     pub(crate) fn new(password: impl Into<String>) -> Password {
-        Password(password.into())
+        Password {
+            clear: OnceLock::from(password.into()),
+            hash: OnceLock::new(),
+        }
+    }
+
+    /// A password known only by its stored hash (from a state file); `None` when the text is
+    /// not a hash this sandbox writes.
+    pub(crate) fn from_stored_hash(text: &str) -> Option<Password> {
+        Some(Password {
+            clear: OnceLock::new(),
+            hash: OnceLock::from(StoredPasswordHash::parse(text)?),
+        })
+    }
+
+    /// The salted hash a state file keeps instead of the password, made once.
+    pub(crate) fn stored_hash(&self) -> String {
+        self.hash
+            .get_or_init(|| {
+                let clear = self.clear.get().expect("a password is clear or hashed");
+                let mut salt = vec![0_u8; 16];
+                rand::rngs::OsRng.fill_bytes(&mut salt);
+                StoredPasswordHash::of(clear, PASSWORD_HASH_ROUNDS, salt)
+            })
+            .to_text()
     }
 
     /// Compares in time that depends only on the lengths, so a caller cannot learn a matching
     /// prefix from how long a wrong guess takes.
     pub(crate) fn matches(&self, candidate: &str) -> bool {
-        let expected = self.0.as_bytes();
-        let candidate = candidate.as_bytes();
-        let longest = expected.len().max(candidate.len());
-        let mut difference = u8::from(expected.len() != candidate.len());
-        for index in 0..longest {
-            let expected_byte = expected.get(index).copied().unwrap_or(0);
-            let candidate_byte = candidate.get(index).copied().unwrap_or(0);
-            difference |= expected_byte ^ candidate_byte;
+        if let Some(clear) = self.clear.get() {
+            return constant_time_equal(clear.as_bytes(), candidate.as_bytes());
         }
-        std::hint::black_box(difference) == 0
+        let Some(hash) = self.hash.get() else {
+            return false;
+        };
+        let candidate_hash = StoredPasswordHash::of(candidate, hash.rounds, hash.salt.clone());
+        let matched = constant_time_equal(&hash.digest, &candidate_hash.digest);
+        if matched {
+            // Later logins compare in clear instead of hashing again.
+            let _ = self.clear.set(candidate.to_owned());
+        }
+        matched
     }
 }
 
@@ -78,16 +205,20 @@ impl fmt::Debug for Password {
 }
 
 /// Where an account stands, in Argus's words (ReferralNet translates them).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
 pub(crate) enum AccountStatus {
     Pending,
     Active,
     Rejected,
+    /// Was active; the provider has stopped it (scenarios only). Its account read and messaging
+    /// calls answer 403 `notAuthorised`.
+    Suspended,
 }
 
 /// What the provider decides about a registration.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub(crate) enum Decision {
     Approve,
     Reject,
@@ -102,29 +233,78 @@ impl Decision {
     }
 }
 
-/// One account at one provider.
-#[derive(Clone, Debug)]
+/// One account at one provider. A state file keeps it as it is, except the password, which it
+/// keeps as a salted hash (see [`Password`]).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(crate) struct Account {
     pub(crate) username: String,
+    #[serde(rename = "passwordHash", with = "password_as_hash")]
     password: Password,
     pub(crate) practice_name: String,
     /// The provider's id for the registration (ReferralNet shows it as `enrolmentId`).
+    #[serde(with = "uuid_as_text")]
     pub(crate) registration_id: Uuid,
     pub(crate) registered_at: DateTime<Utc>,
     /// When the scheduled decision falls due on the sandbox clock.
     pub(crate) decides_at: DateTime<Utc>,
     scheduled_decision: Decision,
     early_decision: Option<(Decision, DateTime<Utc>)>,
+    /// From when the provider has suspended the account (scenarios only).
+    #[serde(default)]
+    suspended_since: Option<DateTime<Utc>>,
     /// Demo accounts exist from the start and are not listed as registrations.
     pub(crate) is_demo: bool,
     /// Order of creation, so listings are stable.
     sequence: u64,
 }
 
+/// Serialises a UUID as its hyphenated text.
+mod uuid_as_text {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use uuid::Uuid;
+
+    pub(super) fn serialize<S: Serializer>(id: &Uuid, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&id.hyphenated())
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Uuid, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        Uuid::parse_str(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Serialises a [`Password`] as its stored hash, never in clear.
+mod password_as_hash {
+    use super::Password;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(
+        password: &Password,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&password.stored_hash())
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Password, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        Password::from_stored_hash(&text).ok_or_else(|| {
+            serde::de::Error::custom("passwordHash is not a pbkdf2-sha256 hash this sandbox wrote")
+        })
+    }
+}
+
 impl Account {
-    /// The status at sandbox time `now`: an early decision stands; otherwise the scheduled
-    /// decision applies once the clock reaches it.
+    /// The status at sandbox time `now`: a suspension stands while it lasts; then an early
+    /// decision; otherwise the scheduled decision applies once the clock reaches it.
     pub(crate) fn status_at(&self, now: DateTime<Utc>) -> AccountStatus {
+        if self.suspended_since.is_some_and(|since| since <= now) {
+            return AccountStatus::Suspended;
+        }
         match self.decision_at(now) {
             Some((decision, _)) => decision.resulting_status(),
             None => AccountStatus::Pending,
@@ -147,6 +327,19 @@ impl Account {
     pub(crate) fn password_matches(&self, candidate: &str) -> bool {
         self.password.matches(candidate)
     }
+}
+
+/// An account a scenario starts a namespace with.
+#[derive(Debug)]
+pub(crate) struct SeededAccount {
+    pub(crate) username: String,
+    pub(crate) password: Password,
+    pub(crate) practice_name: String,
+    pub(crate) registered_at: DateTime<Utc>,
+    /// The decision and when it falls due (`decides_at` may already have passed).
+    pub(crate) decision: Decision,
+    pub(crate) decides_at: DateTime<Utc>,
+    pub(crate) suspended_since: Option<DateTime<Utc>>,
 }
 
 /// Why a registration was refused.
@@ -276,6 +469,15 @@ pub(crate) struct DecisionSeed<'a> {
 }
 
 impl DecisionSeed<'_> {
+    /// The seeded wait between registering `username` and its decision: what an API
+    /// registration draws, so a scenario's pending account without a time gets the same.
+    pub(crate) fn decision_delay(&self, username: &str) -> Duration {
+        let mut random = self.random_number_generator(username);
+        Duration::seconds(
+            random.gen_range(SHORTEST_DECISION_DELAY_SECONDS..=LONGEST_DECISION_DELAY_SECONDS),
+        )
+    }
+
     fn random_number_generator(&self, username: &str) -> StdRng {
         // FNV-1a, written out so the seed does not depend on the standard library's hasher,
         // which may change between Rust releases.
@@ -300,7 +502,8 @@ impl DecisionSeed<'_> {
 }
 
 /// The accounts of one provider in one namespace, keyed by username.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(crate) struct AccountBook {
     accounts: BTreeMap<String, Account>,
     next_sequence: u64,
@@ -320,6 +523,7 @@ impl AccountBook {
             decides_at: registered_at + Duration::days(3),
             scheduled_decision: Decision::Approve,
             early_decision: None,
+            suspended_since: None,
             is_demo: true,
             sequence: 0,
         });
@@ -376,10 +580,70 @@ impl AccountBook {
             decides_at: registered_at + Duration::seconds(delay_seconds),
             scheduled_decision: registration.decision,
             early_decision: None,
+            suspended_since: None,
             is_demo: false,
             sequence: 0,
         });
         Ok(&self.accounts[&username])
+    }
+
+    /// Adds (or, for a demo account's username, replaces) an account from a scenario; its
+    /// registration id is drawn like an API registration's.
+    pub(crate) fn insert_seeded(&mut self, account: SeededAccount, seed: &DecisionSeed<'_>) {
+        // The same draws as an API registration: the delay (the scenario gave its own), then
+        // the id.
+        let mut random = seed.random_number_generator(&account.username);
+        let _delay_seconds: i64 =
+            random.gen_range(SHORTEST_DECISION_DELAY_SECONDS..=LONGEST_DECISION_DELAY_SECONDS);
+        let registration_id = uuid::Builder::from_random_bytes(random.r#gen()).into_uuid();
+        let is_demo = self
+            .accounts
+            .get(&account.username)
+            .is_some_and(|existing| existing.is_demo);
+        self.insert(Account {
+            username: account.username,
+            password: account.password,
+            practice_name: account.practice_name,
+            registration_id: if is_demo {
+                Uuid::nil()
+            } else {
+                registration_id
+            },
+            registered_at: account.registered_at.trunc_subsecs(0),
+            decides_at: account.decides_at.trunc_subsecs(0),
+            scheduled_decision: account.decision,
+            early_decision: None,
+            suspended_since: account.suspended_since.map(|since| since.trunc_subsecs(0)),
+            is_demo,
+            sequence: 0,
+        });
+    }
+
+    /// Suspends an active account from sandbox time `at`, or lifts its suspension.
+    pub(crate) fn set_suspended(
+        &mut self,
+        username: &str,
+        suspended: bool,
+        at: DateTime<Utc>,
+    ) -> Result<(), String> {
+        let account = self
+            .accounts
+            .get_mut(username)
+            .ok_or_else(|| format!("no account {username:?}"))?;
+        match (suspended, account.status_at(at)) {
+            (true, AccountStatus::Active) => {
+                account.suspended_since = Some(at.trunc_subsecs(0));
+                Ok(())
+            }
+            (false, AccountStatus::Suspended) => {
+                account.suspended_since = None;
+                Ok(())
+            }
+            (true, status) => Err(format!(
+                "{username:?} is {status:?}, not ACTIVE, so it cannot be suspended"
+            )),
+            (false, status) => Err(format!("{username:?} is {status:?}, not SUSPENDED")),
+        }
     }
 
     /// Decides a pending account now instead of when its decision falls due.

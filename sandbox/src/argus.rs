@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::accounts::{
-    NewRegistration, RegistrationError, RegistrationFieldNames, RegistrationForm,
+    AccountStatus, NewRegistration, RegistrationError, RegistrationFieldNames, RegistrationForm,
 };
 use crate::faults::FaultRoute;
 use crate::namespace::{CurrentNamespace, SandboxState};
@@ -143,6 +143,13 @@ async fn read_account(namespace: CurrentNamespace, headers: HeaderMap) -> Respon
             return invalid_credentials("username or password is incorrect");
         };
         let now = state.clock.now();
+        if account.status_at(now) == AccountStatus::Suspended {
+            return error(
+                StatusCode::FORBIDDEN,
+                ProviderErrorCode::NotAuthorised,
+                format!("account {:?} is suspended by Argus", account.username),
+            );
+        }
         Json(json!({
             "username": account.username,
             "status": account.status_at(now),

@@ -104,6 +104,7 @@ fn active_account(
         AccountStatus::Active => return Ok(account.username.clone()),
         AccountStatus::Pending => "PENDING",
         AccountStatus::Rejected => "REJECTED",
+        AccountStatus::Suspended => "SUSPENDED",
     };
     Err(refusal(
         StatusCode::FORBIDDEN,
@@ -279,6 +280,7 @@ async fn send_message(
                 payload,
             },
             now,
+            &mut state.random,
         );
         tracing::info!(
             namespace = namespace.name(),

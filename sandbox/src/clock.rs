@@ -57,6 +57,16 @@ impl SandboxClock {
         }
     }
 
+    /// A clock that reads `now` and runs from there at `speed` (validated, or 0: a clock that
+    /// stands still until it is set or advanced).
+    pub(crate) fn starting_at(now: DateTime<Utc>, speed: f64) -> SandboxClock {
+        SandboxClock {
+            anchor_sandbox_time: now.min(latest_supported_time()),
+            anchor_real_instant: Instant::now(),
+            speed,
+        }
+    }
+
     /// The current sandbox time.
     pub(crate) fn now(&self) -> DateTime<Utc> {
         self.now_at(Instant::now())
@@ -69,6 +79,9 @@ impl SandboxClock {
 
     fn now_at(&self, real_instant: Instant) -> DateTime<Utc> {
         let real_elapsed = real_instant.saturating_duration_since(self.anchor_real_instant);
+        if self.speed == 0.0 {
+            return self.anchor_sandbox_time;
+        }
         // `as` saturates for floats, so an absurdly long run pins the clock instead of panicking.
         let sandbox_elapsed_nanoseconds = (real_elapsed.as_secs_f64() * self.speed * 1e9) as i64;
         self.anchor_sandbox_time
@@ -100,7 +113,7 @@ impl SandboxClock {
         Ok(())
     }
 
-    /// Changes the speed from this moment on, without moving sandbox time.
+    /// Changes the speed from this moment on, without moving sandbox time. 0 stops the clock.
     pub(crate) fn set_speed(&mut self, speed: f64) {
         let real_instant = Instant::now();
         self.anchor_sandbox_time = self.now_at(real_instant);

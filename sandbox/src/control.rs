@@ -18,12 +18,12 @@ use crate::accounts::{Account, AccountStatus, Decision, EarlyDecisionError};
 use crate::clock::validate_clock_speed;
 use crate::directory::DirectoryEntry;
 use crate::faults::{Fault, FaultRequest};
-use crate::messaging::{
-    DEFAULT_REFERRAL_TEXT, InboundReferral, NewInboxItem, inbound_referral_payload,
+use crate::namespace::{
+    CurrentNamespace, InboundError, InboundRequest, NamespaceState, SandboxState,
 };
-use crate::namespace::{CurrentNamespace, NamespaceState, SandboxState};
 use crate::payments::Charge;
 use crate::provider::Provider;
+use crate::scenario::Scenario;
 
 /// The control routes.
 pub(crate) fn routes() -> Router<SandboxState> {
@@ -49,6 +49,8 @@ pub(crate) fn routes() -> Router<SandboxState> {
         .route("/_sandbox/messages", get(list_messages))
         .route("/_sandbox/directory/{hpii}", get(read_directory_entry))
         .route("/_sandbox/reset", post(reset_namespace))
+        .route("/_sandbox/scenario", post(load_scenario))
+        .route("/_sandbox/schedule", get(read_schedule))
 }
 
 /// Why a control call was refused.
@@ -110,9 +112,16 @@ async fn set_clock(
     body: Bytes,
 ) -> Result<Json<ClockView>, ControlError> {
     let change: SetClockBody = parse_body(&body)?;
+    // 0 stops the clock: it then moves only when set or advanced (exact replays need that).
     let speed = change
         .speed
-        .map(validate_clock_speed)
+        .map(|speed| {
+            if speed == 0.0 {
+                Ok(0.0)
+            } else {
+                validate_clock_speed(speed)
+            }
+        })
         .transpose()
         .map_err(|error| ControlError::BadRequest(error.to_string()))?;
     namespace.with_state(|state| {
@@ -257,15 +266,29 @@ fn decide_registration(
 /// `POST /_sandbox/faults`: queues a fault for the next matching provider calls.
 async fn add_fault(namespace: CurrentNamespace, body: Bytes) -> Result<Response, ControlError> {
     let request: FaultRequest = parse_body(&body)?;
-    let fault = Fault::from_request(request).map_err(ControlError::BadRequest)?;
-    namespace.with_state(|state| state.faults.add(fault.clone()));
+    let fault = namespace.with_state(|state| {
+        let fault =
+            Fault::from_request(request, &mut state.random).map_err(ControlError::BadRequest)?;
+        state.faults.add(fault.clone());
+        Ok::<Fault, ControlError>(fault)
+    })?;
     tracing::info!(namespace = namespace.name(), ?fault, "fault injected");
     Ok((StatusCode::CREATED, Json(fault)).into_response())
 }
 
-/// `GET /_sandbox/faults`: the faults still waiting, oldest first.
-async fn list_faults(namespace: CurrentNamespace) -> Json<Vec<Fault>> {
-    namespace.with_state(|state| Json(state.faults.remaining().to_vec()))
+/// `GET /_sandbox/faults`: the counted faults still waiting, oldest first, then the windows
+/// (from scenarios) not yet over.
+async fn list_faults(namespace: CurrentNamespace) -> Json<Vec<serde_json::Value>> {
+    namespace.with_state(|state| {
+        let now = state.clock.now();
+        let counted = state.faults.remaining().iter().map(|fault| json!(fault));
+        let windows = state
+            .faults
+            .windows(now)
+            .into_iter()
+            .map(|window| json!(window));
+        Json(counted.chain(windows).collect())
+    })
 }
 
 /// `DELETE /_sandbox/faults`: removes every waiting fault.
@@ -316,58 +339,22 @@ async fn send_inbound(namespace: CurrentNamespace, body: Bytes) -> Result<Respon
             inbound.provider
         ))
     })?;
-    let directory = namespace.directory();
-    let sender = match inbound.from_hpii.as_deref() {
-        Some(hpii) => directory
-            .find(hpii.trim())
-            .filter(|entry| entry.reachable_on(provider))
-            .ok_or_else(|| {
-                ControlError::BadRequest(format!(
-                    "fromHpii {hpii:?} is not a practitioner {} reaches",
-                    provider.as_str()
-                ))
-            })?,
-        None => directory.first_ordinary_on(provider).ok_or_else(|| {
-            ControlError::BadRequest(format!(
-                "the directory has no ordinary practitioner on {}; give fromHpii",
-                provider.as_str()
-            ))
-        })?,
+    let request = InboundRequest {
+        provider,
+        account: &inbound.account,
+        from_hpii: inbound.from_hpii.as_deref(),
+        recipient_hpii: inbound.recipient_hpii.as_deref(),
+        recipient_name: inbound.recipient_name.as_deref(),
+        text: inbound.text.as_deref(),
     };
     namespace.with_state(|state| {
-        let account = state
-            .accounts(provider)
-            .get(&inbound.account)
-            .ok_or_else(|| {
-                ControlError::NotFound(format!(
-                    "no {} account {:?}",
-                    provider.as_str(),
-                    inbound.account
-                ))
+        let now = state.clock.now();
+        let item = state
+            .deliver_inbound(namespace.directory(), &request, now)
+            .map_err(|error| match error {
+                InboundError::Sender(message) => ControlError::BadRequest(message),
+                InboundError::Account(message) => ControlError::NotFound(message),
             })?;
-        let now = state.clock.now().trunc_subsecs(0);
-        let recipient_name = inbound
-            .recipient_name
-            .as_deref()
-            .unwrap_or(&account.practice_name);
-        let payload = inbound_referral_payload(&InboundReferral {
-            provider,
-            sender,
-            receiving_facility: &account.practice_name,
-            recipient_name,
-            recipient_hpii: inbound.recipient_hpii.as_deref(),
-            text: inbound.text.as_deref().unwrap_or(DEFAULT_REFERRAL_TEXT),
-            sent_at: now,
-        });
-        let account_name = account.username.clone();
-        let item = state.messages.deliver_to_inbox(NewInboxItem {
-            provider,
-            account: account_name,
-            sender_hpii: sender.hpii.clone(),
-            sender_name: sender.display_name(),
-            received_at: now,
-            payload,
-        });
         tracing::info!(
             namespace = namespace.name(),
             provider = provider.as_str(),
@@ -385,6 +372,63 @@ async fn send_inbound(namespace: CurrentNamespace, body: Bytes) -> Result<Respon
         )
             .into_response())
     })
+}
+
+/// The longest scenario the control API takes, in bytes.
+const LONGEST_SCENARIO_BYTES: usize = 1024 * 1024;
+
+/// `POST /_sandbox/scenario` (body: a scenario's TOML text): the namespace starts over from
+/// the scenario. Nothing changes when the scenario is refused.
+async fn load_scenario(namespace: CurrentNamespace, body: Bytes) -> Result<Response, ControlError> {
+    if body.len() > LONGEST_SCENARIO_BYTES {
+        return Err(ControlError::BadRequest(format!(
+            "a scenario must be at most {LONGEST_SCENARIO_BYTES} bytes"
+        )));
+    }
+    let text = std::str::from_utf8(&body)
+        .map_err(|_| ControlError::BadRequest("a scenario must be UTF-8 TOML text".to_owned()))?;
+    let scenario = Scenario::parse(text, "request body")
+        .map_err(|error| ControlError::BadRequest(error.to_string()))?;
+    if let Some(named) = scenario
+        .named_namespace()
+        .filter(|named| *named != namespace.name())
+    {
+        return Err(ControlError::BadRequest(format!(
+            "request body: the scenario names namespace {named:?} but was sent to {:?}: send it there, or leave namespace out",
+            namespace.name()
+        )));
+    }
+    scenario
+        .check_against(namespace.directory())
+        .map_err(|error| ControlError::BadRequest(error.to_string()))?;
+    let scenario = std::sync::Arc::new(scenario);
+    let config = namespace.config();
+    let view = namespace.with_state(|state| {
+        *state = NamespaceState::from_scenario(state.name.clone(), config, scenario);
+        schedule_view(state)
+    });
+    tracing::info!(namespace = namespace.name(), "scenario loaded");
+    Ok((StatusCode::CREATED, Json(view)).into_response())
+}
+
+/// The namespace's scenario and events, as `GET /_sandbox/schedule` shows them.
+fn schedule_view(state: &NamespaceState) -> serde_json::Value {
+    json!({
+        "scenario": state.scenario.as_ref().map(|scenario| json!({
+            "source": scenario.source(),
+            "description": scenario.description(),
+            "seed": scenario.seed(),
+        })),
+        "now": state.clock.now().trunc_subsecs(3),
+        "pending": state.schedule.pending(),
+        "fired": state.schedule.fired(),
+    })
+}
+
+/// `GET /_sandbox/schedule`: the scenario the namespace started from, the events still
+/// waiting for the clock, and those that fired with what came of them.
+async fn read_schedule(namespace: CurrentNamespace) -> Json<serde_json::Value> {
+    namespace.with_state(|state| Json(schedule_view(state)))
 }
 
 /// One message sent through a provider, as the control API lists it.

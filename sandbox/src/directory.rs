@@ -267,6 +267,44 @@ pub struct Directory {
     by_hpii: Vec<(u64, usize)>,
 }
 
+/// A directory entry a scenario adds, checked by the scenario (a valid HPI-I, nothing blank,
+/// at least one provider).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct ExtraEntry {
+    pub(crate) hpii: String,
+    pub(crate) given_name: String,
+    pub(crate) family_name: String,
+    pub(crate) specialty: String,
+    pub(crate) organisation: String,
+    pub(crate) suburb: String,
+    pub(crate) state: String,
+    pub(crate) postcode: String,
+    pub(crate) on_argus: bool,
+    pub(crate) on_referralnet: bool,
+}
+
+impl ExtraEntry {
+    fn matches_entry(&self, entry: &DirectoryEntry) -> bool {
+        entry.hpii == self.hpii
+            && entry.given_name == self.given_name
+            && entry.family_name == self.family_name
+            && entry.specialty == self.specialty
+            && entry.organisation == self.organisation
+            && entry.suburb == self.suburb
+            && entry.state == self.state
+            && entry.postcode == self.postcode
+            && entry.on_argus == self.on_argus
+            && entry.on_referralnet == self.on_referralnet
+            && entry.magic.is_none()
+    }
+}
+
+/// A string that lives as long as the process: directory entries borrow `'static` text, and
+/// the few a scenario adds are made once, when the sandbox starts.
+fn leak(text: &str) -> &'static str {
+    Box::leak(text.to_owned().into_boxed_str())
+}
+
 /// One page of a search.
 #[derive(Debug)]
 pub(crate) struct SearchPage<'a> {
@@ -381,6 +419,64 @@ impl Directory {
             return None;
         }
         Some(Directory { entries, by_hpii })
+    }
+
+    /// The directory with `extras` added in name order among the ordinary entries; an HPI-I
+    /// already in the directory is refused, naming it.
+    pub(crate) fn with_extra_entries(mut self, extras: &[ExtraEntry]) -> Result<Directory, String> {
+        if extras.is_empty() {
+            return Ok(self);
+        }
+        for extra in extras {
+            if let Some(existing) = self.find(&extra.hpii) {
+                return Err(format!(
+                    "HPI-I {} is already in the directory ({}); choose another",
+                    extra.hpii,
+                    existing.display_name()
+                ));
+            }
+        }
+        let magic_count = MAGIC_RECIPIENTS.len();
+        let mut ordinary = self.entries.split_off(magic_count);
+        for extra in extras {
+            let location = Location {
+                suburb: leak(&extra.suburb),
+                state: leak(&extra.state),
+                postcode: leak(&extra.postcode),
+            };
+            ordinary.push(DirectoryEntry::new(
+                extra.hpii.clone(),
+                (leak(&extra.given_name), leak(&extra.family_name)),
+                leak(&extra.specialty),
+                extra.organisation.clone(),
+                &location,
+                (extra.on_argus, extra.on_referralnet),
+                None,
+            ));
+        }
+        ordinary.sort_by(|left, right| {
+            (left.family_name, left.given_name, &left.hpii).cmp(&(
+                right.family_name,
+                right.given_name,
+                &right.hpii,
+            ))
+        });
+        self.entries.extend(ordinary);
+        let mut by_hpii: Vec<(u64, usize)> = self
+            .entries
+            .iter()
+            .enumerate()
+            .map(|(index, entry)| (hpii_key(&entry.hpii).expect("16 digits"), index))
+            .collect();
+        by_hpii.sort_unstable();
+        self.by_hpii = by_hpii;
+        Ok(self)
+    }
+
+    /// Whether the directory holds this extra entry exactly as given.
+    pub(crate) fn holds_extra(&self, extra: &ExtraEntry) -> bool {
+        self.find(&extra.hpii)
+            .is_some_and(|entry| extra.matches_entry(entry))
     }
 
     /// Every entry, in listing order.

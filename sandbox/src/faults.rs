@@ -9,11 +9,13 @@ use std::time::Duration;
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
+use rand::Rng;
 use serde::{Deserialize, Serialize};
-use uuid::Uuid;
 
 use crate::payments::{PaymentsError, PaymentsErrorCode};
 use crate::provider::{Provider, ProviderError, ProviderErrorCode, Service};
+use crate::random::NamespaceRandom;
 
 /// The longest a timeout fault may hold a request, in real seconds.
 const LONGEST_HOLD_SECONDS: u64 = 300;
@@ -63,7 +65,7 @@ pub(crate) enum FaultRoute {
 }
 
 impl FaultRoute {
-    fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             FaultRoute::Registrations => "registrations",
             FaultRoute::Account => "account",
@@ -127,8 +129,8 @@ pub(crate) struct FaultRequest {
 }
 
 /// A fault waiting in the queue, as the control API shows it.
-#[derive(Clone, Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(crate) struct Fault {
     id: String,
     provider: Service,
@@ -141,46 +143,174 @@ pub(crate) struct Fault {
     hold_seconds: u64,
 }
 
-impl Fault {
-    /// Checks a fault request; the message says what to fix.
-    pub(crate) fn from_request(request: FaultRequest) -> Result<Fault, String> {
-        if !request.route.exists_at(request.provider) {
-            return Err(format!(
-                "{} has no route {:?}",
-                request.provider.as_str(),
-                request.route.as_str()
-            ));
-        }
-        if request.count == 0 {
-            return Err("count must be at least 1".to_owned());
-        }
-        let status = request.status.unwrap_or(503);
+/// What a fault answers with, checked: a 5xx status, a Retry-After, and a hold of at most
+/// [`LONGEST_HOLD_SECONDS`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct FaultAnswer {
+    pub(crate) kind: FaultKind,
+    pub(crate) status: u16,
+    pub(crate) retry_after_seconds: u64,
+    pub(crate) hold_seconds: u64,
+}
+
+impl FaultAnswer {
+    /// Checks the optional settings of a fault (defaults: status 503, Retry-After 30 s, hold
+    /// 30 s); the message names the field in the control API's words.
+    pub(crate) fn check(
+        kind: FaultKind,
+        status: Option<u16>,
+        retry_after_seconds: Option<u64>,
+        hold_seconds: Option<u64>,
+    ) -> Result<FaultAnswer, String> {
+        let status = status.unwrap_or(503);
         if !(500..=599).contains(&status) {
             return Err(format!("status must be from 500 to 599, got {status}"));
         }
-        let hold_seconds = request.hold_seconds.unwrap_or(30);
+        let hold_seconds = hold_seconds.unwrap_or(30);
         if hold_seconds > LONGEST_HOLD_SECONDS {
             return Err(format!(
                 "holdSeconds must be at most {LONGEST_HOLD_SECONDS}, got {hold_seconds}"
             ));
         }
-        Ok(Fault {
-            id: Uuid::new_v4().to_string(),
-            provider: request.provider,
-            route: request.route,
-            kind: request.kind,
-            count: request.count,
+        Ok(FaultAnswer {
+            kind,
             status,
-            retry_after_seconds: request.retry_after_seconds.unwrap_or(30),
+            retry_after_seconds: retry_after_seconds.unwrap_or(30),
             hold_seconds,
         })
     }
 }
 
-/// The faults of one namespace, in the order they were added.
-#[derive(Clone, Debug, Default)]
+/// Checks that `route` exists at `service`.
+pub(crate) fn check_route(service: Service, route: FaultRoute) -> Result<(), String> {
+    if route.exists_at(service) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} has no route {:?}",
+            service.as_str(),
+            route.as_str()
+        ))
+    }
+}
+
+impl Fault {
+    /// Checks a fault request; the message says what to fix. The id comes from the namespace's
+    /// random stream.
+    pub(crate) fn from_request(
+        request: FaultRequest,
+        random: &mut NamespaceRandom,
+    ) -> Result<Fault, String> {
+        check_route(request.provider, request.route)?;
+        if request.count == 0 {
+            return Err("count must be at least 1".to_owned());
+        }
+        let answer = FaultAnswer::check(
+            request.kind,
+            request.status,
+            request.retry_after_seconds,
+            request.hold_seconds,
+        )?;
+        Ok(Fault::queued(
+            request.provider,
+            request.route,
+            answer,
+            request.count,
+            random,
+        ))
+    }
+
+    /// A fault for the next `count` matching calls (already checked).
+    pub(crate) fn queued(
+        provider: Service,
+        route: FaultRoute,
+        answer: FaultAnswer,
+        count: u32,
+        random: &mut NamespaceRandom,
+    ) -> Fault {
+        Fault {
+            id: random_uuid(random),
+            provider,
+            route,
+            kind: answer.kind,
+            count,
+            status: answer.status,
+            retry_after_seconds: answer.retry_after_seconds,
+            hold_seconds: answer.hold_seconds,
+        }
+    }
+
+    fn triggered(&self, service: Service) -> TriggeredFault {
+        TriggeredFault {
+            service,
+            kind: self.kind,
+            status: self.status,
+            retry_after_seconds: self.retry_after_seconds,
+            hold_seconds: self.hold_seconds,
+        }
+    }
+}
+
+/// A version 4 UUID from the namespace's random stream.
+pub(crate) fn random_uuid(random: &mut NamespaceRandom) -> String {
+    uuid::Builder::from_random_bytes(random.next_generator().r#gen())
+        .into_uuid()
+        .to_string()
+}
+
+/// A fault that hits every matching call while the sandbox clock is in `[from, until)`
+/// (scenarios: "Argus answers 503 between t1 and t2").
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(crate) struct FaultWindow {
+    id: String,
+    provider: Service,
+    route: FaultRoute,
+    kind: FaultKind,
+    from: DateTime<Utc>,
+    until: DateTime<Utc>,
+    status: u16,
+    retry_after_seconds: u64,
+    hold_seconds: u64,
+}
+
+impl FaultWindow {
+    /// A window (already checked: the route exists, `from` < `until`).
+    pub(crate) fn new(
+        provider: Service,
+        route: FaultRoute,
+        answer: FaultAnswer,
+        (from, until): (DateTime<Utc>, DateTime<Utc>),
+        random: &mut NamespaceRandom,
+    ) -> FaultWindow {
+        FaultWindow {
+            id: random_uuid(random),
+            provider,
+            route,
+            kind: answer.kind,
+            from,
+            until,
+            status: answer.status,
+            retry_after_seconds: answer.retry_after_seconds,
+            hold_seconds: answer.hold_seconds,
+        }
+    }
+
+    fn covers(&self, service: Service, route: FaultRoute, now: DateTime<Utc>) -> bool {
+        self.provider == service
+            && self.route.matches(route)
+            && self.from <= now
+            && now < self.until
+    }
+}
+
+/// The faults of one namespace: counted ones in the order they were added, and windows.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(crate) struct FaultQueue {
     faults: Vec<Fault>,
+    #[serde(default)]
+    windows: Vec<FaultWindow>,
 }
 
 impl FaultQueue {
@@ -189,35 +319,58 @@ impl FaultQueue {
         self.faults.push(fault);
     }
 
+    /// Adds a window of sandbox time in which matching calls fail.
+    pub(crate) fn add_window(&mut self, window: FaultWindow) {
+        self.windows.push(window);
+    }
+
     /// The faults still waiting, oldest first.
     pub(crate) fn remaining(&self) -> &[Fault] {
         &self.faults
     }
 
-    /// Removes every waiting fault.
-    pub(crate) fn clear(&mut self) {
-        self.faults.clear();
+    /// The windows not yet over at sandbox time `now`.
+    pub(crate) fn windows(&self, now: DateTime<Utc>) -> Vec<&FaultWindow> {
+        self.windows
+            .iter()
+            .filter(|window| now < window.until)
+            .collect()
     }
 
-    /// Uses up one hit of the oldest fault matching this call, if any.
+    /// Removes every waiting fault and window.
+    pub(crate) fn clear(&mut self) {
+        self.faults.clear();
+        self.windows.clear();
+    }
+
+    /// Uses up one hit of the oldest counted fault matching this call, if any; else the first
+    /// window covering sandbox time `now` answers it.
     pub(crate) fn take_matching(
         &mut self,
         service: Service,
         route: FaultRoute,
+        now: DateTime<Utc>,
     ) -> Option<TriggeredFault> {
-        let position = self
+        let Some(position) = self
             .faults
             .iter()
-            .position(|fault| fault.provider == service && fault.route.matches(route))?;
+            .position(|fault| fault.provider == service && fault.route.matches(route))
+        else {
+            return self
+                .windows
+                .iter()
+                .find(|window| window.covers(service, route, now))
+                .map(|window| TriggeredFault {
+                    service,
+                    kind: window.kind,
+                    status: window.status,
+                    retry_after_seconds: window.retry_after_seconds,
+                    hold_seconds: window.hold_seconds,
+                });
+        };
         let fault = &mut self.faults[position];
         fault.count -= 1;
-        let triggered = TriggeredFault {
-            service,
-            kind: fault.kind,
-            status: fault.status,
-            retry_after_seconds: fault.retry_after_seconds,
-            hold_seconds: fault.hold_seconds,
-        };
+        let triggered = fault.triggered(service);
         if fault.count == 0 {
             self.faults.remove(position);
         }
@@ -314,20 +467,24 @@ mod tests {
     use super::*;
 
     fn fault(provider: Service, route: FaultRoute, kind: FaultKind, count: u32) -> Fault {
-        Fault::from_request(FaultRequest {
-            provider,
-            route,
-            kind,
-            count,
-            status: None,
-            retry_after_seconds: None,
-            hold_seconds: None,
-        })
+        Fault::from_request(
+            FaultRequest {
+                provider,
+                route,
+                kind,
+                count,
+                status: None,
+                retry_after_seconds: None,
+                hold_seconds: None,
+            },
+            &mut NamespaceRandom::from_entropy(),
+        )
         .unwrap()
     }
 
     #[test]
     fn faults_hit_matching_calls_in_the_order_they_were_added_until_used_up() {
+        let now = Utc::now();
         let mut queue = FaultQueue::default();
         queue.add(fault(
             Service::Argus,
@@ -344,19 +501,19 @@ mod tests {
 
         let kind_of = |triggered: Option<TriggeredFault>| triggered.map(|fault| fault.kind);
         assert_eq!(
-            kind_of(queue.take_matching(Service::ReferralNet, FaultRoute::Account)),
+            kind_of(queue.take_matching(Service::ReferralNet, FaultRoute::Account, now)),
             None
         );
         assert_eq!(
-            kind_of(queue.take_matching(Service::Argus, FaultRoute::Account)),
+            kind_of(queue.take_matching(Service::Argus, FaultRoute::Account, now)),
             Some(FaultKind::Malformed)
         );
         assert_eq!(
-            kind_of(queue.take_matching(Service::Argus, FaultRoute::Account)),
+            kind_of(queue.take_matching(Service::Argus, FaultRoute::Account, now)),
             Some(FaultKind::ServerError)
         );
         assert_eq!(
-            kind_of(queue.take_matching(Service::Argus, FaultRoute::Account)),
+            kind_of(queue.take_matching(Service::Argus, FaultRoute::Account, now)),
             None
         );
         assert!(queue.remaining().is_empty());
@@ -406,7 +563,7 @@ mod tests {
             hold_seconds: None,
         };
         assert_eq!(
-            Fault::from_request(request).unwrap_err(),
+            Fault::from_request(request, &mut NamespaceRandom::from_entropy()).unwrap_err(),
             r#"argus has no route "sessions""#
         );
     }

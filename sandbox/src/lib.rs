@@ -22,9 +22,16 @@
 //! - `webhook_targets`: which addresses webhooks may go to (public ones, unless allowed);
 //! - `payments`: the payment gateway's HTTP API, test cards, charges and idempotency keys;
 //! - `requests`: the recent provider requests of each namespace (`GET /_sandbox/requests`);
-//! - `control`: the `/_sandbox` control API.
+//! - `control`: the `/_sandbox` control API;
+//! - `random`: each namespace's random stream (seeded by a scenario, else from the OS);
+//! - `scenario`: scenario files (TOML) that seed a namespace, checked with line numbers;
+//! - `schedule`: a namespace's events at sandbox times (decisions, referrals, faults);
+//! - `state`: `--state FILE`, the namespaces kept across restarts (atomic writes, versioned).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::Router;
 use tokio::net::TcpListener;
@@ -43,13 +50,19 @@ mod messaging;
 mod namespace;
 mod payments;
 mod provider;
+mod random;
 mod referralnet;
 mod referralnet_messaging;
 mod requests;
+mod scenario;
+mod schedule;
+mod state;
 mod webhook_targets;
 mod webhooks;
 
 pub use clock::{InvalidClockSpeed, MAXIMUM_CLOCK_SPEED, validate_clock_speed};
+pub use scenario::{Scenario, ScenarioError};
+pub use state::{STATE_VERSION, StateError};
 
 /// The header that names the namespace of a request without a `/ns/{name}` path prefix.
 pub const NAMESPACE_HEADER: &str = namespace::NAMESPACE_HEADER;
@@ -90,12 +103,19 @@ impl Default for SandboxConfig {
 /// another application with `Router::nest_service`. A `clock_speed` that
 /// [`validate_clock_speed`] refuses is replaced by 1.0, with a warning.
 pub fn router(config: SandboxConfig) -> Router {
+    router_for(namespace::SandboxState::new(checked_config(config)))
+}
+
+fn checked_config(config: SandboxConfig) -> SandboxConfig {
     let mut config = config;
     if let Err(error) = validate_clock_speed(config.clock_speed) {
         tracing::warn!(%error, "using clock speed 1.0 instead");
         config.clock_speed = 1.0;
     }
-    let state = namespace::SandboxState::new(config);
+    config
+}
+
+fn router_for(state: namespace::SandboxState) -> Router {
     // Pushes webhooks while the router lives; without a runtime here, the first request starts it.
     state.ensure_webhook_ticker();
     let routes = Router::new()
@@ -117,10 +137,235 @@ pub fn router(config: SandboxConfig) -> Router {
 ///
 /// The server stops gracefully when the returned handle is shut down or dropped.
 pub async fn spawn(address: SocketAddr, config: SandboxConfig) -> std::io::Result<SandboxHandle> {
-    let listener = TcpListener::bind(address).await?;
-    let bound_address = listener.local_addr()?;
+    spawn_with(address, config, SandboxOptions::default())
+        .await
+        .map_err(|error| match error {
+            StartError::Listen { source, .. } => source,
+            other => std::io::Error::other(other.to_string()),
+        })
+}
+
+/// What a sandbox starts from besides its [`SandboxConfig`]: scenarios, and a state file.
+#[derive(Clone, Debug, Default)]
+pub struct SandboxOptions {
+    /// Each seeds its namespace (no two may name the same one); their extra directory entries
+    /// join the directory.
+    pub scenarios: Vec<Scenario>,
+    /// Keeps the namespaces across restarts: loaded at start when it exists, written
+    /// atomically after changes (at most every `save_interval`) and when the handle is shut
+    /// down or dropped. A namespace the file holds comes from the file, even when a scenario
+    /// names it (the scenario is then only what a reset goes back to).
+    pub state_file: Option<PathBuf>,
+    /// How often changes are written to the state file; default 2 seconds.
+    pub save_interval: Option<Duration>,
+}
+
+/// Why a sandbox did not start. Nothing was served, and an existing state file was not
+/// touched.
+#[derive(Debug)]
+pub enum StartError {
+    /// A scenario does not fit this sandbox (a directory entry that is already there, two
+    /// scenarios for one namespace, a sender not in the directory).
+    Scenario(ScenarioError),
+    /// The state file cannot be used.
+    State(StateError),
+    /// The address cannot be bound.
+    Listen {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartError::Scenario(error) => write!(formatter, "scenario {error}"),
+            StartError::State(error) => error.fmt(formatter),
+            StartError::Listen { address, source } => {
+                write!(formatter, "could not listen on {address}: {source}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for StartError {}
+
+/// The state file of a running sandbox and what writes it.
+#[derive(Debug)]
+struct Persistence {
+    sandbox: namespace::SandboxState,
+    path: PathBuf,
+    fingerprint: state::SandboxFingerprint,
+    /// Held while a copy is rendered and written, so two writes never interleave.
+    write_lock: Arc<Mutex<()>>,
+    saver_task: JoinHandle<()>,
+}
+
+impl Persistence {
+    /// Writes the state file now (the final write at shutdown).
+    fn save_now(&self) {
+        let _guard = self
+            .write_lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let bytes = state::render(&self.sandbox, &self.fingerprint);
+        match state::write_atomically(&self.path, &bytes) {
+            Ok(()) => tracing::info!(path = %self.path.display(), "sandbox state saved"),
+            Err(error) => {
+                tracing::error!(path = %self.path.display(), %error, "cannot save the sandbox state");
+            }
+        }
+    }
+}
+
+/// Builds the sandbox's state from the config, scenarios and state file; refuses anything
+/// that does not fit before a namespace is touched.
+fn prepare(
+    config: SandboxConfig,
+    options: &SandboxOptions,
+) -> Result<(namespace::SandboxState, state::SandboxFingerprint), StartError> {
+    let mut directory = directory::Directory::generate(config.seed, config.directory_size);
+    let mut namespaces_seen = std::collections::HashSet::new();
+    for scenario in &options.scenarios {
+        if !namespaces_seen.insert(scenario.namespace().to_owned()) {
+            return Err(StartError::Scenario(ScenarioError {
+                source: scenario.source().to_owned(),
+                line: None,
+                column: None,
+                message: format!(
+                    "another scenario already seeds namespace {:?}; give each its own `namespace`",
+                    scenario.namespace()
+                ),
+            }));
+        }
+        let mut new_entries = Vec::new();
+        for (line, extra) in scenario.extra_directory_entries() {
+            if directory.holds_extra(extra) || new_entries.contains(extra) {
+                continue;
+            }
+            if let Some(existing) = directory.find(&extra.hpii) {
+                return Err(StartError::Scenario(ScenarioError {
+                    source: scenario.source().to_owned(),
+                    line: Some(*line),
+                    column: None,
+                    message: format!(
+                        "directory.hpii: {} is already in the directory ({}); choose another",
+                        extra.hpii,
+                        existing.display_name()
+                    ),
+                }));
+            }
+            new_entries.push(extra.clone());
+        }
+        directory = directory
+            .with_extra_entries(&new_entries)
+            .map_err(|message| {
+                StartError::Scenario(ScenarioError {
+                    source: scenario.source().to_owned(),
+                    line: None,
+                    column: None,
+                    message,
+                })
+            })?;
+    }
+    for scenario in &options.scenarios {
+        scenario
+            .check_against(&directory)
+            .map_err(StartError::Scenario)?;
+    }
+    let mut extra_directory_hpiis: Vec<String> = options
+        .scenarios
+        .iter()
+        .flat_map(|scenario| scenario.extra_directory_entries())
+        .map(|(_, extra)| extra.hpii.clone())
+        .collect();
+    extra_directory_hpiis.sort();
+    extra_directory_hpiis.dedup();
+    let fingerprint = state::SandboxFingerprint {
+        seed: config.seed,
+        directory_size: config.directory_size,
+        extra_directory_hpiis,
+    };
+
+    let loaded = match &options.state_file {
+        Some(path) => state::load(path, config, &fingerprint).map_err(StartError::State)?,
+        None => None,
+    };
+    let sandbox = namespace::SandboxState::with_directory(config, directory);
+    let mut restored_names = std::collections::HashSet::new();
+    if let Some(loaded) = loaded {
+        for mut namespace_state in loaded.namespaces {
+            namespace_state.scenario = options
+                .scenarios
+                .iter()
+                .find(|scenario| scenario.namespace() == namespace_state.name.as_str())
+                .map(|scenario| Arc::new(scenario.clone()));
+            restored_names.insert(namespace_state.name.as_str().to_owned());
+            sandbox.install_namespace(namespace_state);
+        }
+    }
+    for scenario in &options.scenarios {
+        if restored_names.contains(scenario.namespace()) {
+            tracing::info!(
+                namespace = scenario.namespace(),
+                "namespace restored from the state file; its scenario is what a reset goes back to"
+            );
+            continue;
+        }
+        sandbox.install_namespace(namespace::NamespaceState::from_scenario(
+            scenario.namespace_name(),
+            config,
+            Arc::new(scenario.clone()),
+        ));
+        tracing::info!(
+            namespace = scenario.namespace(),
+            source = scenario.source(),
+            "namespace seeded from its scenario"
+        );
+    }
+    Ok((sandbox, fingerprint))
+}
+
+/// How often changes are written to the state file unless the options say otherwise.
+const DEFAULT_SAVE_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Like [`spawn`], with scenarios and a state file. Every scenario and the state file are
+/// checked before the address is bound; on any error nothing is served and nothing written.
+pub async fn spawn_with(
+    address: SocketAddr,
+    config: SandboxConfig,
+    options: SandboxOptions,
+) -> Result<SandboxHandle, StartError> {
+    let config = checked_config(config);
+    let (sandbox, fingerprint) = prepare(config, &options)?;
+    let listener = TcpListener::bind(address)
+        .await
+        .map_err(|source| StartError::Listen { address, source })?;
+    let bound_address = listener
+        .local_addr()
+        .map_err(|source| StartError::Listen { address, source })?;
+    if let Some(path) = &options.state_file {
+        write_first_state(&sandbox, path, &fingerprint).map_err(StartError::State)?;
+    }
+    let persistence = options.state_file.map(|path| {
+        let write_lock = Arc::new(Mutex::new(()));
+        let saver_task = tokio::spawn(run_saver(
+            sandbox.downgrade(),
+            path.clone(),
+            clone_fingerprint(&fingerprint),
+            Arc::clone(&write_lock),
+            options.save_interval.unwrap_or(DEFAULT_SAVE_INTERVAL),
+        ));
+        Persistence {
+            sandbox: sandbox.clone(),
+            path,
+            fingerprint,
+            write_lock,
+            saver_task,
+        }
+    });
     let (stop_sender, stop_receiver) = oneshot::channel::<()>();
-    let application = router(config);
+    let application = router_for(sandbox);
     let server_task = tokio::spawn(async move {
         let stopped = async move {
             // An error means the handle was dropped without sending: stop then too.
@@ -135,7 +380,80 @@ pub async fn spawn(address: SocketAddr, config: SandboxConfig) -> std::io::Resul
         address: bound_address,
         stop_sender: Some(stop_sender),
         server_task: Some(server_task),
+        persistence,
     })
+}
+
+/// Writes the state file at once when there is none yet (creating its directory), so a path
+/// that cannot be written stops the start instead of failing at the first save.
+fn write_first_state(
+    sandbox: &namespace::SandboxState,
+    path: &std::path::Path,
+    fingerprint: &state::SandboxFingerprint,
+) -> Result<(), StateError> {
+    if path.exists() {
+        return Ok(());
+    }
+    let cannot_write = |error: std::io::Error| StateError {
+        path: path.to_owned(),
+        message: format!("cannot be written: {error}"),
+    };
+    if let Some(parent) = path
+        .parent()
+        .filter(|parent| !parent.as_os_str().is_empty())
+    {
+        std::fs::create_dir_all(parent).map_err(cannot_write)?;
+    }
+    state::write_atomically(path, &state::render(sandbox, fingerprint)).map_err(cannot_write)
+}
+
+fn clone_fingerprint(fingerprint: &state::SandboxFingerprint) -> state::SandboxFingerprint {
+    state::SandboxFingerprint {
+        seed: fingerprint.seed,
+        directory_size: fingerprint.directory_size,
+        extra_directory_hpiis: fingerprint.extra_directory_hpiis.clone(),
+    }
+}
+
+/// Writes the state file whenever something changed since the last write, at most once per
+/// `interval`; ends with the sandbox.
+async fn run_saver(
+    sandbox: namespace::WeakSandboxState,
+    path: PathBuf,
+    fingerprint: state::SandboxFingerprint,
+    write_lock: Arc<Mutex<()>>,
+    interval: Duration,
+) {
+    let fingerprint = Arc::new(fingerprint);
+    let mut saved_changes = sandbox.upgrade().map(|state| state.change_count());
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let Some(state) = sandbox.upgrade() else {
+            break;
+        };
+        let changes = state.change_count();
+        if saved_changes == Some(changes) {
+            continue;
+        }
+        let path = path.clone();
+        let fingerprint = Arc::clone(&fingerprint);
+        let write_lock = Arc::clone(&write_lock);
+        let written = tokio::task::spawn_blocking(move || {
+            let _guard = write_lock
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let bytes = state::render(&state, &fingerprint);
+            state::write_atomically(&path, &bytes)
+        })
+        .await;
+        match written {
+            Ok(Ok(())) => saved_changes = Some(changes),
+            Ok(Err(error)) => tracing::error!(%error, "cannot save the sandbox state; will retry"),
+            Err(error) => tracing::error!(%error, "the state saver failed; will retry"),
+        }
+    }
 }
 
 /// A running sandbox server. Dropping it asks the server to stop.
@@ -144,6 +462,7 @@ pub struct SandboxHandle {
     address: SocketAddr,
     stop_sender: Option<oneshot::Sender<()>>,
     server_task: Option<JoinHandle<std::io::Result<()>>>,
+    persistence: Option<Persistence>,
 }
 
 impl SandboxHandle {
@@ -168,7 +487,8 @@ impl SandboxHandle {
         format!("http://{reachable_address}")
     }
 
-    /// Stops accepting connections and waits for requests in flight to finish.
+    /// Stops accepting connections, waits for requests in flight to finish, then writes the
+    /// state file (when there is one) a last time.
     pub async fn shutdown(mut self) {
         if let Some(stop_sender) = self.stop_sender.take() {
             let _ = stop_sender.send(());
@@ -180,6 +500,12 @@ impl SandboxHandle {
                 Err(error) => tracing::error!(%error, "sandbox server task failed"),
             }
         }
+        if let Some(persistence) = self.persistence.take() {
+            persistence.saver_task.abort();
+            tokio::task::spawn_blocking(move || persistence.save_now())
+                .await
+                .unwrap_or_else(|error| tracing::error!(%error, "the final save failed"));
+        }
     }
 }
 
@@ -187,6 +513,10 @@ impl Drop for SandboxHandle {
     fn drop(&mut self) {
         if let Some(stop_sender) = self.stop_sender.take() {
             let _ = stop_sender.send(());
+        }
+        if let Some(persistence) = self.persistence.take() {
+            persistence.saver_task.abort();
+            persistence.save_now();
         }
     }
 }
@@ -220,6 +550,7 @@ mod tests {
             address: "0.0.0.0:8081".parse().unwrap(),
             stop_sender: None,
             server_task: None,
+            persistence: None,
         };
         assert_eq!(handle.base_url(), "http://127.0.0.1:8081");
     }

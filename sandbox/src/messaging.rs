@@ -12,11 +12,12 @@ use chrono::{DateTime, Duration, SubsecRound, Utc};
 use rand::Rng;
 use rand::distributions::Alphanumeric;
 use rand::seq::SliceRandom;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::directory::{DirectoryEntry, MagicBehaviour, UNDELIVERABLE_REASON};
 use crate::hl7;
 use crate::provider::Provider;
+use crate::random::NamespaceRandom;
 
 /// Sandbox seconds from acceptance to delivery (or failure).
 const DELIVERY_DELAY_SECONDS: i64 = 5;
@@ -29,9 +30,10 @@ const ID_RANDOM_CHARACTERS: usize = 20;
 /// The clinical system every directory practitioner runs, as MSH-3 names it.
 pub(crate) const PRACTITIONER_APPLICATION: &str = "SANDBOX-PMS";
 
-/// A new id: `prefix` and random capitals and digits.
-pub(crate) fn random_id(prefix: &str) -> String {
-    let random: String = rand::thread_rng()
+/// A new id: `prefix` and random capitals and digits, drawn from the namespace's stream.
+pub(crate) fn random_id(prefix: &str, random: &mut NamespaceRandom) -> String {
+    let random: String = random
+        .next_generator()
         .sample_iter(Alphanumeric)
         .map(char::from)
         .map(|character| character.to_ascii_uppercase())
@@ -106,13 +108,16 @@ pub(crate) struct InboundReferral<'a> {
 }
 
 /// The `REF^I12` text of an inbound referral, about a synthetic patient.
-pub(crate) fn inbound_referral_payload(referral: &InboundReferral<'_>) -> String {
-    let mut random = rand::thread_rng();
+pub(crate) fn inbound_referral_payload(
+    referral: &InboundReferral<'_>,
+    random: &mut NamespaceRandom,
+) -> String {
+    let mut patient_random = random.next_generator();
     let (family_name, given_name, birth_date, sex) = *SYNTHETIC_PATIENTS
-        .choose(&mut random)
+        .choose(&mut patient_random)
         .expect("there are synthetic patients");
-    let record_number = format!("MRN{:07}", random.gen_range(0..10_000_000));
-    let control_id = random_id("SBX");
+    let record_number = format!("MRN{:07}", patient_random.gen_range(0..10_000_000));
+    let control_id = random_id("SBX", random);
     let receiving_application = match referral.provider {
         Provider::Argus => "ARGUS",
         Provider::ReferralNet => "REFERRALNET",
@@ -147,7 +152,8 @@ pub(crate) fn inbound_referral_payload(referral: &InboundReferral<'_>) -> String
 }
 
 /// A point on a sent message's way.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub(crate) enum Milestone {
     Delivered,
     Acknowledged,
@@ -187,7 +193,8 @@ impl DeliveryStatus {
 }
 
 /// A message an account sent, accepted by its provider.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(crate) struct SentMessage {
     pub(crate) provider: Provider,
     pub(crate) account: String,
@@ -270,7 +277,8 @@ pub(crate) struct NewMessage<'a> {
 }
 
 /// A message a directory practitioner sent to an account, waiting in its inbox.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(crate) struct InboxItem {
     /// Position in the namespace's inbox; cursors are made of it.
     pub(crate) sequence: u64,
@@ -330,13 +338,17 @@ pub(crate) struct PushJob {
     pub(crate) event: DispatchEvent,
 }
 
-/// The messages of one namespace.
-#[derive(Debug, Default)]
+/// The messages of one namespace. A state file keeps all of it (webhook secrets included: the
+/// sandbox signs pushes with them) except the lookup indexes, which are rebuilt on load.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(crate) struct MessageStore {
     sent: Vec<SentMessage>,
     /// (provider, account, client message id) → index in `sent`.
+    #[serde(skip)]
     by_client_message_id: HashMap<(Provider, String, String), usize>,
     /// Tracking or receipt id → index in `sent`.
+    #[serde(skip)]
     by_id: HashMap<String, usize>,
     /// For each ReferralNet dispatch: how many of its milestones have been pushed (or passed
     /// with no webhook set).
@@ -344,6 +356,7 @@ pub(crate) struct MessageStore {
     /// ReferralNet dispatches with milestones still to push.
     unpushed: BTreeSet<usize>,
     inbox: Vec<InboxItem>,
+    #[serde(skip)]
     inbox_by_id: HashMap<String, usize>,
     /// ReferralNet account → its webhook URL.
     webhook_urls: HashMap<String, String>,
@@ -352,6 +365,41 @@ pub(crate) struct MessageStore {
 }
 
 impl MessageStore {
+    /// Rebuilds the lookup indexes after loading; refuses a store whose ids repeat.
+    pub(crate) fn rebuild_indexes(&mut self) -> Result<(), String> {
+        self.by_client_message_id.clear();
+        self.by_id.clear();
+        self.inbox_by_id.clear();
+        for (index, message) in self.sent.iter().enumerate() {
+            let key = (
+                message.provider,
+                message.account.clone(),
+                message.client_message_id.clone(),
+            );
+            if self.by_client_message_id.insert(key, index).is_some()
+                || self.by_id.insert(message.id.clone(), index).is_some()
+            {
+                return Err(format!("sent message {} is there twice", message.id));
+            }
+        }
+        for (index, item) in self.inbox.iter().enumerate() {
+            if self.inbox_by_id.insert(item.id.clone(), index).is_some() {
+                return Err(format!("inbox item {} is there twice", item.id));
+            }
+        }
+        if let Some(index) = self
+            .unpushed
+            .iter()
+            .chain(self.pushed_milestones.keys())
+            .find(|index| **index >= self.sent.len())
+        {
+            return Err(format!(
+                "push progress names sent message {index}, which is not there"
+            ));
+        }
+        Ok(())
+    }
+
     /// The message this account already sent with this client message id.
     pub(crate) fn find_sent_by_client_message_id(
         &self,
@@ -366,7 +414,12 @@ impl MessageStore {
     }
 
     /// Records an accepted message at sandbox time `now`; its timeline follows the recipient.
-    pub(crate) fn accept(&mut self, message: NewMessage<'_>, now: DateTime<Utc>) -> &SentMessage {
+    pub(crate) fn accept(
+        &mut self,
+        message: NewMessage<'_>,
+        now: DateTime<Utc>,
+        random: &mut NamespaceRandom,
+    ) -> &SentMessage {
         let accepted_at = now.trunc_subsecs(0);
         let delivery_delay = match message.recipient.magic {
             Some(MagicBehaviour::SlowDelivery) => SLOW_DELIVERY_DELAY_SECONDS,
@@ -389,7 +442,7 @@ impl MessageStore {
         let sent = SentMessage {
             provider: message.provider,
             account: message.account.to_owned(),
-            id: random_id(id_prefix),
+            id: random_id(id_prefix, random),
             client_message_id: message.client_message_id.to_owned(),
             recipient_hpii: message.recipient.hpii.clone(),
             recipient_organisation: message.recipient.organisation.clone(),
@@ -432,7 +485,11 @@ impl MessageStore {
     }
 
     /// Puts a message in an account's inbox.
-    pub(crate) fn deliver_to_inbox(&mut self, item: NewInboxItem) -> &InboxItem {
+    pub(crate) fn deliver_to_inbox(
+        &mut self,
+        item: NewInboxItem,
+        random: &mut NamespaceRandom,
+    ) -> &InboxItem {
         let index = self.inbox.len();
         let id_prefix = match item.provider {
             Provider::Argus => "AIN-",
@@ -442,7 +499,7 @@ impl MessageStore {
             sequence: index as u64 + 1,
             provider: item.provider,
             account: item.account,
-            id: random_id(id_prefix),
+            id: random_id(id_prefix, random),
             sender_hpii: item.sender_hpii,
             sender_name: item.sender_name,
             received_at: item.received_at.trunc_subsecs(0),
@@ -502,11 +559,16 @@ impl MessageStore {
     }
 
     /// Sets a ReferralNet account's webhook URL, making its secret on first use.
-    pub(crate) fn set_webhook(&mut self, account: &str, url: String) -> Webhook {
+    pub(crate) fn set_webhook(
+        &mut self,
+        account: &str,
+        url: String,
+        random: &mut NamespaceRandom,
+    ) -> Webhook {
         self.webhook_urls.insert(account.to_owned(), url);
         self.webhook_secrets
             .entry(account.to_owned())
-            .or_insert_with(random_secret);
+            .or_insert_with(|| random_secret(random));
         self.webhook(account).expect("just set")
     }
 
@@ -576,8 +638,9 @@ fn webhook_of(
 }
 
 /// A webhook signing secret: `whsec_` and 32 random letters and digits.
-fn random_secret() -> String {
-    let random: String = rand::thread_rng()
+fn random_secret(random: &mut NamespaceRandom) -> String {
+    let random: String = random
+        .next_generator()
         .sample_iter(Alphanumeric)
         .map(char::from)
         .take(32)
@@ -618,6 +681,7 @@ mod tests {
                     payload: PAYLOAD.to_owned(),
                 },
                 start(),
+                &mut NamespaceRandom::from_entropy(),
             )
             .id
             .clone()
@@ -722,7 +786,11 @@ mod tests {
                 .is_empty()
         );
 
-        store.set_webhook("demo", "http://127.0.0.1:9/hook".to_owned());
+        store.set_webhook(
+            "demo",
+            "http://127.0.0.1:9/hook".to_owned(),
+            &mut NamespaceRandom::from_entropy(),
+        );
         let second = send(
             &mut store,
             &directory,
@@ -756,14 +824,17 @@ mod tests {
         let ids: Vec<String> = (0..3)
             .map(|number| {
                 store
-                    .deliver_to_inbox(NewInboxItem {
-                        provider: Provider::Argus,
-                        account: "demo".to_owned(),
-                        sender_hpii: "8003610000000000".to_owned(),
-                        sender_name: "Dr Test".to_owned(),
-                        received_at: start(),
-                        payload: format!("MSH|^~\\&|{number}"),
-                    })
+                    .deliver_to_inbox(
+                        NewInboxItem {
+                            provider: Provider::Argus,
+                            account: "demo".to_owned(),
+                            sender_hpii: "8003610000000000".to_owned(),
+                            sender_name: "Dr Test".to_owned(),
+                            received_at: start(),
+                            payload: format!("MSH|^~\\&|{number}"),
+                        },
+                        &mut NamespaceRandom::from_entropy(),
+                    )
                     .id
                     .clone()
             })
@@ -803,8 +874,9 @@ mod tests {
     #[test]
     fn a_webhook_secret_is_kept_when_the_url_changes() {
         let mut store = MessageStore::default();
-        let first = store.set_webhook("demo", "http://a.example/hook".to_owned());
-        let second = store.set_webhook("demo", "http://b.example/hook".to_owned());
+        let mut random = NamespaceRandom::from_entropy();
+        let first = store.set_webhook("demo", "http://a.example/hook".to_owned(), &mut random);
+        let second = store.set_webhook("demo", "http://b.example/hook".to_owned(), &mut random);
         assert!(first.secret.starts_with("whsec_"));
         assert_eq!(first.secret, second.secret);
         assert_eq!(second.url, "http://b.example/hook");

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
 use axum::Json;
@@ -21,6 +21,8 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use tower::ServiceExt;
 
+use chrono::{DateTime, SubsecRound, Utc};
+
 use crate::SandboxConfig;
 use crate::accounts::{
     ARGUS_DEMO_ACCOUNT, Account, AccountBook, DecisionSeed, NewRegistration,
@@ -29,16 +31,22 @@ use crate::accounts::{
 use crate::clock::SandboxClock;
 use crate::directory::Directory;
 use crate::faults::{FaultQueue, FaultRoute, TriggeredFault};
-use crate::messaging::MessageStore;
+use crate::messaging::{
+    DEFAULT_REFERRAL_TEXT, InboundReferral, InboxItem, MessageStore, NewInboxItem,
+    inbound_referral_payload,
+};
 use crate::payments::PaymentBook;
 use crate::provider::{Provider, Service};
+use crate::random::NamespaceRandom;
 use crate::referralnet::SessionBook;
+use crate::scenario::Scenario;
+use crate::schedule::{AccountChange, Schedule, ScheduledAction};
 
 /// The header naming the namespace when the path has no `/ns/{name}` prefix.
 pub(crate) const NAMESPACE_HEADER: &str = "x-sandbox-namespace";
 
 /// The namespace of requests that name none.
-const DEFAULT_NAMESPACE: &str = "default";
+pub(crate) const DEFAULT_NAMESPACE: &str = "default";
 
 /// The path prefix that names a namespace, followed by the name.
 const NAMESPACE_PATH_PREFIX: &str = "/ns/";
@@ -71,21 +79,49 @@ impl NamespaceName {
 /// namespace, so the sandbox holds it once.
 #[derive(Debug)]
 pub(crate) struct NamespaceState {
-    name: NamespaceName,
-    config: SandboxConfig,
+    pub(crate) name: NamespaceName,
+    pub(crate) config: SandboxConfig,
     pub(crate) clock: SandboxClock,
-    argus_accounts: AccountBook,
-    referralnet_accounts: AccountBook,
+    pub(crate) argus_accounts: AccountBook,
+    pub(crate) referralnet_accounts: AccountBook,
     pub(crate) referralnet_sessions: SessionBook,
     pub(crate) faults: FaultQueue,
     pub(crate) payments: PaymentBook,
     pub(crate) messages: MessageStore,
     pub(crate) requests: crate::requests::RequestLog,
+    /// Where ids, tokens and secrets come from (seeded by a scenario's `seed`).
+    pub(crate) random: NamespaceRandom,
+    /// The seed registration decision times are drawn from.
+    pub(crate) sandbox_seed: u64,
+    /// Events waiting for the clock (from a scenario).
+    pub(crate) schedule: Schedule,
+    /// The scenario the namespace started from, which a reset goes back to.
+    pub(crate) scenario: Option<Arc<Scenario>>,
+}
+
+/// Why an inbound referral could not be delivered.
+#[derive(Debug)]
+pub(crate) enum InboundError {
+    /// The sender is not a directory practitioner the provider reaches.
+    Sender(String),
+    /// The account does not exist at the provider.
+    Account(String),
+}
+
+/// A referral a directory practitioner sends to an account (control API or scenario).
+#[derive(Debug)]
+pub(crate) struct InboundRequest<'a> {
+    pub(crate) provider: Provider,
+    pub(crate) account: &'a str,
+    pub(crate) from_hpii: Option<&'a str>,
+    pub(crate) recipient_hpii: Option<&'a str>,
+    pub(crate) recipient_name: Option<&'a str>,
+    pub(crate) text: Option<&'a str>,
 }
 
 impl NamespaceState {
     /// A fresh namespace: demo accounts only, clock at real now and the configured speed.
-    fn new(name: NamespaceName, config: SandboxConfig) -> NamespaceState {
+    pub(crate) fn new(name: NamespaceName, config: SandboxConfig) -> NamespaceState {
         let clock = SandboxClock::starting_now(config.clock_speed);
         let now = clock.now();
         NamespaceState {
@@ -99,12 +135,42 @@ impl NamespaceState {
             payments: PaymentBook::default(),
             messages: MessageStore::default(),
             requests: crate::requests::RequestLog::default(),
+            random: NamespaceRandom::from_entropy(),
+            sandbox_seed: config.seed,
+            schedule: Schedule::default(),
+            scenario: None,
         }
     }
 
-    /// Puts the namespace back to how it was when first used.
+    /// A namespace as `scenario` starts it (checked against the sandbox already).
+    pub(crate) fn from_scenario(
+        name: NamespaceName,
+        config: SandboxConfig,
+        scenario: Arc<Scenario>,
+    ) -> NamespaceState {
+        let seeded = scenario.seed_namespace(name.as_str(), &config);
+        NamespaceState {
+            clock: seeded.clock,
+            argus_accounts: seeded.argus_accounts,
+            referralnet_accounts: seeded.referralnet_accounts,
+            faults: seeded.faults,
+            random: seeded.random,
+            sandbox_seed: seeded.sandbox_seed,
+            schedule: seeded.schedule,
+            scenario: Some(scenario),
+            ..NamespaceState::new(name, config)
+        }
+    }
+
+    /// Puts the namespace back to how it was when first used: its scenario's start, if it
+    /// started from one.
     pub(crate) fn reset(&mut self) {
-        *self = NamespaceState::new(self.name.clone(), self.config);
+        *self = match self.scenario.take() {
+            Some(scenario) => {
+                NamespaceState::from_scenario(self.name.clone(), self.config, scenario)
+            }
+            None => NamespaceState::new(self.name.clone(), self.config),
+        };
     }
 
     /// The accounts of one provider.
@@ -131,7 +197,7 @@ impl NamespaceState {
     ) -> Result<Account, RegistrationError> {
         let now = self.clock.now();
         let seed = DecisionSeed {
-            sandbox_seed: self.config.seed,
+            sandbox_seed: self.sandbox_seed,
             namespace: self.name.as_str(),
             provider,
         };
@@ -140,6 +206,135 @@ impl NamespaceState {
             Provider::ReferralNet => &mut self.referralnet_accounts,
         };
         accounts.register(registration, &seed, now).cloned()
+    }
+
+    /// A directory practitioner sends a `REF^I12` referral to an account's inbox, received at
+    /// sandbox time `at`.
+    pub(crate) fn deliver_inbound(
+        &mut self,
+        directory: &Directory,
+        request: &InboundRequest<'_>,
+        at: DateTime<Utc>,
+    ) -> Result<InboxItem, InboundError> {
+        let provider = request.provider;
+        let sender = match request.from_hpii {
+            Some(hpii) => directory
+                .find(hpii.trim())
+                .filter(|entry| entry.reachable_on(provider))
+                .ok_or_else(|| {
+                    InboundError::Sender(format!(
+                        "fromHpii {hpii:?} is not a practitioner {} reaches",
+                        provider.as_str()
+                    ))
+                })?,
+            None => directory.first_ordinary_on(provider).ok_or_else(|| {
+                InboundError::Sender(format!(
+                    "the directory has no ordinary practitioner on {}; give fromHpii",
+                    provider.as_str()
+                ))
+            })?,
+        };
+        let account = self
+            .accounts(provider)
+            .get(request.account)
+            .ok_or_else(|| {
+                InboundError::Account(format!(
+                    "no {} account {:?}",
+                    provider.as_str(),
+                    request.account
+                ))
+            })?;
+        let practice_name = account.practice_name.clone();
+        let account_name = account.username.clone();
+        let at = at.trunc_subsecs(0);
+        let payload = inbound_referral_payload(
+            &InboundReferral {
+                provider,
+                sender,
+                receiving_facility: &practice_name,
+                recipient_name: request.recipient_name.unwrap_or(&practice_name),
+                recipient_hpii: request.recipient_hpii,
+                text: request.text.unwrap_or(DEFAULT_REFERRAL_TEXT),
+                sent_at: at,
+            },
+            &mut self.random,
+        );
+        let item = self.messages.deliver_to_inbox(
+            NewInboxItem {
+                provider,
+                account: account_name,
+                sender_hpii: sender.hpii.clone(),
+                sender_name: sender.display_name(),
+                received_at: at,
+                payload,
+            },
+            &mut self.random,
+        );
+        Ok(item.clone())
+    }
+
+    /// Fires every scheduled event the clock has passed, in time order, each as of its own
+    /// time.
+    pub(crate) fn run_due_events(&mut self, directory: &Directory) {
+        let now = self.clock.now();
+        while let Some(event) = self.schedule.take_due(now) {
+            let outcome = match &event.action {
+                ScheduledAction::Account {
+                    provider,
+                    username,
+                    change,
+                } => {
+                    let accounts = self.accounts_mut(*provider);
+                    match change.decision() {
+                        Some(decision) => accounts
+                            .decide_early(username, decision, event.at)
+                            .map(|_| ())
+                            .map_err(|error| error.to_string()),
+                        None => accounts.set_suspended(
+                            username,
+                            *change == AccountChange::Suspend,
+                            event.at,
+                        ),
+                    }
+                }
+                ScheduledAction::Inbound {
+                    provider,
+                    account,
+                    from_hpii,
+                    recipient_hpii,
+                    recipient_name,
+                    text,
+                } => {
+                    let request = InboundRequest {
+                        provider: *provider,
+                        account,
+                        from_hpii: from_hpii.as_deref(),
+                        recipient_hpii: recipient_hpii.as_deref(),
+                        recipient_name: recipient_name.as_deref(),
+                        text: text.as_deref(),
+                    };
+                    self.deliver_inbound(directory, &request, event.at)
+                        .map(|_| ())
+                        .map_err(|error| match error {
+                            InboundError::Sender(message) | InboundError::Account(message) => {
+                                message
+                            }
+                        })
+                }
+                ScheduledAction::Fault { fault } => {
+                    self.faults.add(fault.clone());
+                    Ok(())
+                }
+            };
+            let outcome = match outcome {
+                Ok(()) => "done".to_owned(),
+                Err(reason) => {
+                    tracing::warn!(namespace = self.name.as_str(), %reason, "a scheduled event did nothing");
+                    format!("nothing happened: {reason}")
+                }
+            };
+            self.schedule.record(event, outcome);
+        }
     }
 }
 
@@ -155,6 +350,9 @@ struct NamespaceRegistry {
     directory: Arc<Directory>,
     namespaces: Mutex<HashMap<NamespaceName, Arc<Mutex<NamespaceState>>>>,
     webhook_ticker_started: AtomicBool,
+    /// Counts the times any namespace was reached, so the state file is written only after
+    /// something may have changed.
+    changes: Arc<AtomicU64>,
 }
 
 /// A reference to the sandbox's state that does not keep it alive, for background tasks that
@@ -178,14 +376,32 @@ impl SandboxState {
     /// The state of a new sandbox, its directory generated from the seed.
     pub(crate) fn new(config: SandboxConfig) -> SandboxState {
         let directory = Directory::generate(config.seed, config.directory_size);
+        SandboxState::with_directory(config, directory)
+    }
+
+    /// The state of a new sandbox with this directory (the generated one and any scenario's
+    /// extra entries).
+    pub(crate) fn with_directory(config: SandboxConfig, directory: Directory) -> SandboxState {
         SandboxState {
             registry: Arc::new(NamespaceRegistry {
                 config,
                 directory: Arc::new(directory),
                 namespaces: Mutex::new(HashMap::new()),
                 webhook_ticker_started: AtomicBool::new(false),
+                changes: Arc::new(AtomicU64::new(0)),
             }),
         }
+    }
+
+    /// How many times namespaces have been reached so far (any change comes with one).
+    pub(crate) fn change_count(&self) -> u64 {
+        self.registry.changes.load(Ordering::Acquire)
+    }
+
+    /// Puts a namespace in place, replacing any of that name.
+    pub(crate) fn install_namespace(&self, state: NamespaceState) {
+        let name = state.name.clone();
+        lock(&self.registry.namespaces).insert(name, Arc::new(Mutex::new(state)));
     }
 
     /// How the sandbox was set up.
@@ -256,6 +472,8 @@ pub(crate) struct CurrentNamespace {
     state: Arc<Mutex<NamespaceState>>,
     directory: Arc<Directory>,
     allow_private_webhooks: bool,
+    config: SandboxConfig,
+    changes: Arc<AtomicU64>,
 }
 
 impl CurrentNamespace {
@@ -273,9 +491,20 @@ impl CurrentNamespace {
         self.allow_private_webhooks
     }
 
-    /// Runs `change` with the namespace locked. The closure is synchronous on purpose.
+    /// Runs `change` with the namespace locked, after firing the scheduled events the clock
+    /// has passed. The closure is synchronous on purpose.
     pub(crate) fn with_state<R>(&self, change: impl FnOnce(&mut NamespaceState) -> R) -> R {
-        change(&mut lock(&self.state))
+        let mut state = lock(&self.state);
+        self.changes.fetch_add(1, Ordering::AcqRel);
+        if state.schedule.has_due(state.clock.now()) {
+            state.run_due_events(&self.directory);
+        }
+        change(&mut state)
+    }
+
+    /// The sandbox's configuration.
+    pub(crate) fn config(&self) -> SandboxConfig {
+        self.config
     }
 
     /// Uses up one hit of the oldest fault waiting for this call to a provider or the payment
@@ -286,7 +515,10 @@ impl CurrentNamespace {
         route: FaultRoute,
     ) -> Option<TriggeredFault> {
         let service = service.into();
-        self.with_state(|state| state.faults.take_matching(service, route))
+        self.with_state(|state| {
+            let now = state.clock.now();
+            state.faults.take_matching(service, route, now)
+        })
     }
 }
 
@@ -309,6 +541,8 @@ impl FromRequestParts<SandboxState> for CurrentNamespace {
             state: namespace_state,
             directory: Arc::clone(&state.registry.directory),
             allow_private_webhooks: state.registry.config.allow_private_webhooks,
+            config: state.registry.config,
+            changes: Arc::clone(&state.registry.changes),
         })
     }
 }

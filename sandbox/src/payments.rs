@@ -17,12 +17,13 @@ use axum::{Json, Router};
 use chrono::{DateTime, Datelike, SubsecRound, Utc};
 use rand::Rng;
 use rand::distributions::Alphanumeric;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 use crate::faults::FaultRoute;
 use crate::namespace::{CurrentNamespace, SandboxState};
 use crate::provider::Service;
+use crate::random::NamespaceRandom;
 
 /// Every API key that starts with this is accepted.
 const API_KEY_PREFIX: &str = "sk_sandbox_";
@@ -394,7 +395,7 @@ fn present<'a>(fields: &'a Map<String, Value>, name: &str) -> Option<&'a Value> 
 }
 
 /// How a recorded charge ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 enum ChargeStatus {
     Succeeded,
@@ -470,6 +471,7 @@ impl PaymentBook {
         key: IdempotencyKey,
         request: ChargeRequest,
         now: DateTime<Utc>,
+        random: &mut NamespaceRandom,
     ) -> ChargeAttempt {
         if let Some(recorded) = self.answers_by_key.get(&key) {
             return if recorded.request == request {
@@ -489,7 +491,7 @@ impl PaymentBook {
             TestBehaviour::Decline => ChargeStatus::Declined,
         };
         let charge = Charge {
-            id: self.new_charge_id(),
+            id: self.new_charge_id(random),
             status,
             amount_cents: request.amount_cents.0,
             currency: ACCEPTED_CURRENCY,
@@ -527,9 +529,10 @@ impl PaymentBook {
     }
 
     /// `ch_` and random letters and digits, unused in this namespace.
-    fn new_charge_id(&self) -> String {
+    fn new_charge_id(&self, random: &mut NamespaceRandom) -> String {
         loop {
-            let random: String = rand::thread_rng()
+            let random: String = random
+                .next_generator()
                 .sample_iter(&Alphanumeric)
                 .take(CHARGE_ID_RANDOM_CHARACTERS)
                 .map(char::from)
@@ -539,6 +542,139 @@ impl PaymentBook {
                 return id;
             }
         }
+    }
+}
+
+/// A namespace's payments as a state file keeps them: every charge, every recorded answer (with
+/// the request it answered) and the keys whose flaky first attempt failed. No API key is kept:
+/// the sandbox never stores one.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(crate) struct PaymentsSnapshot {
+    charges: Vec<ChargeSnapshot>,
+    answers: Vec<AnswerSnapshot>,
+    failed_first_attempts: Vec<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct ChargeSnapshot {
+    id: String,
+    status: ChargeStatus,
+    amount_cents: i64,
+    payment_method: String,
+    idempotency_key: String,
+    description: Option<String>,
+    created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct AnswerSnapshot {
+    idempotency_key: String,
+    payment_method: String,
+    amount_cents: i64,
+    description: Option<String>,
+    status: u16,
+    body: Value,
+}
+
+impl PaymentBook {
+    /// What a state file keeps of the book.
+    pub(crate) fn snapshot(&self) -> PaymentsSnapshot {
+        let mut answers: Vec<AnswerSnapshot> = self
+            .answers_by_key
+            .iter()
+            .map(|(key, answer)| AnswerSnapshot {
+                idempotency_key: key.as_str().to_owned(),
+                payment_method: answer.request.payment_method.token().to_owned(),
+                amount_cents: answer.request.amount_cents.0,
+                description: answer
+                    .request
+                    .description
+                    .as_ref()
+                    .map(|description| description.0.clone()),
+                status: answer.status.as_u16(),
+                body: answer.body.clone(),
+            })
+            .collect();
+        answers.sort_by(|left, right| left.idempotency_key.cmp(&right.idempotency_key));
+        let mut failed_first_attempts: Vec<String> = self
+            .failed_first_attempts
+            .iter()
+            .map(|key| key.as_str().to_owned())
+            .collect();
+        failed_first_attempts.sort();
+        PaymentsSnapshot {
+            charges: self
+                .charges
+                .iter()
+                .map(|charge| ChargeSnapshot {
+                    id: charge.id.clone(),
+                    status: charge.status,
+                    amount_cents: charge.amount_cents,
+                    payment_method: charge.payment_method.to_owned(),
+                    idempotency_key: charge.idempotency_key.clone(),
+                    description: charge.description.clone(),
+                    created_at: charge.created_at,
+                })
+                .collect(),
+            answers,
+            failed_first_attempts,
+        }
+    }
+
+    /// The book a state file kept; the message says what does not fit.
+    pub(crate) fn restore(snapshot: PaymentsSnapshot) -> Result<PaymentBook, String> {
+        let payment_method = |token: &str| {
+            PaymentMethod::parse(token).ok_or_else(|| format!("unknown payment method {token:?}"))
+        };
+        let key = |text: &str| {
+            IdempotencyKey::parse(text.as_bytes())
+                .ok_or_else(|| format!("invalid idempotency key {text:?}"))
+        };
+        let mut book = PaymentBook::default();
+        for charge in snapshot.charges {
+            let method = payment_method(&charge.payment_method)?;
+            if book
+                .charge_positions
+                .insert(charge.id.clone(), book.charges.len())
+                .is_some()
+            {
+                return Err(format!("charge {} is there twice", charge.id));
+            }
+            book.charges.push(Charge {
+                id: charge.id,
+                status: charge.status,
+                amount_cents: charge.amount_cents,
+                currency: ACCEPTED_CURRENCY,
+                payment_method: method.token(),
+                idempotency_key: charge.idempotency_key,
+                description: charge.description,
+                created_at: charge.created_at,
+            });
+        }
+        for answer in snapshot.answers {
+            let request = ChargeRequest {
+                payment_method: payment_method(&answer.payment_method)?,
+                amount_cents: AmountCents(answer.amount_cents),
+                description: answer.description.map(Description),
+            };
+            let status = StatusCode::from_u16(answer.status)
+                .map_err(|_| format!("invalid status {}", answer.status))?;
+            book.answers_by_key.insert(
+                key(&answer.idempotency_key)?,
+                RecordedAnswer {
+                    request,
+                    status,
+                    body: answer.body,
+                },
+            );
+        }
+        for failed in snapshot.failed_first_attempts {
+            book.failed_first_attempts.insert(key(&failed)?);
+        }
+        Ok(book)
     }
 }
 
@@ -595,7 +731,9 @@ async fn create_charge(
     let request = ChargeRequest::parse(&body)?;
     let attempt = namespace.with_state(|state| {
         let now = state.clock.now();
-        state.payments.attempt_charge(key.clone(), request, now)
+        state
+            .payments
+            .attempt_charge(key.clone(), request, now, &mut state.random)
     });
     match attempt {
         ChargeAttempt::Charged {
@@ -728,9 +866,12 @@ mod tests {
     fn a_key_answers_its_first_outcome_again_and_refuses_a_different_request() {
         let mut book = PaymentBook::default();
         let now = Utc::now();
-        let ChargeAttempt::Charged { charge, body, .. } =
-            book.attempt_charge(key("a"), request("pm_sandbox_decline", 500), now)
-        else {
+        let ChargeAttempt::Charged { charge, body, .. } = book.attempt_charge(
+            key("a"),
+            request("pm_sandbox_decline", 500),
+            now,
+            &mut NamespaceRandom::from_entropy(),
+        ) else {
             panic!("the first attempt charges");
         };
         assert_eq!(charge.status, ChargeStatus::Declined);
@@ -739,14 +880,24 @@ mod tests {
         let ChargeAttempt::Replayed {
             status,
             body: replayed,
-        } = book.attempt_charge(key("a"), request("pm_sandbox_decline", 500), now)
+        } = book.attempt_charge(
+            key("a"),
+            request("pm_sandbox_decline", 500),
+            now,
+            &mut NamespaceRandom::from_entropy(),
+        )
         else {
             panic!("the same request replays");
         };
         assert_eq!(status, StatusCode::PAYMENT_REQUIRED);
         assert_eq!(replayed, body);
         assert!(matches!(
-            book.attempt_charge(key("a"), request("pm_sandbox_decline", 501), now),
+            book.attempt_charge(
+                key("a"),
+                request("pm_sandbox_decline", 501),
+                now,
+                &mut NamespaceRandom::from_entropy()
+            ),
             ChargeAttempt::KeyReused
         ));
         assert_eq!(book.charges().len(), 1);
@@ -758,16 +909,16 @@ mod tests {
         let now = Utc::now();
         let flaky = || request("pm_sandbox_flaky", 2200);
         assert!(matches!(
-            book.attempt_charge(key("a"), flaky(), now),
+            book.attempt_charge(key("a"), flaky(), now, &mut NamespaceRandom::from_entropy()),
             ChargeAttempt::ProcessingFailed
         ));
         assert!(book.charges().is_empty());
         assert!(matches!(
-            book.attempt_charge(key("a"), flaky(), now),
+            book.attempt_charge(key("a"), flaky(), now, &mut NamespaceRandom::from_entropy()),
             ChargeAttempt::Charged { .. }
         ));
         assert!(matches!(
-            book.attempt_charge(key("b"), flaky(), now),
+            book.attempt_charge(key("b"), flaky(), now, &mut NamespaceRandom::from_entropy()),
             ChargeAttempt::ProcessingFailed
         ));
         assert_eq!(book.charges().len(), 1);

@@ -2,7 +2,7 @@
 //! token that expires after 15 sandbox minutes, enrolment with a promotion code, and the
 //! account's enrolment state (messaging is in `referralnet_messaging`). Errors are `{"fault":{"faultCode","faultString"}}`.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 use axum::body::Bytes;
 use axum::http::{HeaderMap, StatusCode, header};
@@ -13,8 +13,9 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Duration, SubsecRound, Utc};
 use rand::RngCore;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
+use sha2::{Digest, Sha256};
 
 use crate::accounts::{
     Account, AccountStatus, NewRegistration, RegistrationError, RegistrationFieldNames,
@@ -23,6 +24,7 @@ use crate::accounts::{
 use crate::faults::FaultRoute;
 use crate::namespace::{CurrentNamespace, NamespaceState, SandboxState};
 use crate::provider::{Provider, ProviderError, ProviderErrorCode};
+use crate::random::NamespaceRandom;
 
 /// How long a session token stays valid, in sandbox time.
 const SESSION_LIFETIME_MINUTES: i64 = 15;
@@ -48,31 +50,51 @@ pub(crate) fn routes() -> Router<SandboxState> {
 }
 
 /// One logged-in session.
-#[derive(Clone, Debug)]
-struct Session {
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct Session {
     user_id: String,
     expires_at: DateTime<Utc>,
 }
 
-/// The sessions of one namespace, keyed by token.
-#[derive(Clone, Debug, Default)]
+/// The sessions of one namespace, keyed by the SHA-256 of their token (lowercase hex): the
+/// token itself is never kept, so a state file cannot give a session away.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(transparent)]
 pub(crate) struct SessionBook {
-    sessions: HashMap<String, Session>,
+    sessions: BTreeMap<String, Session>,
+}
+
+/// The key a session is kept under: SHA-256 of its token, lowercase hex. A token holds 256
+/// random bits, so a plain hash cannot be reversed by guessing.
+fn token_digest(token: &str) -> String {
+    Sha256::digest(token.as_bytes())
+        .iter()
+        .fold(String::with_capacity(64), |mut hex, byte| {
+            use std::fmt::Write as _;
+            write!(hex, "{byte:02x}").expect("writing to a string cannot fail");
+            hex
+        })
 }
 
 impl SessionBook {
-    fn start(&mut self, user_id: &str, now: DateTime<Utc>) -> (String, DateTime<Utc>) {
+    fn start(
+        &mut self,
+        user_id: &str,
+        now: DateTime<Utc>,
+        random: &mut NamespaceRandom,
+    ) -> (String, DateTime<Utc>) {
         // Expired sessions are dropped only long after expiry, so a client holding one still
         // learns that it expired rather than that it was never valid.
         self.sessions.retain(|_, session| {
             session.expires_at + Duration::days(EXPIRED_SESSION_RETENTION_DAYS) > now
         });
         let mut token_bytes = [0_u8; 32];
-        rand::thread_rng().fill_bytes(&mut token_bytes);
+        random.next_generator().fill_bytes(&mut token_bytes);
         let token = URL_SAFE_NO_PAD.encode(token_bytes);
         let expires_at = now.trunc_subsecs(0) + Duration::minutes(SESSION_LIFETIME_MINUTES);
         self.sessions.insert(
-            token.clone(),
+            token_digest(&token),
             Session {
                 user_id: user_id.to_owned(),
                 expires_at,
@@ -82,7 +104,7 @@ impl SessionBook {
     }
 
     fn find(&self, token: &str) -> Option<&Session> {
-        self.sessions.get(token)
+        self.sessions.get(&token_digest(token))
     }
 }
 
@@ -92,6 +114,15 @@ pub(crate) fn fault(
     message: impl Into<String>,
 ) -> Response {
     ProviderError::new(Provider::ReferralNet, status, code, message).into_response()
+}
+
+/// The 403 `notAuthorised` fault for a suspended enrolment's account read.
+fn suspended(user_id: &str) -> Response {
+    fault(
+        StatusCode::FORBIDDEN,
+        ProviderErrorCode::NotAuthorised,
+        format!("enrolment {user_id:?} is suspended by ReferralNet"),
+    )
 }
 
 /// The 422 `badParam` fault for a body that is not the JSON a route expects.
@@ -132,7 +163,11 @@ async fn log_in(namespace: CurrentNamespace, body: Bytes) -> Response {
             .accounts(Provider::ReferralNet)
             .authenticate(&user_id, &password)?;
         let now = state.clock.now();
-        Some(state.referralnet_sessions.start(&user_id, now))
+        Some(
+            state
+                .referralnet_sessions
+                .start(&user_id, now, &mut state.random),
+        )
     });
     match session {
         Some((session_token, expires_at)) => {
@@ -279,6 +314,7 @@ async fn read_account(namespace: CurrentNamespace, headers: HeaderMap) -> Respon
             AccountStatus::Pending => "PENDING",
             AccountStatus::Active => "APPROVED",
             AccountStatus::Rejected => "DECLINED",
+            AccountStatus::Suspended => return suspended(&account.username),
         };
         Json(json!({
             "userId": account.username,

@@ -91,6 +91,7 @@ fn approved_account(state: &NamespaceState, token: Option<&str>) -> Result<Strin
         AccountStatus::Active => return Ok(account.username.clone()),
         AccountStatus::Pending => "PENDING",
         AccountStatus::Rejected => "DECLINED",
+        AccountStatus::Suspended => "SUSPENDED",
     };
     Err(refusal(
         StatusCode::FORBIDDEN,
@@ -262,6 +263,7 @@ async fn dispatch(
                 payload,
             },
             now,
+            &mut state.random,
         );
         tracing::info!(
             namespace = namespace.name(),
@@ -348,7 +350,9 @@ async fn set_webhook(
     }
     namespace.with_state(|state| {
         let user_id = approved_account(state, token)?;
-        let webhook = state.messages.set_webhook(&user_id, url.to_string());
+        let webhook = state
+            .messages
+            .set_webhook(&user_id, url.to_string(), &mut state.random);
         tracing::info!(
             namespace = namespace.name(),
             account = user_id,

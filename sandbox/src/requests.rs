@@ -7,7 +7,7 @@ use std::collections::VecDeque;
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::namespace::{CurrentNamespace, SandboxState};
 
@@ -15,11 +15,11 @@ use crate::namespace::{CurrentNamespace, SandboxState};
 const KEPT: usize = 2_000;
 
 /// One request a provider received.
-#[derive(Clone, Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(crate) struct RequestRecord {
     /// `argus`, `referralnet` or `payments`.
-    pub provider: &'static str,
+    pub provider: String,
     pub method: String,
     pub path: String,
     pub status: u16,
@@ -28,7 +28,8 @@ pub(crate) struct RequestRecord {
 }
 
 /// The log of one namespace.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(transparent)]
 pub(crate) struct RequestLog {
     records: VecDeque<RequestRecord>,
 }
@@ -80,7 +81,7 @@ pub(crate) async fn record(
         .await;
     let response = next.run(Request::from_parts(parts, body)).await;
     let record = RequestRecord {
-        provider,
+        provider: provider.to_owned(),
         method,
         path,
         status: response.status().as_u16(),
@@ -111,7 +112,7 @@ mod tests {
         let mut log = RequestLog::default();
         for index in 0..(KEPT + 5) {
             log.push(RequestRecord {
-                provider: "argus",
+                provider: "argus".to_owned(),
                 method: "GET".into(),
                 path: format!("/argus/{index}"),
                 status: 200,

@@ -186,7 +186,7 @@ async fn start_gateway(
 }
 
 /// Creates an empty database next to the one `admin_url` names and returns its URL.
-async fn fresh_postgres_database(admin_url: &str) -> String {
+pub async fn fresh_postgres_database(admin_url: &str) -> String {
     use sea_orm::ConnectionTrait;
     let name = format!("smd_test_{}", uuid::Uuid::new_v4().simple());
     let admin = sea_orm::Database::connect(admin_url)
@@ -254,6 +254,11 @@ impl TestApp {
             self.data_dir.clone(),
         )
         .await
+    }
+
+    /// The settings this gateway was started with (to start more nodes like it).
+    pub fn settings(&self) -> &Settings {
+        &self.settings
     }
 
     /// The principal a token for (`subject`, `group`, `role`) becomes, provisioned.

@@ -13,6 +13,7 @@ mod inbox;
 mod integrations;
 mod limits;
 mod messaging;
+mod nodes;
 mod observability;
 mod permissions;
 mod platform;

@@ -29,6 +29,7 @@
 //!   blocks in between can make it happen.
 //! - `curl` runs a ```` ```sh ```` block's curl commands against the test's sandbox in place of
 //!   `localhost:8081` (the embedded sandbox's address in dev mode); each must answer 2xx.
+//!   `-X`, `-H`, `-d BODY` and `--data-binary @FILE` (a repository file) are understood.
 //! - `skip reason=…`: illustrative only; the reason says why.
 //!
 //! Every ```` ```graphql ```` block and every ```` ```sh ```` block that calls curl must carry
@@ -594,6 +595,19 @@ impl Walk {
                 match word.as_str() {
                     "-X" => method = arguments.next().cloned(),
                     "-d" => body = arguments.next().cloned(),
+                    // `--data-binary @FILE`: a file of the repository, as curl run from its root.
+                    "--data-binary" => {
+                        let file = arguments
+                            .next()
+                            .and_then(|argument| argument.strip_prefix('@'))
+                            .unwrap_or_else(|| {
+                                panic!("README.md line {}: --data-binary takes @FILE", block.line)
+                            });
+                        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+                        body = Some(std::fs::read_to_string(&path).unwrap_or_else(|error| {
+                            panic!("README.md line {}: {}: {error}", block.line, path.display())
+                        }));
+                    }
                     "-H" => {
                         arguments.next();
                     }

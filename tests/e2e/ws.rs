@@ -34,7 +34,12 @@ impl WsClient {
     }
 
     pub(crate) async fn connect_offering(app: &TestApp, protocol: Option<&str>) -> Self {
-        let mut request = format!("ws://{}/graphql/ws", app.address)
+        Self::connect_to(app.address, protocol).await
+    }
+
+    /// Connects to the gateway at `address` (any node).
+    pub(crate) async fn connect_to(address: std::net::SocketAddr, protocol: Option<&str>) -> Self {
+        let mut request = format!("ws://{address}/graphql/ws")
             .into_client_request()
             .unwrap();
         if let Some(protocol) = protocol {
@@ -54,7 +59,12 @@ impl WsClient {
 
     /// Connects and completes `connection_init` with a bearer token.
     pub(crate) async fn ready(app: &TestApp, token: &str) -> Self {
-        let mut client = Self::connect(app).await;
+        Self::ready_at(app.address, token).await
+    }
+
+    /// Like [`WsClient::ready`], on the gateway at `address` (any node).
+    pub(crate) async fn ready_at(address: std::net::SocketAddr, token: &str) -> Self {
+        let mut client = Self::connect_to(address, Some("graphql-transport-ws")).await;
         client
             .send(json!({"type": "connection_init", "payload": {"Authorization": format!("Bearer {token}")}}))
             .await;

@@ -148,6 +148,11 @@ fn status_from_state(state: AccountState) -> ConnectionStatus {
 }
 
 impl IntegrationService {
+    /// The bus this service announces changes on (other services publish on it too).
+    pub fn events(&self) -> &EventBus {
+        &self.events
+    }
+
     /// Assembles the service.
     pub fn new(
         store: Store,

@@ -1,12 +1,10 @@
 //! Settings › Integrations: link, register, validate, disconnect, and watch provider accounts.
 
 use std::collections::VecDeque;
-use std::time::Duration;
 
 use async_graphql::{Context, InputObject, Object, SimpleObject, Subscription};
 use chrono::{DateTime, Utc};
 use futures::Stream;
-use tokio::sync::broadcast::error::RecvError;
 
 use super::error::ApiError;
 use super::types::{AccountOrigin, ConnectionStatus, DisconnectScope, Provider};
@@ -19,6 +17,7 @@ use crate::domain::types::{
     ContactEmail, PracticeName, PromoCode, Provider as DomainProvider, ProviderCredentials,
     ProviderPassword, ProviderUsername, Registration, Role as DomainRole,
 };
+use crate::events::Event;
 
 /// A provider connection: the practice's account and the caller's own link to it.
 #[derive(SimpleObject, Clone, PartialEq)]
@@ -260,11 +259,12 @@ impl IntegrationSubscription {
     ) -> Result<impl Stream<Item = Integration> + use<>, ApiError> {
         let principal = principal(ctx)?.clone();
         let services = services(ctx).clone();
+        // Listening starts before the first read, so a change committed in between is heard.
+        let events = services.events.subscribe();
         let last = services.integrations.integrations(&principal).await?;
         let watch = Watch {
-            receiver: services.events.subscribe_integrations(),
+            events,
             service: services.integrations,
-            refresh: services.subscription_refresh,
             principal,
             only: provider.map(Into::into),
             last,
@@ -278,9 +278,8 @@ impl IntegrationSubscription {
 }
 
 struct Watch {
-    receiver: tokio::sync::broadcast::Receiver<crate::events::IntegrationChanged>,
+    events: crate::events::Subscriber,
     service: IntegrationService,
-    refresh: Duration,
     principal: Principal,
     only: Option<DomainProvider>,
     last: Vec<IntegrationView>,
@@ -288,8 +287,9 @@ struct Watch {
 }
 
 impl Watch {
-    /// Waits for a notification for this group (or the refresh tick), re-reads, and yields
-    /// each connection that differs from what the subscriber last saw.
+    /// Waits for a change of this group's connections (or a resync), re-reads, and yields
+    /// each connection that differs from what the subscriber last saw. Nothing runs between
+    /// events: no timer re-reads the database.
     async fn next(&mut self) -> Option<Integration> {
         loop {
             if !self.principal.is_honoured_at(Utc::now()) {
@@ -299,17 +299,16 @@ impl Watch {
                 return Some(Integration::for_caller(view, self.principal.role));
             }
             tokio::select! {
-                received = self.receiver.recv() => match received {
-                    Ok(event) if event.group_id != self.principal.group_id => continue,
-                    Ok(_) | Err(RecvError::Lagged(_)) => {}
-                    Err(RecvError::Closed) => return None,
+                event = self.events.next_for(&self.principal.group_id) => match event? {
+                    Event::IntegrationChanged { .. } | Event::Resync => {}
+                    Event::MessageChanged { .. } | Event::MessageNeedsAttention { .. } => continue,
                 },
-                () = tokio::time::sleep(self.refresh) => {}
+                () = super::token_expiry(&self.principal) => return None,
             }
             let current = match self.service.integrations(&self.principal).await {
                 Ok(current) => current,
                 Err(error) => {
-                    tracing::warn!(error = ?error, "subscription refresh failed; will retry");
+                    tracing::warn!(error = ?error, "subscription re-read failed; waiting for the next change");
                     continue;
                 }
             };

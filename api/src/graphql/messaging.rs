@@ -15,6 +15,7 @@ use crate::domain::messaging::{
 use crate::domain::types::{
     AttentionReason as DomainReason, Direction, MessageId, MessageStatus as DomainStatus,
 };
+use crate::events::Event;
 use crate::store::messaging::MessageRow;
 
 /// A patient of the signed-in practitioner.
@@ -939,10 +940,13 @@ impl MessagingSubscription {
     }
 }
 
-/// Follows the subscriber's flags: wakes on the node's announcements (or a short tick, for
-/// flags made on other nodes), re-reads the flags from the database and yields each new one.
+/// Follows the subscriber's flags: wakes on the practice's `MessageNeedsAttention` events (from
+/// any node, see `crate::events`) or a resync, re-reads the caller's own flags from the
+/// database and yields each new one. No timer re-reads the database.
 struct AttentionWatch {
-    receiver: tokio::sync::broadcast::Receiver<crate::events::MessageNeedsAttention>,
+    events: crate::events::Subscriber,
+    /// Whether the first read (for flags made before listening began) has been done.
+    looked: bool,
     service: crate::domain::messaging::MessagingService,
     principal: crate::domain::audit::Principal,
     /// Flags at or after this time are read (it trails the newest seen, for late commits).
@@ -950,7 +954,6 @@ struct AttentionWatch {
     /// Flags already yielded, with their times (forgotten once they fall behind `since`).
     seen: std::collections::HashMap<(MessageId, DomainReason), DateTime<Utc>>,
     pending: std::collections::VecDeque<SecureMessage>,
-    refresh: std::time::Duration,
 }
 
 /// How far behind the newest flag seen the re-read starts: a flag stamped earlier but
@@ -971,21 +974,18 @@ impl AttentionWatch {
             .data_opt::<SubscribedAt>()
             .map_or_else(Utc::now, |asked| asked.0);
         Ok(Self {
-            receiver: services.events.subscribe_attention(),
+            // Listening starts before the first read, so a flag committed in between is heard.
+            events: services.events.subscribe(),
+            looked: false,
             service: services.messaging,
             principal,
             since,
             seen: std::collections::HashMap::new(),
             pending: std::collections::VecDeque::new(),
-            refresh: services
-                .subscription_refresh
-                .min(std::time::Duration::from_secs(1)),
         })
     }
 
     async fn next(&mut self) -> Option<SecureMessage> {
-        use tokio::sync::broadcast::error::RecvError;
-        let mut first = true;
         loop {
             if !self.principal.is_honoured_at(Utc::now()) {
                 return None;
@@ -995,19 +995,17 @@ impl AttentionWatch {
             }
             // The first look needs no wake-up: a flag made between the request to subscribe
             // and now is already news.
-            if !first {
-                tokio::select! {
-                    received = self.receiver.recv() => match received {
-                        Ok(event)
-                            if event.group_id != self.principal.group_id
-                                || event.owner_user_id != self.principal.user_id => continue,
-                        Ok(_) | Err(RecvError::Lagged(_)) => {}
-                        Err(RecvError::Closed) => return None,
-                    },
-                    () = tokio::time::sleep(self.refresh) => {}
+            if self.looked {
+                let event = tokio::select! {
+                    event = self.events.next_for(&self.principal.group_id) => event?,
+                    () = super::token_expiry(&self.principal) => return None,
+                };
+                match event {
+                    Event::MessageNeedsAttention { .. } | Event::Resync => {}
+                    Event::MessageChanged { .. } | Event::IntegrationChanged { .. } => continue,
                 }
             }
-            first = false;
+            self.looked = true;
             let Ok(rows) = self
                 .service
                 .flagged_since(&self.principal, self.since, 100)
@@ -1048,17 +1046,20 @@ impl AttentionWatch {
 /// When the transport received the client's request to subscribe.
 pub(crate) struct SubscribedAt(pub chrono::DateTime<Utc>);
 
-/// Re-reads the subscriber's latest messages on a short tick and yields what changed. Reading
-/// the database (rather than an in-process signal) makes changes made by any gateway node
-/// visible.
+/// Waits for change notifications (see `crate::events`) and yields the subscriber's messages
+/// whose state changed. A notification names a message; the watch re-reads that one message
+/// through the caller's own scope (so another practitioner's or practice's message is never
+/// shown), and after a resync re-reads the caller's latest messages. No timer re-reads the
+/// database: an idle subscription costs nothing.
 struct MessageWatch {
+    events: crate::events::Subscriber,
+    reads: SharedReads,
     service: crate::domain::messaging::MessagingService,
     principal: crate::domain::audit::Principal,
     only: Option<String>,
     received_only: bool,
     seen: std::collections::HashMap<MessageId, DomainStatus>,
     pending: std::collections::VecDeque<MessageRow>,
-    refresh: std::time::Duration,
 }
 
 impl MessageWatch {
@@ -1069,31 +1070,31 @@ impl MessageWatch {
     ) -> Result<Self, ApiError> {
         let principal = principal(ctx)?.clone();
         let services = services(ctx).clone();
+        // Listening starts before the first read, so a change committed in between is heard.
+        let events = services.events.subscribe();
         let rows = services
             .messaging
             .messages(&principal, None, None, None, None, 100)
             .await?;
-        Ok(Self {
+        // Messages created after the client asked to subscribe are news even if they exist by
+        // the time this first read runs (their event may have gone by before listening began):
+        // the subscriber gets them first instead of losing them to the starting picture.
+        let asked = ctx.data_opt::<SubscribedAt>().map(|asked| asked.0);
+        let (news, known): (Vec<MessageRow>, Vec<MessageRow>) = rows
+            .into_iter()
+            .partition(|row| asked.is_some_and(|asked| row.created_at >= asked));
+        let mut watch = Self {
+            events,
+            reads: ctx.data_unchecked::<SharedReads>().clone(),
             service: services.messaging,
             principal,
             only,
             received_only,
-            // Messages created after the client asked to subscribe are news even if they exist
-            // by the time this first read runs: the subscriber sees their state on the first
-            // tick instead of losing it to the starting picture.
-            seen: rows
-                .into_iter()
-                .filter(|row| {
-                    ctx.data_opt::<SubscribedAt>()
-                        .is_none_or(|asked| row.created_at < asked.0)
-                })
-                .map(|row| (row.id, row.status))
-                .collect(),
+            seen: known.into_iter().map(|row| (row.id, row.status)).collect(),
             pending: std::collections::VecDeque::new(),
-            refresh: services
-                .subscription_refresh
-                .min(std::time::Duration::from_secs(1)),
-        })
+        };
+        watch.consider(news);
+        Ok(watch)
     }
 
     fn into_stream(self) -> impl futures::Stream<Item = SecureMessage> {
@@ -1111,32 +1112,143 @@ impl MessageWatch {
             if let Some(row) = self.pending.pop_front() {
                 return Some(SecureMessage::from_row(row, None));
             }
-            tokio::time::sleep(self.refresh).await;
-            let direction = self.received_only.then_some(Direction::Inbound);
-            let Ok(rows) = self
-                .service
-                .messages(&self.principal, direction, None, None, None, 100)
-                .await
-            else {
-                continue;
+            let event = tokio::select! {
+                event = self.events.next_for(&self.principal.group_id) => event?,
+                () = super::token_expiry(&self.principal) => return None,
             };
-            for row in rows.into_iter().rev() {
-                if self
-                    .only
-                    .as_ref()
-                    .is_some_and(|only| only != row.id.as_str())
-                {
-                    continue;
+            let rows = match event {
+                Event::MessageChanged { message_id, .. } => {
+                    if self.only.as_ref().is_some_and(|only| *only != message_id) {
+                        continue;
+                    }
+                    let number = self.events.last_number();
+                    self.reads
+                        .own_message(&self.service, &self.principal, number, &message_id)
+                        .await
+                        .into_iter()
+                        .collect()
                 }
-                let changed = match self.seen.get(&row.id) {
-                    None => true,
-                    Some(status) => !self.received_only && *status != row.status,
-                };
-                if changed {
-                    self.seen.insert(row.id.clone(), row.status);
-                    self.pending.push_back(row);
+                Event::Resync => {
+                    let direction = self.received_only.then_some(Direction::Inbound);
+                    match self
+                        .service
+                        .messages(&self.principal, direction, None, None, None, 100)
+                        .await
+                    {
+                        Ok(rows) => rows,
+                        Err(_) => continue,
+                    }
                 }
+                Event::IntegrationChanged { .. } | Event::MessageNeedsAttention { .. } => continue,
+            };
+            self.consider(rows);
+        }
+    }
+
+    /// Queues, oldest first, each row that is news to the subscriber.
+    fn consider(&mut self, rows: Vec<MessageRow>) {
+        for row in rows.into_iter().rev() {
+            if self
+                .only
+                .as_ref()
+                .is_some_and(|only| only != row.id.as_str())
+            {
+                continue;
+            }
+            if self.received_only && row.direction != Direction::Inbound {
+                continue;
+            }
+            let changed = match self.seen.get(&row.id) {
+                None => true,
+                Some(status) => !self.received_only && *status != row.status,
+            };
+            if changed {
+                self.seen.insert(row.id.clone(), row.status);
+                self.pending.push_back(row);
             }
         }
+    }
+}
+
+/// What identifies one shared re-read: the delivery that woke the subscribers, whose scope the
+/// read is made in (user, group, whether a practitioner) and which message.
+type ReadKey = (u64, String, String, bool, String);
+
+type ReadFuture = futures::future::BoxFuture<'static, Option<MessageRow>>;
+type SharedRead = futures::future::Shared<ReadFuture>;
+type ReadsInFlight = std::collections::HashMap<ReadKey, futures::future::WeakShared<ReadFuture>>;
+
+/// Re-reads of one message shared by the subscriptions one delivery woke: a practitioner's many
+/// subscriptions (tabs, devices, or a thousand in a benchmark) read the message once per change
+/// instead of once each. A read is shared only by subscribers woken by the same delivery and
+/// starts after it, so none is handed a state older than the change that woke it; it is made
+/// in the subscriber's own scope like any other.
+#[derive(Clone, Default)]
+pub(crate) struct SharedReads(std::sync::Arc<std::sync::Mutex<ReadsInFlight>>);
+
+/// Forgets a shared read when it ends (finished, or dropped by every subscriber).
+struct ForgetRead(SharedReads, ReadKey);
+
+impl Drop for ForgetRead {
+    fn drop(&mut self) {
+        self.0.lock().remove(&self.1);
+    }
+}
+
+impl SharedReads {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ReadsInFlight> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The caller's message `id` as of delivery `number` or later (`None`: not theirs, or the
+    /// read failed; the next event reads again).
+    async fn own_message(
+        &self,
+        service: &crate::domain::messaging::MessagingService,
+        principal: &crate::domain::audit::Principal,
+        number: u64,
+        id: &str,
+    ) -> Option<MessageRow> {
+        use futures::FutureExt;
+        let key: ReadKey = (
+            number,
+            principal.user_id.clone(),
+            principal.group_id.clone(),
+            principal.role == crate::domain::types::Role::Practitioner,
+            id.to_owned(),
+        );
+        let read: SharedRead = {
+            let mut reads = self.lock();
+            match reads
+                .get(&key)
+                .and_then(futures::future::WeakShared::upgrade)
+            {
+                Some(read) => read,
+                None => {
+                    let forget = ForgetRead(self.clone(), key.clone());
+                    let (service, principal, id) =
+                        (service.clone(), principal.clone(), id.to_owned());
+                    let read = async move {
+                        let _forget = forget;
+                        match service.own_message(&principal, &id).await {
+                            Ok(row) => row,
+                            Err(error) => {
+                                tracing::warn!(error = ?error, "subscription re-read failed; the next change reads again");
+                                None
+                            }
+                        }
+                    }
+                    .boxed()
+                    .shared();
+                    if let Some(weak) = read.downgrade() {
+                        reads.insert(key, weak);
+                    }
+                    read
+                }
+            }
+        };
+        read.await
     }
 }

@@ -78,11 +78,8 @@ pub struct Services {
     pub messaging: crate::domain::messaging::MessagingService,
     /// Storage (for read models such as the audit trail).
     pub store: Store,
-    /// Change notifications.
+    /// Change notifications (what subscriptions wait on).
     pub events: EventBus,
-    /// How often a subscription re-reads the database even without a notification (changes
-    /// made by other gateway nodes arrive this way).
-    pub subscription_refresh: Duration,
 }
 
 /// Limits applied to every operation, on every transport.
@@ -104,6 +101,7 @@ pub fn build_schema(services: Services, limits: Limits) -> AppSchema {
     let mut builder = schema_builder()
         .data(services.integrations.clone())
         .data(services)
+        .data(messaging::SharedReads::default())
         .extension(limits::Limiter::new(
             limits.operation,
             limits.user_requests,
@@ -162,6 +160,15 @@ pub(crate) fn principal<'a>(ctx: &'a Context<'_>) -> Result<&'a Principal, ApiEr
         )),
         _ => Err(ApiError::unauthenticated()),
     }
+}
+
+/// Completes when the principal's token stops being honoured (a subscription then ends; the
+/// WebSocket closes the connection at the same moment).
+pub(crate) async fn token_expiry(principal: &Principal) {
+    let left = (principal.expires_at - chrono::Utc::now())
+        .to_std()
+        .unwrap_or(Duration::ZERO);
+    tokio::time::sleep(left).await;
 }
 
 pub(crate) fn services<'a>(ctx: &'a Context<'_>) -> &'a Services {

@@ -27,6 +27,7 @@ pub mod delegations;
 pub(crate) mod entities;
 pub mod limits;
 pub mod messaging;
+pub mod notify;
 pub mod users;
 pub(crate) mod wal_sync;
 
@@ -58,6 +59,15 @@ pub enum StoreError {
         /// What did not parse.
         problem: String,
     },
+}
+
+/// The advisory lock key migrations run under on PostgreSQL (an arbitrary constant, ASCII
+/// "smdmigr" as a number).
+const MIGRATION_LOCK_KEY: i64 = 0x0073_6d64_6d69_6772;
+
+/// A sqlx error (from the few places that use sea-orm's sqlx pool directly) as a store error.
+fn sqlx_error(error: sea_orm::sqlx::Error) -> StoreError {
+    StoreError::Database(DbErr::Conn(sea_orm::RuntimeErr::SqlxError(error.into())))
 }
 
 /// Whether an error is a unique-constraint violation, on either backend.
@@ -118,9 +128,33 @@ impl Store {
         })
     }
 
-    /// Applies every pending migration.
+    /// Applies every pending migration. On PostgreSQL, under a session advisory lock held on
+    /// one connection of the pool for the whole run: nodes starting together on an empty
+    /// database queue behind the first, which applies everything, and then find nothing left
+    /// to do (sea-orm-migration alone would let them race to create the same tables). SQLite
+    /// serialises writers itself and is one node's database.
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        Migrator::up(&self.db, None).await?;
+        if self.db.get_database_backend() != DatabaseBackend::Postgres {
+            Migrator::up(&self.db, None).await?;
+            return Ok(());
+        }
+        let pool = self.db.get_postgres_connection_pool();
+        let mut holder = pool.acquire().await.map_err(sqlx_error)?;
+        sea_orm::sqlx::query("SELECT pg_advisory_lock($1)")
+            .bind(MIGRATION_LOCK_KEY)
+            .execute(&mut *holder)
+            .await
+            .map_err(sqlx_error)?;
+        let applied = Migrator::up(&self.db, None).await;
+        let unlocked = sea_orm::sqlx::query("SELECT pg_advisory_unlock($1)")
+            .bind(MIGRATION_LOCK_KEY)
+            .execute(&mut *holder)
+            .await;
+        if unlocked.is_err() {
+            // Closing the session releases the lock in any case.
+            holder.close_on_drop();
+        }
+        applied?;
         Ok(())
     }
 

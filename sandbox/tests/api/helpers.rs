@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 
 use reqwest::{RequestBuilder, Response, StatusCode};
 use serde_json::{Value, json};
-use smd_sandbox::{SandboxConfig, SandboxHandle};
+use smd_sandbox::{SandboxConfig, SandboxHandle, SandboxOptions, StartError};
 
 pub const ARGUS_DEMO_USERNAME: &str = "demo.argus";
 pub const ARGUS_DEMO_PASSWORD: &str = "argus-sandbox-pw";
@@ -57,7 +57,7 @@ pub async fn charge_answer(response: Response) -> ChargeAnswer {
 pub struct TestSandbox {
     pub client: reqwest::Client,
     pub base_url: String,
-    _handle: SandboxHandle,
+    handle: SandboxHandle,
 }
 
 pub async fn spawn_sandbox() -> TestSandbox {
@@ -65,19 +65,35 @@ pub async fn spawn_sandbox() -> TestSandbox {
 }
 
 pub async fn spawn_sandbox_with(config: SandboxConfig) -> TestSandbox {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let handle = smd_sandbox::spawn(SocketAddr::from(([127, 0, 0, 1], 0)), config)
+    try_spawn_sandbox_from(config, SandboxOptions::default())
         .await
-        .expect("the sandbox binds a free port");
+        .expect("the sandbox binds a free port")
+}
+
+/// A sandbox started with scenarios and/or a state file; panics when it refuses to start.
+pub async fn spawn_sandbox_from(config: SandboxConfig, options: SandboxOptions) -> TestSandbox {
+    try_spawn_sandbox_from(config, options)
+        .await
+        .unwrap_or_else(|error| panic!("the sandbox did not start: {error}"))
+}
+
+/// A sandbox started with scenarios and/or a state file, or why it refused to start.
+pub async fn try_spawn_sandbox_from(
+    config: SandboxConfig,
+    options: SandboxOptions,
+) -> Result<TestSandbox, StartError> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let handle =
+        smd_sandbox::spawn_with(SocketAddr::from(([127, 0, 0, 1], 0)), config, options).await?;
     let client = reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(10))
         .build()
         .expect("a client builds");
-    TestSandbox {
+    Ok(TestSandbox {
         client,
         base_url: handle.base_url(),
-        _handle: handle,
-    }
+        handle,
+    })
 }
 
 /// A response's status and JSON body (`Value::Null` when the body is empty).
@@ -93,6 +109,12 @@ pub async fn status_and_json(response: Response) -> (StatusCode, Value) {
 }
 
 impl TestSandbox {
+    /// Stops the sandbox as a shutdown signal would: requests finish, the state file (if any)
+    /// is written a last time.
+    pub async fn stop(self) {
+        self.handle.shutdown().await;
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base_url)
     }

@@ -10,3 +10,5 @@ mod namespaces;
 mod payments;
 mod referralnet;
 mod registrations;
+mod scenarios;
+mod state;

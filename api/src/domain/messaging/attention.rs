@@ -187,10 +187,8 @@ impl MessagingService {
         if let Err(error) = self.store.insert_audit(&audit).await {
             tracing::error!(error = ?error, "could not record an audit event");
         }
-        if let Some(owner) = &message.owner_user_id {
-            self.events
-                .message_needs_attention(&message.group_id, owner);
-        }
+        self.events
+            .message_needs_attention(&message.group_id, message.id.as_str());
     }
 
     async fn flag(
@@ -201,9 +199,9 @@ impl MessagingService {
         now: DateTime<Utc>,
         policy: &AttentionPolicy,
     ) -> Result<bool, GatewayError> {
-        let Some(owner) = message.owner_user_id.as_deref() else {
+        if message.owner_user_id.is_none() {
             return Ok(false);
-        };
+        }
         let mut audit = AuditEntry::by_gateway(
             &message.group_id,
             actions::MESSAGE_NEEDS_ATTENTION,
@@ -219,7 +217,7 @@ impl MessagingService {
         if flagged {
             tracing::info!(message = %message.id, reason = reason.code(), "message needs attention");
             self.events
-                .message_needs_attention(&message.group_id, owner);
+                .message_needs_attention(&message.group_id, message.id.as_str());
         }
         Ok(flagged)
     }

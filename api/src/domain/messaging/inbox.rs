@@ -64,7 +64,7 @@ impl MessagingService {
             .assign_message(&principal.group_id, id, &assignee.user_id, &audit)
             .await?
         {
-            Assignment::Assigned => {}
+            Assignment::Assigned => self.events.message_changed(&principal.group_id, id),
             Assignment::AlreadyAssigned => {
                 let mut refused = audit;
                 refused.outcome = AuditOutcome::Denied;
@@ -110,9 +110,13 @@ impl MessagingService {
             acknowledged_at: Some(Utc::now()),
             ..MessageUpdate::default()
         };
-        self.store
+        if self
+            .store
             .update_message(&row.id, MessageStatus::Delivered, &update)
-            .await?;
+            .await?
+        {
+            self.events.message_changed(&row.group_id, row.id.as_str());
+        }
         Ok(self
             .store
             .find_message(&principal.user_id, id)
@@ -221,6 +225,7 @@ impl MessagingService {
                     tracing::warn!(provider = %account.provider, error = %error, "inbox acknowledgement failed; the duplicate will be dropped next time");
                 }
                 if is_new {
+                    self.events.message_changed(&row.group_id, row.id.as_str());
                     received += 1;
                 }
             }

@@ -27,7 +27,6 @@ use crate::domain::credits::CreditService;
 use crate::domain::hl7;
 use crate::domain::integrations::IntegrationService;
 use crate::domain::types::{Direction, Hpii, MessageStatus, Provider, Role};
-use crate::events::EventBus;
 use crate::providers::Providers;
 use crate::store::Store;
 use crate::store::messaging::MessageRow;
@@ -135,9 +134,10 @@ pub struct MessagingService {
     integrations: IntegrationService,
     settings: MessagingSettings,
     directory: DirectoryCache,
-    events: EventBus,
     /// Wakes this node's outbox when a send commits, so a message does not wait for its tick.
     outbox_wake: Arc<tokio::sync::Notify>,
+    /// Where committed changes are announced (the integrations' bus).
+    events: crate::events::EventBus,
 }
 
 fn practitioner_only(principal: &Principal, what: &str) -> Result<(), GatewayError> {
@@ -165,17 +165,12 @@ impl MessagingService {
             providers,
             secrets,
             credits,
+            events: integrations.events().clone(),
             integrations,
             settings,
             directory: DirectoryCache::new(directory_cache_ttl),
-            events: EventBus::new(),
             outbox_wake: Arc::new(tokio::sync::Notify::new()),
         }
-    }
-
-    /// Announces flagged and expired messages on `events` (subscriptions listen there).
-    pub fn announcing_to(self, events: EventBus) -> Self {
-        Self { events, ..self }
     }
 
     /// Resolves when a send on this node has queued a message since the outbox last looked
@@ -218,6 +213,22 @@ impl MessagingService {
                 first,
             )
             .await?)
+    }
+
+    /// One of the caller's messages by id, envelope only (what a subscription re-reads when
+    /// it hears the message changed): `None` unless it is the caller's. Not audited, like
+    /// [`MessagingService::messages`]: no content is opened.
+    pub async fn own_message(
+        &self,
+        principal: &Principal,
+        id: &str,
+    ) -> Result<Option<MessageRow>, GatewayError> {
+        practitioner_only(principal, "read secure messages")?;
+        Ok(self
+            .store
+            .find_message(&principal.user_id, id)
+            .await?
+            .filter(|row| row.group_id == principal.group_id))
     }
 
     /// One message with its content (reading content is audited).

@@ -386,8 +386,7 @@ impl MessagingService {
 
         use futures::StreamExt;
 
-        use crate::domain::types::Provider;
-        use crate::domain::types::ProviderCredentials;
+        use crate::domain::types::{MessageId, Provider, ProviderCredentials};
 
         let lease_until = later(Utc::now(), self.settings.outbox_lease);
         let claimed = self
@@ -426,6 +425,10 @@ impl MessagingService {
                 .collect()
                 .await;
         let worked = asked.len();
+        let groups: HashMap<MessageId, String> = asked
+            .iter()
+            .map(|(message, _)| (message.id.clone(), message.group_id.clone()))
+            .collect();
         let mut writes = Vec::with_capacity(worked);
         // The message behind each write that expires it, to announce once it applied.
         let mut expiring = Vec::with_capacity(worked);
@@ -454,8 +457,13 @@ impl MessagingService {
             }
         }
         let applied = self.store.update_messages(&writes).await?;
-        for (message, applied) in expiring.into_iter().zip(applied) {
-            if let (Some(message), true) = (message, applied) {
+        for (((id, from_status, update), applied), expiring) in
+            writes.iter().zip(applied).zip(expiring)
+        {
+            if applied && update.status.is_some_and(|status| status != *from_status) {
+                self.events.message_changed(&groups[id], id.as_str());
+            }
+            if let (Some(message), true) = (expiring, applied) {
                 self.announce_expiry(&message).await;
             }
         }
@@ -542,6 +550,10 @@ impl MessagingService {
                     .store
                     .update_message(&message.id, message.status, &update)
                     .await?;
+                if applied && update.status.is_some_and(|status| status != message.status) {
+                    self.events
+                        .message_changed(&message.group_id, message.id.as_str());
+                }
                 if applied && update.expired_at.is_some() {
                     self.announce_expiry(message).await;
                 }
@@ -600,6 +612,8 @@ impl MessagingService {
         audit.actor_user_id = None;
         self.store.audit_in(&txn, &audit).await?;
         txn.commit().await?;
+        self.events
+            .message_changed(&message.group_id, message.id.as_str());
         self.credits.refund_committed(message.credits_charged);
         Ok(())
     }

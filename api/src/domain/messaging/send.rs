@@ -218,6 +218,7 @@ impl MessagingService {
                     self.store.audit_in(&txn, &audit).await?;
                     txn.commit().await?;
                     self.outbox_wake.notify_one();
+                    self.events.message_changed(&row.group_id, row.id.as_str());
                     self.credits.after_commit(top_up);
                     return Ok(SendResult {
                         message: row,
