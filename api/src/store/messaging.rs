@@ -508,34 +508,6 @@ impl Store {
         })
     }
 
-    /// Outbound messages the outbox should look at now (to send, or to track).
-    pub async fn due_messages(
-        &self,
-        now: DateTime<Utc>,
-        limit: u64,
-    ) -> Result<Vec<MessageRow>, StoreError> {
-        messages::Entity::find()
-            .filter(messages::Column::Direction.eq(Direction::Outbound.code()))
-            .filter(
-                messages::Column::Status.is_in(
-                    [
-                        MessageStatus::Queued,
-                        MessageStatus::Sent,
-                        MessageStatus::Delivered,
-                    ]
-                    .map(MessageStatus::code),
-                ),
-            )
-            .filter(messages::Column::NextAttemptAt.lte(to_millis(now)))
-            .order_by_asc(messages::Column::NextAttemptAt)
-            .limit(limit)
-            .all(self.connection())
-            .await?
-            .into_iter()
-            .map(message_from_model)
-            .collect()
-    }
-
     /// Claims up to `limit` due outbound messages for this node until `lease_until`, counting
     /// an attempt on each, in one write transaction: one commit for the whole batch. On
     /// PostgreSQL the rows are read `FOR UPDATE SKIP LOCKED`, so nodes claiming at the same
@@ -622,37 +594,6 @@ impl Store {
         }
         txn.commit().await?;
         Ok(applied)
-    }
-
-    /// Claims a due message for this node until `lease_until` (compare-and-set on
-    /// `next_attempt_at`), counting the attempt. Only one node's claim can succeed.
-    pub async fn claim_message(
-        &self,
-        message: &MessageRow,
-        lease_until: DateTime<Utc>,
-    ) -> Result<bool, StoreError> {
-        let Some(expected) = message.next_attempt_at else {
-            return Ok(false);
-        };
-        let txn = self.begin_write().await?;
-        let claimed = messages::Entity::update_many()
-            .col_expr(
-                messages::Column::NextAttemptAt,
-                Expr::value(to_millis(lease_until)),
-            )
-            .col_expr(
-                messages::Column::Attempts,
-                Expr::col(messages::Column::Attempts).add(1),
-            )
-            .filter(messages::Column::Id.eq(message.id.as_str()))
-            .filter(messages::Column::Status.eq(message.status.code()))
-            .filter(messages::Column::NextAttemptAt.eq(to_millis(expected)))
-            .exec(&txn)
-            .await?
-            .rows_affected
-            == 1;
-        txn.commit().await?;
-        Ok(claimed)
     }
 
     /// Applies a delivery update if the message is still in `from_status`, inside the caller's
