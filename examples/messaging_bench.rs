@@ -1124,8 +1124,9 @@ async fn bare_graphql(
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.strip_prefix("Bearer "));
-    let Some(claims) =
-        token.and_then(|token| jsonwebtoken::decode::<BareClaims>(token, &key, &validation).ok())
+    let Some(claims) = token
+        .and_then(|token| jsonwebtoken::decode::<BareClaims>(token, &key, &validation).ok())
+        .map(|decoded| decoded.claims)
     else {
         return axum::http::StatusCode::UNAUTHORIZED.into_response();
     };

@@ -273,7 +273,14 @@ async fn fan_out(
         }
         ensure!(
             Instant::now() < deadline,
-            "not every subscriber had the message within 60 s"
+            "not every subscriber had the message within 60 s: {} of {}",
+            fanout
+                .arrivals
+                .lock()
+                .unwrap()
+                .get(&id)
+                .map_or(0, |entry| entry.0),
+            fanout.total
         );
         let _ = tokio::time::timeout(Duration::from_secs(1), completed).await;
     }
@@ -412,6 +419,11 @@ async fn main() -> anyhow::Result<()> {
         open_socket(node_a, &token, count, fanout.clone()).await?;
         left -= count;
     }
+    // graphql-transport-ws does not acknowledge a subscribe: give the node time to start every
+    // subscription (its first read), or a message created and sent before a subscription
+    // started is, rightly, not news to it — and with the slow recipient it would never change
+    // status again within the deadline.
+    tokio::time::sleep(Duration::from_secs(2)).await;
     // Every subscription is listening once a first change reaches all of them.
     let warm_up = fan_out(&client, node_b, &token, &input, &fanout).await?;
     // Its SENT (a second fan-out) passes by before the idle period starts.
