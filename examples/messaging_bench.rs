@@ -1818,7 +1818,7 @@ fn what_limits_it(reports: &[CellReport], cores: usize) -> String {
             let gateway_p50 = percentile_ms(&single.measured.gateway.sorted_latencies, 50.0);
             let direct_p50 = percentile_ms(&single.direct.sorted_latencies, 50.0);
             sentences.push(format!(
-                "On {backend} with one client a send takes {gateway_p50:.2} ms through the gateway against {direct_p50:.2} ms direct; of the {:.2} ms difference a bare authenticated GraphQL read accounts for {:.2} ms, the Argus directory search the gateway makes before every send (absent from the direct path) {:.2} ms, and one durable commit {:.2} ms, the rest being the send's other reads, sealing, HL7 building and its debit transaction.",
+                "On {backend} with one client a send takes {gateway_p50:.2} ms through the gateway against {direct_p50:.2} ms direct; of the {:.2} ms difference a bare authenticated GraphQL read accounts for {:.2} ms, an uncached Argus directory search (the gateway caches a practice's pages for a minute, so repeated sends to one recipient skip it) {:.2} ms, and one durable commit {:.2} ms, the rest being the send's other reads, sealing, HL7 building and its debit transaction.",
                 gateway_p50 - direct_p50,
                 single.measured.probes.graphql_read_ms,
                 single.measured.probes.directory_lookup_ms,
@@ -1928,7 +1928,7 @@ fn what_limits_it(reports: &[CellReport], cores: usize) -> String {
             && most_p99 > 10.0 * most.measured.probes.commit_ms
         {
             sentences.push(format!(
-                "SQLite takes one writer at a time: with {} send p99 is {most_p99:.0} ms against a p50 of {most_p50:.1} ms and a lone commit of {:.2} ms; every write transaction is BEGIN IMMEDIATE, and a writer that finds the lock taken sleeps in SQLite's busy handler (1 ms, growing to 100 ms between retries) rather than queueing, while the outbox's claim and update transactions for every message step join the same line.",
+                "SQLite takes one writer at a time: with {} send p99 is {most_p99:.0} ms against a p50 of {most_p50:.1} ms and a lone commit of {:.2} ms; the gateway's writers queue in order on its write gate (and share WAL flushes), with the outbox's batch claims and records in the same line, so the tail is queueing behind CPU-bound work rather than lock polling.",
                 clients_label(most.measured.clients),
                 most.measured.probes.commit_ms
             ));
