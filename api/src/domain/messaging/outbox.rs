@@ -460,9 +460,7 @@ impl MessagingService {
         for (((id, from_status, update), applied), expiring) in
             writes.iter().zip(applied).zip(expiring)
         {
-            if applied && update.status.is_some_and(|status| status != *from_status) {
-                self.events.message_changed(&groups[id], id.as_str());
-            }
+            self.announce_if_moved(&groups[id], id, *from_status, update, applied);
             if let (Some(message), true) = (expiring, applied) {
                 self.announce_expiry(&message).await;
             }
@@ -532,6 +530,20 @@ impl MessagingService {
         })
     }
 
+    /// Announces a recorded update that moved a message to another status (after its commit).
+    fn announce_if_moved(
+        &self,
+        group_id: &str,
+        id: &crate::domain::types::MessageId,
+        from_status: MessageStatus,
+        update: &MessageUpdate,
+        applied: bool,
+    ) {
+        if applied && update.status.is_some_and(|status| status != from_status) {
+            self.events.message_changed(group_id, id.as_str());
+        }
+    }
+
     /// Writes a transition (conditional on the status the message was read in).
     pub(super) async fn apply(
         &self,
@@ -550,10 +562,13 @@ impl MessagingService {
                     .store
                     .update_message(&message.id, message.status, &update)
                     .await?;
-                if applied && update.status.is_some_and(|status| status != message.status) {
-                    self.events
-                        .message_changed(&message.group_id, message.id.as_str());
-                }
+                self.announce_if_moved(
+                    &message.group_id,
+                    &message.id,
+                    message.status,
+                    &update,
+                    applied,
+                );
                 if applied && update.expired_at.is_some() {
                     self.announce_expiry(message).await;
                 }
